@@ -1,0 +1,32 @@
+# fpm: `make demo` and `make test` work on a fresh machine (they create .venv and install first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-builds its C++ ops on first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export HF_HUB_OFFLINE ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint clean
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/fpm recipes list
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .torch_extensions

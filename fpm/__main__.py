@@ -1,0 +1,3 @@
+from fpm.cli import main
+
+main()

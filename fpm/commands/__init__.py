@@ -1,0 +1,1 @@
+"""Command implementations; `fpm.cli` only parses arguments and calls these."""

@@ -1,0 +1,95 @@
+"""BERT family: pre-LayerNorm encoder (transformers' MegatronBert) with MLM + sentence-order heads.
+
+Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets 50-90 layer BERTs
+train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
+Attention runs through ``scaled_dot_product_attention``; the parameters are untouched, so saved
+weights load in plain ``transformers`` and give the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import MegatronBertConfig, MegatronBertForPreTraining
+from transformers.models.megatron_bert import modeling_megatron_bert as hf
+
+from fpm.config.schema import ModelCfg
+
+
+def hf_config(cfg: ModelCfg, vocab_size: int) -> MegatronBertConfig:
+    return MegatronBertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_ff,
+        hidden_act=cfg.activation,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_positions,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.layer_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+    )
+
+
+class SdpaSelfAttention(hf.MegatronBertSelfAttention):
+    """MegatronBert self-attention computed with ``F.scaled_dot_product_attention``.
+
+    Same parameters as the eager module; used for the encoder-only, no-cache path.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                past_key_values=None, output_attentions=False, **kwargs):
+        if encoder_hidden_states is not None or past_key_values is not None or output_attentions:
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states,
+                                   past_key_values, output_attentions, **kwargs)
+        b, t, _ = hidden_states.shape
+        shape = (b, t, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+        )
+        return out.transpose(1, 2).reshape(b, t, self.all_head_size), None
+
+
+def use_sdpa(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is hf.MegatronBertSelfAttention:
+            module.__class__ = SdpaSelfAttention
+
+
+def residual_projections(model: nn.Module, n_layers: int) -> dict[int, list[nn.Module]]:
+    mods = []
+    for module in model.modules():
+        if isinstance(module, hf.MegatronBertSelfOutput) or isinstance(module, hf.MegatronBertOutput):
+            mods.append(module.dense)
+    return {n_layers: mods}
+
+
+def build(cfg: ModelCfg, vocab_size: int) -> MegatronBertForPreTraining:
+    model = MegatronBertForPreTraining(hf_config(cfg, vocab_size))
+    if cfg.attention == "sdpa":
+        use_sdpa(model)
+    return model
+
+
+def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MLM cross-entropy over masked positions (label -100 elsewhere) + SOP cross-entropy."""
+    out = model(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        attention_mask=batch["attention_mask"],
+    )
+    vocab = out.prediction_logits.shape[-1]
+    mlm = F.cross_entropy(out.prediction_logits.reshape(-1, vocab).float(), batch["labels"].reshape(-1),
+                          ignore_index=-100)
+    sop = F.cross_entropy(out.seq_relationship_logits.float(), batch["sop_labels"])
+    return mlm + sop

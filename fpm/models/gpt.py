@@ -1,0 +1,54 @@
+"""GPT family: GPT-2 decoder (transformers' GPT2LMHeadModel), next-token loss on packed windows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.models.gpt2 import modeling_gpt2 as hf
+
+from fpm.config.schema import ModelCfg
+
+
+def hf_config(cfg: ModelCfg, vocab_size: int) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.max_positions,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        activation_function=cfg.activation,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        use_cache=False,
+        attn_implementation=cfg.attention,
+    )
+
+
+def residual_projections(model: nn.Module, n_layers: int) -> dict[int, list[nn.Module]]:
+    mods = []
+    for module in model.modules():
+        if isinstance(module, hf.GPT2Attention):
+            mods.append(module.c_proj)
+        elif isinstance(module, hf.GPT2MLP):
+            mods.append(module.c_proj)
+    return {n_layers: mods}
+
+
+def build(cfg: ModelCfg, vocab_size: int) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(hf_config(cfg, vocab_size))
+
+
+def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``input_ids`` and ``labels`` are already shifted."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                           ignore_index=-100)

@@ -1,0 +1,50 @@
+"""The paper's initialisation: normal(0, σ) everywhere, residual output projections σ/√(2N).
+
+"First initialize weights with a simple normal distribution. Then scale the weights immediately
+before the residual layer [by 1/√(2N)], where N is the number of transformer layers" (§4.1, after
+GPT-2 and Megatron). N is the number of layers in the stack the projection belongs to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fpm.config.schema import residual_init_std
+
+_NORMS = (nn.LayerNorm,)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float) -> None:
+    """normal(0, std) for every Linear/Conv1D/Embedding weight, zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif _is_norm(module):
+            if getattr(module, "weight", None) is not None:
+                module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    # heads with a standalone bias parameter (BERT's LM head decoder bias)
+    for name, param in model.named_parameters():
+        if name.endswith("predictions.bias"):
+            param.zero_()
+
+
+@torch.no_grad()
+def scale_residual_projections(projections: dict[int, list[nn.Module]], std: float) -> None:
+    """Re-draw each residual output projection with std / sqrt(2N); ``projections`` maps N → modules."""
+    for n_layers, modules in projections.items():
+        scaled = residual_init_std(std, n_layers)
+        for module in modules:
+            module.weight.normal_(0.0, scaled)

@@ -5,8 +5,9 @@ Shared options follow one contract: --preset, --set KEY=VALUE (repeatable), --ou
 
 from __future__ import annotations
 
-import json
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -24,10 +25,14 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="List and inspect recipes (one per model of the paper's Table 2).",
                           no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+data_app = typer.Typer(help="Tokenizers and corpus preparation (corpus files -> binary token shards).",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 # shared options
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset to apply, e.g. 'tiny' (CPU-sized).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")]
+Out = Annotated[Path, typer.Option("--out", help="Output directory.")]
 
 
 @recipes_app.command("list")
@@ -51,6 +56,41 @@ def recipes_show(
     from fpm.commands.recipes import show_recipe
 
     show_recipe(name, preset=preset, overrides=sets or [])
+
+
+@data_app.command("prepare")
+def data_prepare(
+    recipe: Annotated[str, typer.Argument(help="Recipe whose tokenizer and objective to prepare for.")],
+    inputs: Annotated[list[Path], typer.Option("--input", help="Corpus file (repeatable).")],
+    out: Out,
+    preset: Preset = None,
+    sets: Sets = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, pile (JSON lines, .zst ok), wudao, stc or text.")] = "auto",
+    text_mode: Annotated[str, typer.Option("--text-mode", help="Plain text: one document per 'line' or per blank-line 'paragraph'.")] = "line",
+    text_field: Annotated[str, typer.Option("--text-field", help="JSON field holding the text (pile format).")] = "text",
+    workers: Annotated[int, typer.Option("--workers", help="Tokenizer worker processes (0: in-process).")] = max(1, os.cpu_count() or 1),
+    shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard.")] = 1 << 27,
+) -> None:
+    """Tokenize corpus files into memory-mapped binary shards with a manifest (resumable)."""
+    from fpm.commands.data import prepare_command
+
+    prepare_command(recipe, inputs, out, preset=preset, overrides=sets or [], fmt=fmt, text_mode=text_mode,
+                    text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+
+
+@data_app.command("train-tokenizer")
+def data_train_tokenizer(
+    kind: Annotated[str, typer.Option("--kind", help="wordpiece, bpe, unigram or cpm2.")],
+    inputs: Annotated[list[Path], typer.Option("--input", help="Plain-text training file (repeatable).")],
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Exact vocabulary size.")],
+    out: Out,
+    lowercase: Annotated[bool, typer.Option("--lowercase/--no-lowercase")] = False,
+    language: Annotated[str, typer.Option("--language", help="en or zh (zh: jieba word boundaries).")] = "en",
+) -> None:
+    """Train a vocabulary of an exact size from text with `tokenizers`."""
+    from fpm.commands.data import train_tokenizer_command
+
+    train_tokenizer_command(kind, inputs, vocab_size, out, lowercase, language)
 
 
 def main() -> None:

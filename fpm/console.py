@@ -45,3 +45,60 @@ def info(msg: str) -> None:
 def warn(msg: str) -> None:
     if is_rank0():
         err_console().print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+
+
+class Progress:
+    """A progress display: a Rich bar on an interactive rank-0 terminal, otherwise plain lines
+    every ``every_s`` seconds (and at the end), so SLURM logs stay readable."""
+
+    def __init__(self, total: float | None, description: str, unit: str = "", every_s: float = 10.0,
+                 fmt=lambda done, total: f"{done:,.0f}" + (f"/{total:,.0f}" if total else "")):
+        import time
+
+        self.total, self.description, self.unit, self.every_s, self.fmt = total, description, unit, every_s, fmt
+        self.done = 0.0
+        self.fields: dict[str, str] = {}
+        self._time = time.monotonic
+        self._start = self._last = self._time()
+        self._bar = None
+        self._task = None
+        if is_rank0() and is_tty():
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[info]}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console(), transient=False)
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif exc[0] is None:
+            self._line(final=True)
+
+    def update(self, advance: float = 0.0, **fields) -> None:
+        self.done += advance
+        self.fields.update({k: str(v) for k, v in fields.items()})
+        info = "  ".join(f"{k} {v}" for k, v in self.fields.items())
+        if self._bar is not None:
+            self._bar.update(self._task, advance=advance, info=info)
+        elif self._time() - self._last >= self.every_s:
+            self._line()
+
+    def _line(self, final: bool = False) -> None:
+        self._last = self._time()
+        elapsed = self._last - self._start
+        pct = f" {100 * self.done / self.total:5.1f}%" if self.total else ""
+        eta = ""
+        if self.total and self.done and not final:
+            eta = f" eta {max(0.0, elapsed * (self.total - self.done) / self.done):.0f}s"
+        info = "  ".join(f"{k} {v}" for k, v in self.fields.items())
+        info_str = f" {info}" if info else ""
+        info_line = f"{self.description}: {self.fmt(self.done, self.total)}{self.unit}{pct}{info_str} elapsed {elapsed:.0f}s{eta}"
+        if is_rank0():
+            print(info_line, flush=True)

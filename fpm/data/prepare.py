@@ -1,0 +1,342 @@
+"""`fpm data prepare`: corpus files → tokenized, memory-mapped binary shards + manifest.
+
+Streaming all the way: documents are read lazily, tokenized in worker processes a chunk at a time
+(never more than ``2 × workers`` chunks in flight), and appended to the current shard; memory stays
+flat whatever the input size. A shard is written under temporary names and renamed when complete;
+``progress.json`` then records how many input records the finished shards cover, so an interrupted
+run resumes after the last finished shard and a finished one is skipped.
+
+Per family: BERT documents are split into sentences and every token gets a word-start flag (for
+whole-word masking and sentence-order pairs); GPT and T5 documents are token streams with an
+end-of-document token appended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fpm.console import Progress, info
+from fpm.data import shards as sh
+from fpm.data.readers import Reader, split_sentences
+from fpm.data.tokenizers import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path, train_tokenizer
+from fpm.errors import FpmError
+
+PROGRESS = "progress.json"
+TOKENIZER_DIR = "tokenizer"
+CHUNK_CHARS = 1 << 18
+CHUNK_DOCS = 1024
+
+
+@dataclass
+class PrepareOptions:
+    inputs: Sequence[Path]
+    out: Path
+    fmt: str = "auto"
+    text_mode: str = "line"
+    text_field: str = "text"
+    workers: int = max(1, (os.cpu_count() or 1))
+    shard_tokens: int = 1 << 27
+    max_chunks: int | None = None  # stop after this many chunks (tests: simulate an interruption)
+    quiet: bool = False
+
+
+# ------------------------------------------------------------------ worker side
+
+_TOK: Tokenizer | None = None
+_MODE: tuple[str, str] = ("clm", "en")
+
+
+def _init_worker(tok_dir: str, kind: str, lowercase: bool, language: str, objective: str) -> None:
+    global _TOK, _MODE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOK = load_tokenizer_path(kind, tok_dir, lowercase, language)
+    _MODE = (objective, language)
+
+
+def _encode_chunk(texts: list[str]) -> dict:
+    """Tokenize a chunk of documents into flat arrays (runs in a worker process).
+
+    ``doc_lens`` has one entry per input document (0 when nothing was left after tokenization);
+    for BERT, ``sents_per_doc``/``sent_lens`` describe the sentences and ``word_starts`` flags tokens.
+    """
+    assert _TOK is not None
+    objective, language = _MODE
+    if objective == "mlm_sop":
+        per_doc, flat = [], []
+        for text in texts:
+            s = split_sentences(text, language)
+            per_doc.append(len(s))
+            flat.extend(s)
+        encoded = _TOK.encode_batch_words(flat) if flat else []
+        tokens, starts, sent_lens, doc_lens, sents_per_doc = [], [], [], [], []
+        k = 0
+        for n in per_doc:
+            doc_len = n_sents = 0
+            for ids, ws in encoded[k:k + n]:
+                if ids:
+                    tokens.append(np.asarray(ids, dtype=np.int64))
+                    starts.append(np.asarray(ws, dtype=np.uint8))
+                    sent_lens.append(len(ids))
+                    doc_len += len(ids)
+                    n_sents += 1
+            k += n
+            doc_lens.append(doc_len)
+            sents_per_doc.append(n_sents)
+        return {"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+                "doc_lens": np.asarray(doc_lens, np.int64), "sent_lens": np.asarray(sent_lens, np.int64),
+                "sents_per_doc": np.asarray(sents_per_doc, np.int64),
+                "word_starts": np.concatenate(starts) if starts else np.zeros(0, np.uint8)}
+    eod = _TOK.specials.eod
+    tokens, doc_lens = [], []
+    for ids in _TOK.encode_batch(texts):
+        if ids:
+            tokens.append(np.asarray(ids, dtype=np.int64))
+            tokens.append(np.asarray([eod], dtype=np.int64))
+            doc_lens.append(len(ids) + 1)
+        else:
+            doc_lens.append(0)
+    return {"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+            "doc_lens": np.asarray(doc_lens, np.int64)}
+
+
+# ------------------------------------------------------------------ main side
+
+
+def _config_key(recipe, tok: Tokenizer, opts: PrepareOptions) -> str:
+    h = hashlib.sha256()
+    parts = [recipe.model.family, recipe.data.objective, recipe.language, tok.kind, tok.vocab_hash(),
+             opts.fmt, opts.text_mode, opts.text_field, str(opts.shard_tokens)]
+    for p in opts.inputs:
+        st = Path(p).stat()
+        parts += [str(Path(p).resolve()), str(st.st_size)]
+    h.update("\0".join(parts).encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _chunks(readers: list[Reader], skip: int) -> Iterator[tuple[int, list[str], list[int], int]]:
+    """(reader index, documents, record number of each document, records consumed at the chunk's end).
+
+    Chunks never span two files. The first ``skip`` records (already in finished shards) are read
+    and counted but not returned.
+    """
+    consumed = 0
+    for ri, reader in enumerate(readers):
+        docs: list[str] = []
+        where: list[int] = []
+        chars = 0
+        for doc in reader:
+            consumed += 1
+            if consumed <= skip:
+                continue
+            if doc is not None:
+                docs.append(doc)
+                where.append(consumed)
+                chars += len(doc)
+            if chars >= CHUNK_CHARS or len(docs) >= CHUNK_DOCS:
+                yield ri, docs, where, consumed
+                docs, where, chars = [], [], 0
+        if docs or consumed > skip:
+            yield ri, docs, where, consumed
+
+
+def _obtain_tokenizer(recipe, opts: PrepareOptions) -> Tokenizer:
+    tok_dir = opts.out / TOKENIZER_DIR
+    cfg = recipe.tokenizer
+    if cfg.train and not cfg.path:
+        if (tok_dir / META_FILE).is_file():
+            return load_tokenizer(cfg, recipe.language, trained_dir=tok_dir)
+        if not opts.quiet:
+            info(f"training a {cfg.kind} vocabulary of {cfg.vocab_size} on the input")
+
+        def texts():
+            for p in opts.inputs:
+                for doc in Reader(p, opts.fmt, opts.text_mode, opts.text_field):
+                    if doc is not None:
+                        yield doc
+
+        tok, reserved = train_tokenizer(cfg.kind, None, cfg.vocab_size, tok_dir, texts=texts(),
+                                        lowercase=cfg.lowercase, language=recipe.language)
+        if reserved and not opts.quiet:
+            info(f"the corpus yielded {cfg.vocab_size - reserved} pieces; {reserved} reserved [unusedN] tokens fill the vocabulary")
+        return tok
+    tok = load_tokenizer(cfg, recipe.language)
+    if not (tok_dir / META_FILE).is_file():
+        tok.save(tok_dir)
+    return tok
+
+
+def prepare(recipe, opts: PrepareOptions) -> dict:
+    """Prepare ``opts.inputs`` for ``recipe``; returns the manifest (also written to ``out``)."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not opts.inputs:
+        raise FpmError("no input files given (--input FILE ...)")
+    for p in opts.inputs:
+        if not Path(p).is_file():
+            raise FpmError(f"{p}: input file not found")
+    tok = _obtain_tokenizer(recipe, opts)
+    key = _config_key(recipe, tok, opts)
+    manifest_path = out / sh.MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config_key") == key and manifest.get("complete"):
+            if not opts.quiet:
+                info(f"{out}: already prepared ({manifest['n_tokens']:,} tokens in {len(manifest['shards'])} shards)")
+            return manifest
+        raise FpmError(f"{out}: holds a different preparation; choose another --out or delete it")
+
+    progress_path = out / PROGRESS
+    restored_empty: dict[int, int] = {}
+    done_shards: list[dict] = []
+    skip = 0
+    if progress_path.is_file():
+        state = json.loads(progress_path.read_text())
+        if state.get("config_key") != key:
+            raise FpmError(f"{out}: holds an unfinished preparation of other inputs or settings; "
+                           "choose another --out or delete it")
+        done_shards, skip = state["shards"], state["records_done"]
+        restored_empty = {int(k): v for k, v in state.get("empty_after", {}).items()}
+        if not opts.quiet:
+            info(f"resuming after {len(done_shards)} finished shards ({skip:,} records)")
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+
+    objective = recipe.data.objective
+    sentences = word_starts = objective == "mlm_sop"
+    dtype = sh.token_dtype(tok.vocab_size)
+    readers = [Reader(p, opts.fmt, opts.text_mode, opts.text_field) for p in opts.inputs]
+    empty_after = Counter(restored_empty)
+    total_bytes = sum(Path(p).stat().st_size for p in opts.inputs)
+    init_args = (str(out / TOKENIZER_DIR), tok.kind, recipe.tokenizer.lowercase, recipe.language, objective)
+
+    writer: sh.ShardWriter | None = None
+    shards = list(done_shards)
+    records_done = skip
+    pool = None
+    if opts.workers > 0:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args)
+    else:
+        _init_worker(*init_args)
+
+    def new_writer() -> sh.ShardWriter:
+        return sh.ShardWriter(out, f"shard_{len(shards):05d}", dtype, sentences, word_starts)
+
+    def finish_shard(records: int) -> None:
+        nonlocal writer, records_done
+        assert writer is not None
+        shards.append(writer.close())
+        writer = None
+        records_done = records
+        _atomic_json(progress_path, {"config_key": key, "shards": shards, "records_done": records_done,
+                                     "empty_after": dict(empty_after)})
+
+    n_chunks = 0
+    bytes_seen = 0
+    try:
+        with Progress(total_bytes, "prepare", fmt=lambda d, t: f"{d / 1e6:,.1f}/{t / 1e6:,.1f} MB") as bar:
+            pending: deque = deque()
+
+            def feed(ri: int, where: list[int], chunk_end: int, res: dict) -> None:
+                """Append a chunk's documents, finishing a shard at the document that fills it."""
+                nonlocal writer
+                lens = res["doc_lens"]
+                tok_off = np.concatenate([[0], np.cumsum(lens)])
+                sent_off = None
+                if sentences:
+                    sent_off = np.concatenate([[0], np.cumsum(res["sents_per_doc"])])
+                    sent_tok = np.concatenate([[0], np.cumsum(res["sent_lens"])])
+                i, n = 0, len(lens)
+                while i < n:
+                    if writer is None:
+                        writer = new_writer()
+                    room = opts.shard_tokens - writer.n_tokens
+                    # first document j at which the shard is full (or the chunk's last document)
+                    j = int(np.searchsorted(tok_off[i + 1:] - tok_off[i], room, side="left")) + i
+                    j = min(j, n - 1)
+                    empty_after[ri] += int((lens[i:j + 1] == 0).sum())
+                    a, b = int(tok_off[i]), int(tok_off[j + 1])
+                    if b > a:
+                        kept = lens[i:j + 1][lens[i:j + 1] > 0]
+                        if sentences:
+                            sa, sb = int(sent_off[i]), int(sent_off[j + 1])
+                            writer.add(res["tokens"][a:b], kept, res["sent_lens"][sa:sb], res["word_starts"][a:b])
+                            assert sent_tok[sb] - sent_tok[sa] == b - a
+                        else:
+                            writer.add(res["tokens"][a:b], kept)
+                    if writer.n_tokens >= opts.shard_tokens:
+                        finish_shard(where[j] if j < n - 1 else chunk_end)
+                    i = j + 1
+                if n == 0 and writer is not None and writer.n_tokens >= opts.shard_tokens:
+                    finish_shard(chunk_end)
+
+            def drain(limit: int) -> None:
+                nonlocal bytes_seen
+                while len(pending) > limit:
+                    ri, where, chunk_end, fut = pending.popleft()
+                    feed(ri, where, chunk_end, fut.get() if pool is not None else fut)
+                    tokens = sum(s["n_tokens"] for s in shards) + (writer.n_tokens if writer else 0)
+                    now = sum(r.stats.bytes for r in readers[:ri]) + readers[ri].stats.bytes
+                    bar.update(max(0, now - bytes_seen), tokens=f"{tokens:,}")
+                    bytes_seen = max(bytes_seen, now)
+
+            for ri, docs, where, chunk_end in _chunks(readers, skip):
+                if opts.max_chunks is not None and n_chunks >= opts.max_chunks:
+                    raise KeyboardInterrupt  # simulated interruption (tests)
+                n_chunks += 1
+                fut = pool.apply_async(_encode_chunk, (docs,)) if pool is not None else _encode_chunk(docs)
+                pending.append((ri, where, chunk_end, fut))
+                drain(2 * max(1, opts.workers))
+            drain(0)
+            if writer is not None and writer.n_tokens:
+                finish_shard(sum(r.stats.records for r in readers))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    sources = []
+    for ri, reader in enumerate(readers):
+        stats = reader.stats
+        if empty_after[ri]:
+            stats.bad["empty_after_tokenization"] += empty_after[ri]
+            stats.documents -= empty_after[ri]
+        sources.append(stats.to_json())
+    manifest = {
+        "format": sh.FORMAT, "version": sh.VERSION, "complete": True, "config_key": key,
+        "recipe": recipe.name, "family": recipe.model.family, "objective": objective, "language": recipe.language,
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "vocab_hash": tok.vocab_hash(),
+                      "dir": TOKENIZER_DIR},
+        "dtype": dtype.name, "eod_id": tok.specials.eod, "sentences": sentences, "word_starts": word_starts,
+        "input_format": opts.fmt, "text_mode": opts.text_mode,
+        "shards": shards,
+        "n_docs": sum(s["n_docs"] for s in shards), "n_sents": sum(s["n_sents"] for s in shards),
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "sources": sources,
+        "bad_records": sum(sum(s["bad"].values()) for s in sources),
+    }
+    _atomic_json(manifest_path, manifest)
+    progress_path.unlink(missing_ok=True)
+    return manifest

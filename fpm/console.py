@@ -52,7 +52,7 @@ class Progress:
     every ``every_s`` seconds (and at the end), so SLURM logs stay readable."""
 
     def __init__(self, total: float | None, description: str, unit: str = "", every_s: float = 10.0,
-                 fmt=lambda done, total: f"{done:,.0f}" + (f"/{total:,.0f}" if total else "")):
+                 fmt=lambda done, total: f"{done:,.0f}" + (f"/{total:,.0f}" if total else ""), quiet: bool = False):
         import time
 
         self.total, self.description, self.unit, self.every_s, self.fmt = total, description, unit, every_s, fmt
@@ -62,7 +62,8 @@ class Progress:
         self._start = self._last = self._time()
         self._bar = None
         self._task = None
-        if is_rank0() and is_tty():
+        self.quiet = quiet or not is_rank0()
+        if not self.quiet and is_tty():
             from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -78,7 +79,7 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif exc[0] is None:
+        elif exc[0] is None and not self.quiet:
             self._line(final=True)
 
     def update(self, advance: float = 0.0, **fields) -> None:
@@ -87,7 +88,7 @@ class Progress:
         info = "  ".join(f"{k} {v}" for k, v in self.fields.items())
         if self._bar is not None:
             self._bar.update(self._task, advance=advance, info=info)
-        elif self._time() - self._last >= self.every_s:
+        elif not self.quiet and self._time() - self._last >= self.every_s:
             self._line()
 
     def _line(self, final: bool = False) -> None:

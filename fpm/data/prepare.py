@@ -20,6 +20,7 @@ import os
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,36 +78,19 @@ def _encode_chunk(texts: list[str]) -> dict:
             s = split_sentences(text, language)
             per_doc.append(len(s))
             flat.extend(s)
-        encoded = _TOK.encode_batch_words(flat) if flat else []
-        tokens, starts, sent_lens, doc_lens, sents_per_doc = [], [], [], [], []
-        k = 0
-        for n in per_doc:
-            doc_len = n_sents = 0
-            for ids, ws in encoded[k:k + n]:
-                if ids:
-                    tokens.append(np.asarray(ids, dtype=np.int64))
-                    starts.append(np.asarray(ws, dtype=np.uint8))
-                    sent_lens.append(len(ids))
-                    doc_len += len(ids)
-                    n_sents += 1
-            k += n
-            doc_lens.append(doc_len)
-            sents_per_doc.append(n_sents)
-        return {"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
-                "doc_lens": np.asarray(doc_lens, np.int64), "sent_lens": np.asarray(sent_lens, np.int64),
-                "sents_per_doc": np.asarray(sents_per_doc, np.int64),
-                "word_starts": np.concatenate(starts) if starts else np.zeros(0, np.uint8)}
-    eod = _TOK.specials.eod
-    tokens, doc_lens = [], []
-    for ids in _TOK.encode_batch(texts):
-        if ids:
-            tokens.append(np.asarray(ids, dtype=np.int64))
-            tokens.append(np.asarray([eod], dtype=np.int64))
-            doc_lens.append(len(ids) + 1)
-        else:
-            doc_lens.append(0)
-    return {"tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
-            "doc_lens": np.asarray(doc_lens, np.int64)}
+        tokens, starts, sent_len = _TOK.encode_words(flat)
+        doc_of_sent = np.repeat(np.arange(len(per_doc)), per_doc)
+        doc_lens = np.bincount(doc_of_sent, weights=sent_len, minlength=len(per_doc)).astype(np.int64)
+        nonempty = sent_len > 0
+        sents_per_doc = np.bincount(doc_of_sent[nonempty], minlength=len(per_doc)).astype(np.int64)
+        return {"tokens": tokens, "doc_lens": doc_lens, "sent_lens": sent_len[nonempty],
+                "sents_per_doc": sents_per_doc, "word_starts": starts}
+    eod = [_TOK.specials.eod]
+    encoded = _TOK.encode_batch(texts)
+    doc_lens = np.fromiter((len(ids) + 1 if ids else 0 for ids in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.fromiter(chain.from_iterable((ids + eod) if ids else ids for ids in encoded), dtype=np.int64,
+                         count=int(doc_lens.sum()))
+    return {"tokens": tokens, "doc_lens": doc_lens}
 
 
 # ------------------------------------------------------------------ main side
@@ -250,7 +234,7 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     n_chunks = 0
     bytes_seen = 0
     try:
-        with Progress(total_bytes, "prepare", fmt=lambda d, t: f"{d / 1e6:,.1f}/{t / 1e6:,.1f} MB") as bar:
+        with Progress(None if opts.quiet else total_bytes, "prepare", quiet=opts.quiet, fmt=lambda d, t: f"{d / 1e6:,.1f}/{t / 1e6:,.1f} MB") as bar:
             pending: deque = deque()
 
             def feed(ri: int, where: list[int], chunk_end: int, res: dict) -> None:

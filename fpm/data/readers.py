@@ -96,6 +96,19 @@ def _lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
         yield tail
 
 
+def _line_blocks(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Re-cut byte blocks so that each ends at a newline (the last may not)."""
+    tail = b""
+    for block in blocks:
+        block = tail + block
+        cut = block.rfind(b"\n") + 1
+        tail = block[cut:]
+        if cut:
+            yield block[:cut]
+    if tail:
+        yield tail
+
+
 def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.zst", ".json.zst", ".zst")):
@@ -179,11 +192,20 @@ class Reader:
         return None
 
     def _pile(self, blocks):
-        for raw in _lines(blocks):
-            if not raw.strip():
+        loads = json.loads
+        for line in self._decoded_lines(blocks):
+            if line is None:
+                yield None
                 continue
-            obj, ok = self._json(raw)
-            yield self._field(obj) if ok else None
+            if not line.strip():
+                continue
+            try:
+                obj = loads(line)
+            except json.JSONDecodeError:
+                self.stats.bad["bad_json"] += 1
+                yield None
+                continue
+            yield self._field(obj)
 
     def _wudao_doc(self, obj) -> str | None:
         if not isinstance(obj, dict) or not isinstance(obj.get("content"), str):
@@ -251,14 +273,26 @@ class Reader:
             return None
         return "\n".join(t.strip() for t in turns if t.strip())
 
+    def _decoded_lines(self, blocks) -> Iterator[str | None]:
+        """Lines as text; None for an undecodable line (counted). Blocks decode at once when they can."""
+        for block in _line_blocks(blocks):
+            try:
+                lines = block.decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                lines = [self._decode(raw) for raw in block.split(b"\n")]
+            if lines and lines[-1] == "" and block.endswith(b"\n"):
+                lines.pop()
+            yield from lines
+
     def _text(self, blocks):
         if self.text_mode == "line":
-            for raw in _lines(blocks):
-                text = self._decode(raw.rstrip(b"\r"))
+            for text in self._decoded_lines(blocks):
                 if text is None:
                     yield None
-                elif text.strip():
-                    yield text.strip()
+                else:
+                    text = text.strip()
+                    if text:
+                        yield text
             return
         para: list[str] = []
         broken = False

@@ -26,7 +26,9 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,6 @@ from fpm.errors import FpmError
 META_FILE = "fpm_tokenizer.json"
 SPACE, NEWLINE = "\u2582", "\u2583"  # CPM / CPM-2: reversible stand-ins for ' ' and '\n'
 _CPM_TRANSLATE = str.maketrans({" ": SPACE, "\n": NEWLINE})
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIALS = ["<|endoftext|>"]
@@ -77,9 +78,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
-    def encode_batch_words(self, texts: Sequence[str]) -> list[tuple[list[int], list[bool]]]:
-        """Token ids with a word-start flag per token (for whole-word masking)."""
+    def encode_words(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, word-start flags, tokens per text) for a batch, flat (for whole-word masking)."""
         raise FpmError(f"tokenizer kind {self.kind} has no word boundaries")
+
+    def encode_batch_words(self, texts: Sequence[str]) -> list[tuple[list[int], list[bool]]]:
+        """Per text: token ids and a word-start flag per token."""
+        tokens, starts, lengths = self.encode_words(texts)
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        return [(tokens[a:b].tolist(), starts[a:b].astype(bool).tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -96,11 +103,15 @@ class Tokenizer:
         return [self.id_to_token(i) for i in range(self.vocab_size)]
 
     def vocab_hash(self) -> str:
+        cached = getattr(self, "_vocab_hash", None)
+        if cached:
+            return cached
         h = hashlib.sha256()
         for tok in self.vocab_list():
             h.update(tok.encode("utf-8", "surrogatepass"))
             h.update(b"\0")
-        return h.hexdigest()[:16]
+        self._vocab_hash = h.hexdigest()[:16]
+        return self._vocab_hash
 
     def is_special(self) -> np.ndarray:
         """Boolean mask over the vocabulary: ids never chosen for masking or as random replacements."""
@@ -175,15 +186,41 @@ class HFTokenizer(Tokenizer):
         encs = self.backend.encode_batch_fast(self._pre(texts), add_special_tokens=False)
         return [e.ids for e in encs]
 
-    def encode_batch_words(self, texts: Sequence[str]) -> list[tuple[list[int], list[bool]]]:
+    def encode_words(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.kind != "wordpiece":
-            return super().encode_batch_words(texts)
-        encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
-        out = []
-        for text, enc in zip(texts, encs):
-            starts = _wordpiece_word_starts(enc.word_ids, enc.offsets, text, self.chinese_words)
-            out.append((enc.ids, starts))
-        return out
+            return super().encode_words(texts)
+        if not self.chinese_words:
+            # English: a token starts a word unless it is a '##' piece
+            encs = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+            lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+            tokens = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=int(lengths.sum()))
+            return tokens, (~self._continuation()[tokens]).astype(np.uint8), lengths
+        # Chinese: words are jieba's; BERT's pre-tokenizer only ever splits *inside* a jieba word
+        # (at CJK characters, spaces, punctuation), so encoding each distinct word once and
+        # concatenating gives the same ids as encoding the sentence, and the word starts for free.
+        cut = _jieba().cut
+        words = [_bert_words(cut(t, False)) for t in texts]
+        n_words = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        flat = list(chain.from_iterable(words))
+        unique = list(dict.fromkeys(flat))
+        ids_of = dict(zip(unique, (e.ids for e in self.backend.encode_batch_fast(unique, add_special_tokens=False))))
+        word_tokens = [ids_of[w] for w in flat]
+        wl = np.fromiter(map(len, word_tokens), dtype=np.int64, count=len(word_tokens))
+        tokens = np.fromiter(chain.from_iterable(word_tokens), dtype=np.int64, count=int(wl.sum()))
+        starts = np.zeros(len(tokens), dtype=np.uint8)
+        first = np.cumsum(wl) - wl
+        starts[first[wl > 0]] = 1
+        word_bounds = np.concatenate([[0], np.cumsum(n_words)])
+        tok_bounds = np.concatenate([[0], np.cumsum(wl)])
+        lengths = tok_bounds[word_bounds[1:]] - tok_bounds[word_bounds[:-1]]
+        return tokens, starts, lengths
+
+    def _continuation(self) -> np.ndarray:
+        cont = getattr(self, "_cont", None)
+        if cont is None:
+            cont = np.array([t.startswith("##") for t in self.vocab_list()], dtype=bool)
+            self._cont = cont
+        return cont
 
     def decode(self, ids: Iterable[int]) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=False)
@@ -199,23 +236,42 @@ class HFTokenizer(Tokenizer):
         self._write_meta(out, tokenizer="tokenizer.json", chinese_words=str(self.chinese_words))
 
 
-def _wordpiece_word_starts(word_ids, offsets, text: str, chinese_words: bool) -> list[bool]:
-    """A token starts a word unless it continues the previous pre-token (a '##' piece) or, for
-    Chinese, it is a character inside a jieba word that began at an earlier character."""
-    inside: set[int] = set()
-    if chinese_words and _CJK.search(text):
-        for word, start, end in _jieba().tokenize(text):
-            if end - start > 1 and _CJK.match(word):
-                inside.update(range(start + 1, end))
-    starts = []
-    prev = None
-    for wid, (a, _b) in zip(word_ids, offsets):
-        if wid is not None and wid == prev:
-            starts.append(False)
-        else:
-            starts.append(a not in inside)
-        prev = wid
-    return starts
+def _bert_boundary_char(c: str) -> bool:
+    """Characters at which BERT's pre-tokenizer always splits: space, punctuation, CJK, control."""
+    if c.isspace():
+        return True
+    cp = ord(c)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    cat = unicodedata.category(c)
+    if cat.startswith("P") or cat in ("Cc", "Cf"):
+        return True
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+_BOUNDARY: dict[str, bool] = {}
+
+
+def _bert_words(words: list[str]) -> list[str]:
+    """Merge jieba words that BERT's pre-tokenizer sees as one token (e.g. '20' + '℃', 'ъ' + 'л'),
+    so that every word is a union of whole BERT pre-tokens."""
+    out: list[str] = []
+    b = _BOUNDARY
+    for w in words:
+        if out:
+            last, first = out[-1][-1], w[0]
+            lb = b.get(last)
+            if lb is None:
+                lb = b[last] = _bert_boundary_char(last)
+            fb = b.get(first)
+            if fb is None:
+                fb = b[first] = _bert_boundary_char(first)
+            if not lb and not fb:
+                out[-1] += w
+                continue
+        out.append(w)
+    return out
 
 
 def _sentinel_ids(vocab: dict[str, int]) -> list[int]:
@@ -229,7 +285,10 @@ def _sentinel_ids(vocab: dict[str, int]) -> list[int]:
 
 def _cpm_pre(text: str) -> str:
     """CPM: jieba words with ' ' and '\\n' mapped to ▂ and ▃, joined by spaces for the unigram model."""
-    return " ".join(w.translate(_CPM_TRANSLATE) for w in _jieba().cut(text, False))
+    words = _jieba().cut(text, False)
+    if " " in text or "\n" in text:  # most Chinese documents have neither: skip the per-word pass
+        words = [w.translate(_CPM_TRANSLATE) if (" " in w or "\n" in w) else w for w in words]
+    return " ".join(words)
 
 
 def _cpm_post(text: str) -> str:

@@ -58,6 +58,44 @@ def recipes_show(
     show_recipe(name, preset=preset, overrides=sets or [])
 
 
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides train.seed).")]
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    recipe: Annotated[str, typer.Argument(help="Model recipe, e.g. bert-e-l (see `fpm recipes list`).")],
+    preset: Preset = None,
+    sets: Sets = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared shards (fpm data prepare).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/RECIPE[-PRESET]).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides train.max_steps).")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint interval in steps.")] = None,
+    seed: Seed = None,
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest intact checkpoint; never.")] = "auto",
+) -> None:
+    """Pretrain a recipe with DeepSpeed (one process, torchrun, srun or the deepspeed launcher).
+
+    Exit codes: 0 done, 2 bad input, 4 loss not finite, 75 pre-empted (checkpoint saved: rerun to resume).
+    """
+    from fpm.pretrain import pretrain
+
+    code = pretrain(recipe, preset=preset, overrides=sets or [], data=data, out=out, max_steps=max_steps,
+                    save_every=save_every, seed=seed, resume=resume)
+    raise typer.Exit(code)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="An fpm run directory (with checkpoints/).")],
+    out: Annotated[Path, typer.Option("--out", help="Hugging Face folder to write.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint, e.g. step-00000300 (default: latest).")] = None,
+) -> None:
+    """Consolidate a (ZeRO) checkpoint into a Hugging Face folder that plain transformers loads."""
+    from fpm.export import export
+
+    export(run_dir, out, tag)
+
+
 @data_app.command("prepare")
 def data_prepare(
     recipe: Annotated[str, typer.Argument(help="Recipe whose tokenizer and objective to prepare for.")],
@@ -93,9 +131,28 @@ def data_train_tokenizer(
     train_tokenizer_command(kind, inputs, vocab_size, out, lowercase, language)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, config warnings) is noise in fpm's output and SLURM logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+
+
+def _has_cuda() -> bool:
+    return os.path.exists("/dev/nvidia0") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FpmError as exc:
         from fpm.console import err_console
 

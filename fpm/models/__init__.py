@@ -24,9 +24,10 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
     return FAMILIES[cfg.family].residual_projections(model, cfg.n_layers)
 
 
-def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True) -> nn.Module:
+def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
+                eos_id: int | None = None) -> nn.Module:
     """The family's pretraining model, initialised as in §4.1 unless ``init=False``."""
-    model = FAMILIES[cfg.family].build(cfg, vocab_size)
+    model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
     if init and next(model.parameters()).device.type != "meta":
         init_weights(model, cfg.init_std)
         if cfg.scale_residual_init:

@@ -17,7 +17,7 @@ from transformers.models.megatron_bert import modeling_megatron_bert as hf
 from fpm.config.schema import ModelCfg
 
 
-def hf_config(cfg: ModelCfg, vocab_size: int) -> MegatronBertConfig:
+def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> MegatronBertConfig:
     return MegatronBertConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.d_model,
@@ -32,7 +32,7 @@ def hf_config(cfg: ModelCfg, vocab_size: int) -> MegatronBertConfig:
         initializer_range=cfg.init_std,
         layer_norm_eps=cfg.layer_norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
-        pad_token_id=0,
+        pad_token_id=pad_id,
     )
 
 
@@ -74,8 +74,8 @@ def residual_projections(model: nn.Module, n_layers: int) -> dict[int, list[nn.M
     return {n_layers: mods}
 
 
-def build(cfg: ModelCfg, vocab_size: int) -> MegatronBertForPreTraining:
-    model = MegatronBertForPreTraining(hf_config(cfg, vocab_size))
+def build(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> MegatronBertForPreTraining:
+    model = MegatronBertForPreTraining(hf_config(cfg, vocab_size, pad_id, eos_id))
     if cfg.attention == "sdpa":
         use_sdpa(model)
     return model

@@ -11,7 +11,7 @@ from transformers.models.gpt2 import modeling_gpt2 as hf
 from fpm.config.schema import ModelCfg
 
 
-def hf_config(cfg: ModelCfg, vocab_size: int) -> GPT2Config:
+def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> GPT2Config:
     return GPT2Config(
         vocab_size=vocab_size,
         n_positions=cfg.max_positions,
@@ -26,8 +26,9 @@ def hf_config(cfg: ModelCfg, vocab_size: int) -> GPT2Config:
         layer_norm_epsilon=cfg.layer_norm_eps,
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 1 if eos_id is None else eos_id,
+        eos_token_id=vocab_size - 1 if eos_id is None else eos_id,
+        pad_token_id=pad_id,
         use_cache=False,
         attn_implementation=cfg.attention,
     )
@@ -43,8 +44,8 @@ def residual_projections(model: nn.Module, n_layers: int) -> dict[int, list[nn.M
     return {n_layers: mods}
 
 
-def build(cfg: ModelCfg, vocab_size: int) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(hf_config(cfg, vocab_size))
+def build(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(hf_config(cfg, vocab_size, pad_id, eos_id))
 
 
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ from fpm.config.schema import ModelCfg
 PAD_ID = 0
 
 
-def hf_config(cfg: ModelCfg, vocab_size: int) -> T5Config:
+def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> T5Config:
     return T5Config(
         vocab_size=vocab_size,
         d_model=cfg.d_model,
@@ -30,9 +30,9 @@ def hf_config(cfg: ModelCfg, vocab_size: int) -> T5Config:
         feed_forward_proj=cfg.activation,
         # transformers >= 5 always ties T5's LM head to the input embedding; with a tied head the
         # decoder output is scaled by d_model**-0.5 before the projection, as in the original T5.
-        pad_token_id=PAD_ID,
-        eos_token_id=1,
-        decoder_start_token_id=PAD_ID,
+        pad_token_id=pad_id,
+        eos_token_id=1 if eos_id is None else eos_id,
+        decoder_start_token_id=pad_id,
         use_cache=False,
         attn_implementation=cfg.attention,
     )
@@ -49,8 +49,8 @@ def residual_projections(model: nn.Module, n_encoder: int, n_decoder: int) -> di
     return out
 
 
-def build(cfg: ModelCfg, vocab_size: int) -> T5ForConditionalGeneration:
-    return T5ForConditionalGeneration(hf_config(cfg, vocab_size))
+def build(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> T5ForConditionalGeneration:
+    return T5ForConditionalGeneration(hf_config(cfg, vocab_size, pad_id, eos_id))
 
 
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""Recipe → DeepSpeed configuration (a plain dict, also written to the run directory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Precision:
+    kind: str  # fp32 | bf16 | fp16
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+def deepspeed_config(*, global_batch: int, micro_batch: int, grad_accum: int, grad_clip: float,
+                     precision: Precision, zero_stage: int, offload_optimizer: bool = False,
+                     offload_params: bool = False, overlap_comm: bool = True, contiguous_gradients: bool = True,
+                     reduce_bucket_size: int = 500_000_000, allgather_bucket_size: int = 500_000_000) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if zero_stage > 0:
+        zero.update(overlap_comm=overlap_comm, contiguous_gradients=contiguous_gradients,
+                    reduce_bucket_size=reduce_bucket_size)
+        if zero_stage in (1, 2):
+            zero["allgather_bucket_size"] = allgather_bucket_size
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    cfg = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision.kind == "bf16"},
+        "fp16": {"enabled": precision.kind == "fp16"},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if precision.kind == "fp16":
+        cfg["fp16"].update(loss_scale=0,  # 0 = dynamic
+                           initial_scale_power=precision.initial_scale_power,
+                           loss_scale_window=precision.loss_scale_window,
+                           hysteresis=precision.hysteresis,
+                           min_loss_scale=precision.min_loss_scale)
+    return cfg

@@ -1,0 +1,66 @@
+"""Run metrics: ``metrics.jsonl`` (one object per logged step), TensorBoard events, MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def measure_peak_tflops(dtype: torch.dtype = torch.bfloat16, seconds: float = 0.5, n: int = 2048) -> float:
+    """This machine's matmul throughput (TFLOP/s) in ``dtype`` with the current thread count:
+    the denominator of MFU on a CPU, where no datasheet peak applies."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+class MetricsLogger:
+    """Appends to ``metrics.jsonl`` and TensorBoard (rank 0 only; other ranks keep nothing)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,313 @@
+"""The training loop, shared by `fpm pretrain` and `fpm finetune`.
+
+One optimizer step = ``grad_accum`` micro-batches on every data-parallel rank, through the
+DeepSpeed engine (ZeRO, bf16/fp16, clipping). Host synchronisation happens only at log,
+check and save steps. State that makes a resume exact: DeepSpeed's checkpoint (model, optimizer,
+LR scheduler, loss scaler), every RNG of every rank, and the step — the data stream is a pure
+function of the step (see :mod:`fpm.data.datasets`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpm.console import Progress, info, warn
+from fpm.data.datasets import StreamSampler
+from fpm.engine import checkpoint as ckpt
+from fpm.engine.distributed import Dist
+from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.metrics import MetricsLogger
+from fpm.engine.schedule import lr_factor, param_groups
+from fpm.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from fpm.errors import FpmError
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    schedule: str
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float
+    precision: Precision
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite_steps: int = 20
+    seed: int = 1234
+    tokens_per_sample: int = 0
+    flops_per_token: float = 0.0
+    num_workers: int = 1
+    activation_checkpointing: bool = True
+    ds_extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    exit_code: int
+    step: int
+    reason: str
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, spec: TrainSpec, model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: Path,
+                 dist: Dist, *, peak_tflops: float | None = None, resume: bool = True,
+                 on_step: Callable[[int], dict | None] | None = None, on_step_every: int = 0,
+                 quiet: bool = False):
+        self.spec, self.model, self.loss_fn, self.dataset = spec, model, loss_fn, dataset
+        self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
+        self.on_step, self.on_step_every, self.quiet = on_step, on_step_every, quiet
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.engine = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _optimizer(self):
+        s = self.spec
+        groups = param_groups(self.model, s.weight_decay)
+        if s.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, adamw_mode=True)
+        kwargs = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, **kwargs)
+
+    def ds_config(self) -> dict:
+        s = self.spec
+        cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
+                               grad_clip=s.grad_clip, precision=s.precision, zero_stage=s.zero_stage,
+                               offload_optimizer=s.offload_optimizer, offload_params=s.offload_params)
+        cfg.update(s.ds_extra)
+        return cfg
+
+    def setup(self) -> int:
+        """Build the DeepSpeed engine and restore the newest intact checkpoint; returns the start step."""
+        import deepspeed
+
+        s = self.spec
+        if s.precision.kind == "fp16" and not torch.cuda.is_available():
+            raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on CPU. Use "
+                           "--set train.precision=bf16 (or fp32) on this machine")
+        if s.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        optimizer = self._optimizer()
+        factor = lambda step: lr_factor(step, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup_steps,  # noqa: E731
+                                        max_steps=s.max_steps, schedule=s.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config())
+        start = 0
+        if self.resume:
+            found = ckpt.find_resumable(self.ckpt_dir)
+            if found is not None:
+                folder, seal = found
+                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero_stage)
+                start = int(client["step"])
+                if not self.quiet:
+                    info(f"resumed from {folder} (step {start})")
+        return start
+
+    def _loader(self, start_step: int):
+        s = self.spec
+        sampler = StreamSampler(s.global_batch, s.micro_batch, s.grad_accum, self.dist.rank, self.dist.world_size,
+                                start_step, s.max_steps)
+        # the loader gets its own generator: drawing its worker seed from the global RNG would shift
+        # the dropout stream of a resumed run (the loader is created after the RNG is restored)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.num_workers,
+                                           generator=torch.Generator().manual_seed(s.seed),
+                                           pin_memory=torch.cuda.is_available(),
+                                           prefetch_factor=4 if s.num_workers else None,
+                                           persistent_workers=False)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+    def _manual_grad_norm(self) -> float:
+        sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+    def _loss_scale(self) -> float:
+        opt = self.engine.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            v = getattr(opt, attr, None)
+            if isinstance(v, (int, float, torch.Tensor)):
+                return float(v)
+        return 1.0
+
+    def _all_max(self, value: float) -> float:
+        import torch.distributed as td
+
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return float(t.item())
+
+    def _all_mean(self, value: torch.Tensor) -> float:
+        import torch.distributed as td
+
+        if self.dist.world_size > 1:
+            value = value.detach().clone().to(self.engine.device)
+            td.all_reduce(value, op=td.ReduceOp.SUM)
+            value = value / self.dist.world_size
+        return float(value.item())
+
+    def save(self, step: int) -> Path:
+        client = {"step": step, "samples": step * self.spec.global_batch, "seed": self.spec.seed,
+                  "world_size": self.dist.world_size}
+        return ckpt.save(self.engine, self.ckpt_dir, step, client, self.dist.rank, self.dist.world_size,
+                         self.spec.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        s = self.spec
+        rank0 = self.dist.rank == 0
+        start = self.setup()
+        if start == 0:  # a fresh run: one dropout stream per rank (a resumed run restored its own)
+            torch.manual_seed(s.seed + 1 + self.dist.rank)
+        metrics = MetricsLogger(self.run_dir, enabled=rank0)
+        metrics.truncate_after(start)
+        if start >= s.max_steps:
+            if not self.quiet:
+                info(f"already trained to step {start} (max_steps={s.max_steps})")
+            metrics.close()
+            return FitResult(EXIT_OK, start, "done")
+        stop = StopFlag().install()
+        device = self.engine.device
+        loader = iter(self._loader(start))
+        tokens_per_step = s.global_batch * s.tokens_per_sample
+        check_every = max(1, min(s.log_every, s.max_nonfinite_steps))
+        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        loss_n = 0
+        t_window = time.perf_counter()
+        steps_window = 0
+        t_start = time.perf_counter()
+        elapsed_before = self._elapsed_before(start)
+        step = start
+        last_saved = start if start else None
+        result = None
+        with Progress(s.max_steps, "train", quiet=self.quiet or not rank0,
+                      fmt=lambda d, t: f"step {start + d:,.0f}/{t:,.0f}") as bar:
+            bar.total = s.max_steps - start
+            try:
+                while step < s.max_steps:
+                    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+                    for micro in range(s.grad_accum):
+                        batch = _to_device(next(loader), device)
+                        loss = self.loss_fn(self.engine, batch)
+                        self.engine.backward(loss)
+                        step_loss += loss.detach().float()
+                        manual_norm = None
+                        if micro == s.grad_accum - 1 and s.zero_stage == 0 and (step + 1) % s.log_every == 0:
+                            manual_norm = self._manual_grad_norm()
+                        self.engine.step()
+                    step += 1
+                    steps_window += 1
+                    step_loss /= s.grad_accum
+                    nonfinite = torch.where(torch.isfinite(step_loss), torch.zeros_like(nonfinite), nonfinite + 1)
+                    loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
+                    loss_n += 1
+                    bar.update(1)
+                    if step % check_every == 0 or step == s.max_steps:
+                        bad = self._all_max(float(nonfinite.item()))
+                        if bad >= s.max_nonfinite_steps:
+                            last = f"; the last good checkpoint is {self.ckpt_dir / ckpt.tag_for(last_saved)}" if last_saved else ""
+                            warn(f"the loss was not finite for {int(bad)} consecutive steps (step {step}); stopping{last}")
+                            result = FitResult(EXIT_NONFINITE, step, "nonfinite")
+                            break
+                    if step % s.log_every == 0 or step == s.max_steps:
+                        now = time.perf_counter()
+                        dt = now - t_window
+                        tok_s = tokens_per_step * steps_window / dt if dt > 0 else 0.0
+                        mean_loss = self._all_mean(loss_sum / max(1, loss_n))
+                        norm = self._grad_norm()
+                        if norm is None:
+                            norm = manual_norm
+                        peak = self.peak_tflops
+                        mfu = (s.flops_per_token * tok_s / (peak * 1e12 * self.dist.world_size)) if peak else None
+                        record = {"step": step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                                  "grad_norm": norm, "loss_scale": self._loss_scale(), "tokens_per_s": tok_s,
+                                  "mfu": mfu, "elapsed_s": elapsed_before + now - t_start,
+                                  "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+                                  "samples": step * s.global_batch}
+                        metrics.log(record)
+                        bar.update(0, loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+                        loss_sum.zero_()
+                        loss_n = 0
+                        t_window, steps_window = time.perf_counter(), 0
+                    if self.on_step is not None and self.on_step_every and step % self.on_step_every == 0:
+                        extra = self.on_step(step)
+                        if extra:
+                            metrics.log({"step": step, **extra})
+                        t_window, steps_window = time.perf_counter(), 0
+                    preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
+                    if step % s.save_every == 0 or step == s.max_steps or preempt:
+                        self.save(step)
+                        last_saved = step
+                    if preempt:
+                        if rank0 and not self.quiet:
+                            info(f"pre-empted: checkpoint saved at step {step}; rerun the same command to resume")
+                        result = FitResult(EXIT_PREEMPTED, step, "preempted")
+                        break
+            finally:
+                stop.restore()
+                metrics.close()
+        return result if result is not None else FitResult(EXIT_OK, step, "done")
+
+    def _elapsed_before(self, start: int) -> float:
+        if not start:
+            return 0.0
+        from fpm.engine.metrics import read_metrics
+
+        before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
+        return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every transformer layer in the backward pass (§4.1: "activation checkpoints are used
+    after each transformer layer"), with transformers' per-layer checkpointing (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=1)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x

@@ -1,0 +1,124 @@
+"""`fpm export RUN_DIR --out HF_DIR`: a checkpoint → a standard Hugging Face folder.
+
+ZeRO partitions are consolidated into full fp32 weights with DeepSpeed's ``zero_to_fp32`` logic
+(stage 0 checkpoints hold the whole module already). The result is ``config.json`` +
+``model.safetensors`` that plain ``transformers`` loads with ``from_pretrained`` — no fpm needed —
+plus the tokenizer: a ``tokenizer.json`` for vocabularies ``tokenizers`` can express (BERT
+WordPiece with its [CLS]/[SEP] template, GPT-2 BPE, vocabularies fpm trained), and fpm's own
+tokenizer folder under ``fpm_tokenizer/`` for CPM/CPM-2 vocabularies, whose jieba pre-segmentation
+has no ``tokenizers`` equivalent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from fpm.config import load_resolved
+from fpm.console import info, warn
+from fpm.engine import checkpoint as ckpt
+from fpm.errors import FpmError
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of one checkpoint folder (``.../checkpoints/step-N``)."""
+    zero_files = list(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+    if zero_files:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        model_file = folder / "mp_rank_00_model_states.pt"
+        if not model_file.is_file():
+            raise FpmError(f"{folder}: no DeepSpeed model states found")
+        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_run_model(run_dir: Path, tag: str | None = None):
+    """(recipe, model with the checkpoint's weights, tokenizer, checkpoint folder) of a run."""
+    from fpm.data.datasets import tokenizer_of
+    from fpm.data.shards import ShardSet
+    from fpm.models import build_model
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise FpmError(f"{run_dir}: not an fpm run directory (no recipe.yaml)")
+    recipe = load_resolved(recipe_file)
+    if tag:
+        folder = run_dir / "checkpoints" / tag
+        problem = ckpt.verify(folder)
+        if problem:
+            raise FpmError(f"{folder}: {problem}")
+    else:
+        found = ckpt.find_resumable(run_dir / "checkpoints")
+        if found is None:
+            raise FpmError(f"{run_dir}: no complete checkpoint to export")
+        folder = found[0]
+    status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    data_dir = Path(status.get("data") or run_dir / "data")
+    tok = tokenizer_of(ShardSet(data_dir))
+    sp = tok.specials
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size, init=False, pad_id=sp.pad, eos_id=sp.eos or sp.eod)
+    state = consolidated_state_dict(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _is_tied(model, k)}
+    if set(missing) - tied or unexpected:
+        raise FpmError(f"{folder}: weights do not fit the recipe's model (missing {sorted(set(missing) - tied)[:3]}, "
+                       f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return recipe, model.eval(), tok, folder
+
+
+def _is_tied(model, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    return any(key == k or key.endswith(k) for k in keys) or key.endswith(("decoder.weight", "lm_head.weight"))
+
+
+def export_tokenizer(tok, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from fpm.data.tokenizers import HFTokenizer
+
+    tok.save(out / "fpm_tokenizer")
+    if not isinstance(tok, HFTokenizer) or tok.kind in ("unigram", "cpm2"):
+        info(f"tokenizer: {tok.kind} vocabularies need jieba pre-segmentation; saved fpm's folder in {out / 'fpm_tokenizer'}")
+        return
+    backend = tok.backend
+    if tok.kind == "wordpiece":
+        from tokenizers import Tokenizer as TkTokenizer
+        from tokenizers.processors import TemplateProcessing
+
+        backend = TkTokenizer.from_str(backend.to_str())
+        cls, sep = tok.specials.cls, tok.specials.sep
+        backend.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                    special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                       do_lower_case=tok.lowercase,
+                                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                       eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
+
+
+def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+    recipe, model, tok, folder = load_run_model(run_dir, tag)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FpmError(f"{out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    try:
+        export_tokenizer(tok, out)
+    except Exception as exc:  # the weights are the export; a tokenizer problem must not lose them
+        warn(f"tokenizer export failed ({type(exc).__name__}: {exc}); fpm's tokenizer folder is in {out / 'fpm_tokenizer'}")
+    shutil.copyfile(Path(run_dir) / "recipe.yaml", out / "fpm_recipe.yaml")
+    info(f"exported {folder} ({recipe.name}, {sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    return out

@@ -1,0 +1,186 @@
+"""`fpm pretrain RECIPE`: wire recipe + data + model + engine together.
+
+The run directory is the unit of state: ``recipe.yaml`` (resolved), ``ds_config.json``,
+``metrics.jsonl``, ``tb/``, ``checkpoints/`` (with ``latest``), ``run.json`` (status) and, for the
+tiny preset without ``--data``, ``data/`` (a synthetic corpus prepared on the fly). Running the
+same command on the same ``--out`` resumes from the newest intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import yaml
+
+from fpm.config import dump_recipe, load_recipe
+from fpm.config.schema import Recipe, derive_batch
+from fpm.console import info, is_rank0
+from fpm.engine.distributed import barrier, init, resolve_env, teardown
+from fpm.errors import FpmError
+
+# recipe keys that may change between a run and its resumption (everything else must match)
+RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
+                     ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("data", "path"),
+                     ("data", "num_workers"), ("description",), ("cluster",)}
+TINY_DOCS = 4000
+
+
+def default_out(recipe: Recipe, preset: str | None) -> Path:
+    return Path("runs") / (recipe.name + (f"-{preset}" if preset else ""))
+
+
+def _diff(a, b, path=()) -> list[str]:
+    if path in RESUMABLE_CHANGES or path[:1] in RESUMABLE_CHANGES:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), (*path, k))
+        return out
+    return [] if a == b else [f"{'.'.join(path)}: {a!r} -> {b!r}"]
+
+
+def check_run_dir(out: Path, recipe: Recipe, resume: str) -> None:
+    saved = out / "recipe.yaml"
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if resume == "never" and has_ckpt:
+        raise FpmError(f"{out} already holds checkpoints and --resume never was given; choose another --out")
+    if saved.is_file() and has_ckpt:
+        old = yaml.safe_load(saved.read_text())
+        changes = _diff(old, recipe.model_dump(mode="json"))
+        if changes:
+            raise FpmError(f"{out} holds a run of a different recipe ({'; '.join(changes[:3])}); use another --out")
+
+
+def tiny_data(recipe: Recipe, out: Path) -> Path:
+    """A synthetic corpus in the recipe's language, prepared with a vocabulary trained on it."""
+    from fpm.data.prepare import PrepareOptions, prepare
+    from fpm.data.synthetic import write_corpus
+
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        corpus = write_corpus(out / "corpus" / f"synthetic-{recipe.language}.txt", recipe.language, TINY_DOCS)
+        info(f"no --data: preparing a synthetic {recipe.language} corpus of {TINY_DOCS} short stories in {data}")
+        prepare(recipe, PrepareOptions(inputs=[corpus], out=data, workers=0, quiet=True))
+    return data
+
+
+def peak_for(run_dir: Path, precision: str, recipe: Recipe) -> float:
+    """The MFU denominator: the GPU's datasheet peak, or this CPU's measured matmul peak (cached)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return recipe.cluster.gpu_peak_tflops
+    cache = run_dir / "peak.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("precision") == precision and data.get("threads") == torch.get_num_threads():
+            return float(data["tflops"])
+    from fpm.engine.metrics import measure_peak_tflops
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tflops = measure_peak_tflops(dtype)
+    if is_rank0():
+        cache.write_text(json.dumps({"precision": precision, "threads": torch.get_num_threads(), "tflops": tflops,
+                                     "how": "measured: square matmuls of 2048 in this process"}))
+    return tflops
+
+
+def build_spec(recipe: Recipe, world_size: int, seq_tokens: int, flops_per_token: float):
+    from fpm.engine.ds_config import Precision
+    from fpm.engine.trainer import TrainSpec
+
+    t = recipe.train
+    try:
+        g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
+    except ValueError as exc:
+        raise FpmError(f"train batch: {exc}") from None
+    ls = t.loss_scale
+    return TrainSpec(
+        max_steps=t.max_steps, global_batch=g, micro_batch=b, grad_accum=a, lr=t.lr, min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
+        precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
+                            ls.min_loss_scale),
+        zero_stage=recipe.deepspeed.zero_stage, offload_optimizer=recipe.deepspeed.offload_optimizer,
+        offload_params=recipe.deepspeed.offload_params, log_every=t.log_every, save_every=t.save_every,
+        keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
+        tokens_per_sample=seq_tokens, flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
+        activation_checkpointing=t.activation_checkpointing)
+
+
+def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,
+             data: Path | None = None, out: Path | None = None, max_steps: int | None = None,
+             save_every: int | None = None, seed: int | None = None, resume: str = "auto") -> int:
+    """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
+    sets = list(overrides or [])
+    for key, value in (("train.max_steps", max_steps), ("train.save_every", save_every), ("train.seed", seed)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
+    if resume not in ("auto", "never"):
+        raise FpmError(f"--resume must be auto or never, not {resume!r}")
+    out = Path(out) if out else default_out(recipe, preset)
+    dist = resolve_env()
+    init(dist)
+    try:
+        return _run(recipe, dist, out, data, resume)
+    finally:
+        teardown()
+
+
+def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int:
+    import torch
+
+    from fpm.data.datasets import build_dataset
+    from fpm.engine.flops import train_flops_per_token
+    from fpm.engine.trainer import Trainer, seed_everything
+    from fpm.models import build_model, loss_fn
+
+    rank0 = dist.rank == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        check_run_dir(out, recipe, resume)
+    barrier()
+    data_dir = Path(data) if data else (Path(recipe.data.path) if recipe.data.path else None)
+    if data_dir is None:
+        if not recipe.tokenizer.train:
+            raise FpmError("no data: prepare shards with `fpm data prepare` and pass --data DIR "
+                           "(only the tiny preset makes a corpus of its own)")
+        if rank0:
+            tiny_data(recipe, out)
+        barrier()
+        data_dir = out / "data"
+    dataset = build_dataset(recipe, data_dir)
+    sp = dataset.tok.specials
+    if rank0:
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    seed_everything(recipe.train.seed)
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod)
+    seq = recipe.data.seq_len
+    target = getattr(dataset, "target_len", None)
+    spec = build_spec(recipe, dist.world_size, seq,
+                      train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
+    trainer = Trainer(spec, model, loss_fn(recipe.model.family), dataset, out, dist,
+                      peak_tflops=peak_for(out, recipe.train.precision, recipe), resume=resume == "auto")
+    if rank0:
+        (out / "ds_config.json").write_text(json.dumps(trainer.ds_config(), indent=1))
+        info(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {dist.world_size} "
+             f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
+             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero_stage}; run dir {out}")
+    t0 = time.time()
+    result = trainer.fit()
+    if rank0:
+        status = {"recipe": recipe.name, "exit_code": result.exit_code, "reason": result.reason,
+                  "step": result.step, "max_steps": spec.max_steps, "world_size": dist.world_size,
+                  "data": str(data_dir), "wall_s": time.time() - t0, "torch": torch.__version__,
+                  "python": platform.python_version(), "host": platform.node(),
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        (out / "run.json").write_text(json.dumps(status, indent=1))
+        if result.reason == "done":
+            info(f"done: step {result.step}; checkpoints in {out / 'checkpoints'}")
+    return result.exit_code

@@ -1,0 +1,283 @@
+"""`fpm pretrain` end to end on CPU: learning, exact resume (SIGKILL and SIGTERM), ZeRO stages,
+bf16, two processes, damaged checkpoints, non-finite losses, fp16 refusal, HF export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fpm.engine.checkpoint import complete_tags
+from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.metrics import read_metrics
+from fpm.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
+
+from conftest import ROOT, run_fpm
+from fixtures import prepared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bert_data(tmp_path_factory):
+    _, data, _ = prepared(tmp_path_factory.mktemp("bert-data"), "bert", 2000)
+    return data
+
+
+def pretrain(out: Path, *args: str, recipe: str = "bert-e-l", data: Path | None = None, check=True, timeout=900):
+    extra = ["--data", str(data)] if data else []
+    return run_fpm("pretrain", recipe, "--preset", "tiny", "--out", str(out), *extra, *args, check=check,
+                   timeout=timeout)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def start(out: Path, *args: str, data: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fpm", "pretrain", "bert-e-l", "--preset", "tiny", "--out",
+                             str(out), "--data", str(data), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        latest = out / "checkpoints" / "latest"
+        if latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.parametrize("recipe", ["bert-e-l", "cpm-x-s", "cpm-2-x-s"])
+def test_tiny_loss_falls_within_200_steps(tmp_path, recipe):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "200", "--save-every", "200", recipe=recipe)
+    l = losses(out)
+    first = np.mean([l[s] for s in (10, 20)])
+    last = np.mean([l[s] for s in (190, 200)])
+    assert last < first - 1.0, (recipe, first, last)  # at least one nat better
+    run = json.loads((out / "run.json").read_text())
+    assert run["exit_code"] == 0 and run["step"] == 200
+    m = read_metrics(out)[-1]
+    assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "elapsed_s"} <= set(m)
+    assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and m["grad_norm"] > 0
+    assert (out / "tb").is_dir() and list((out / "tb").iterdir())
+    assert (out / "recipe.yaml").is_file() and (out / "ds_config.json").is_file()
+
+
+def _resume_check(full: Path, resumed: Path, resume_step: int, max_steps: int) -> None:
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(1, max_steps + 1))
+    after = [s for s in range(resume_step + 1, max_steps + 1)]
+    assert [a[s] for s in after] == [b[s] for s in after]  # bit-identical losses after the resume point
+    wa, wb = final_weights(full), final_weights(resumed)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exact_resume_after_sigkill(tmp_path, bert_data):
+    args = ["--max-steps", "36", "--save-every", "12", "--set", "train.log_every=1"]
+    full = tmp_path / "full"
+    pretrain(full, *args, data=bert_data)
+    killed = tmp_path / "killed"
+    proc = start(killed, *args, data=bert_data)
+    wait_for_checkpoint(killed, proc, 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = max(losses(killed))
+    assert done_before < 36
+    proc = pretrain(killed, *args, data=bert_data)
+    assert "resumed from" in proc.stdout
+    resume_step = int(proc.stdout.split("(step ")[1].split(")")[0])
+    assert resume_step in (12, 24)
+    _resume_check(full, killed, resume_step, 36)
+
+
+def test_sigterm_saves_exits_75_and_resumes_exactly(tmp_path, bert_data):
+    args = ["--max-steps", "30", "--save-every", "100", "--set", "train.log_every=1"]
+    full = tmp_path / "full"
+    pretrain(full, *args, data=bert_data)
+    run = tmp_path / "term"
+    proc = start(run, *args, data=bert_data)
+    t0 = time.time()
+    while not losses(run) or max(losses(run)) < 5:
+        assert proc.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    tags = complete_tags(run / "checkpoints")
+    assert len(tags) == 1  # saved on its own: save_every (100) was never reached
+    stopped = int(tags[0].split("-")[1])
+    assert 5 <= stopped < 30 and "pre-empted" in out
+    pretrain(run, *args, data=bert_data)
+    _resume_check(full, run, stopped, 30)
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
+def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "60", "--save-every", "60", "--set", f"deepspeed.zero_stage={stage}",
+             "--set", f"train.precision={precision}", data=bert_data)
+    l = losses(out)
+    assert l[60] < l[10] - 0.5
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] == (precision == "bf16")
+    ckpt = out / "checkpoints" / "step-00000060"
+    if stage:
+        assert list(ckpt.glob("*zero_pp_rank_0_*optim_states.pt"))
+    if stage == 3:  # the exported model equals the sharded one: consolidation works
+        export_and_compare(out, tmp_path / "hf", "MegatronBertForPreTraining")
+
+
+def test_two_processes_with_torchrun(tmp_path, bert_data):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fpm", "pretrain", "bert-e-l", "--preset", "tiny", "--out", str(out), "--data",
+                           str(bert_data), "--max-steps", "40", "--save-every", "20", "--set",
+                           "deepspeed.zero_stage=2"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "16 = 8 x 1 x 2" in proc.stdout
+    ckpt = out / "checkpoints" / "step-00000040"
+    assert (ckpt / "rng" / "rank00000.pt").is_file() and (ckpt / "rng" / "rank00001.pt").is_file()
+    assert len(list(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    l = losses(out)
+    assert l[40] < l[10]
+    # a ZeRO checkpoint from 2 ranks cannot silently resume on 1: a clear refusal that says what to do
+    proc = pretrain(out, "--max-steps", "50", "--set", "deepspeed.zero_stage=2", data=bert_data, check=False)
+    assert proc.returncode == 2 and "written by 2 data-parallel ranks" in proc.stderr
+    assert "ds_to_universal" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, bert_data):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "20", "--save-every", "10", data=bert_data)
+    assert complete_tags(out / "checkpoints") == ["step-00000010", "step-00000020"]
+    victim = out / "checkpoints" / "step-00000020" / "mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    victim.write_bytes(bytes(data))
+    proc = pretrain(out, "--max-steps", "25", "--save-every", "10", data=bert_data)
+    assert "step-00000020 is damaged" in proc.stderr and "does not match its checksum" in proc.stderr
+    assert "resumed from" in proc.stdout and "(step 10)" in proc.stdout
+    assert max(losses(out)) == 25
+
+
+def test_latest_pointing_to_an_unfinished_save_is_ignored(tmp_path, bert_data):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "10", "--save-every", "10", data=bert_data)
+    half = out / "checkpoints" / "step-00000020"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (out / "checkpoints" / "latest").write_text("step-00000020")
+    proc = pretrain(out, "--max-steps", "15", data=bert_data)
+    assert "incomplete" in proc.stderr and "(step 10)" in proc.stdout
+
+
+def test_nonfinite_loss_stops_with_exit_4_and_keeps_the_last_checkpoint(tmp_path, bert_data):
+    out = tmp_path / "run"
+    proc = pretrain(out, "--max-steps", "200", "--save-every", "5", "--set", "train.lr=1e12", "--set",
+                    "train.warmup_steps=0", "--set", "train.grad_clip=0", "--set", "train.max_nonfinite_steps=3",
+                    "--set", "train.log_every=1", data=bert_data, check=False)
+    assert proc.returncode == EXIT_NONFINITE, proc.stderr[-2000:]
+    assert "not finite for" in proc.stderr and "last good checkpoint" in proc.stderr
+    tags = complete_tags(out / "checkpoints")
+    assert tags and int(tags[-1].split("-")[1]) < 200
+
+
+def test_fp16_is_refused_on_cpu_with_advice(tmp_path, bert_data):
+    proc = pretrain(tmp_path / "run", "--max-steps", "5", "--set", "train.precision=fp16", data=bert_data,
+                    check=False)
+    assert proc.returncode == 2 and "fp16 training needs a GPU" in proc.stderr and "bf16" in proc.stderr
+
+
+def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
+    cfg = deepspeed_config(global_batch=1024, micro_batch=16, grad_accum=8, grad_clip=1.0,
+                           precision=Precision("fp16", 12, 500, 3, 0.5), zero_stage=1)
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
+                           "hysteresis": 3, "min_loss_scale": 0.5}
+    assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
+    assert cfg["train_batch_size"] == 1024 and cfg["gradient_accumulation_steps"] == 8
+
+
+def test_changed_recipe_on_the_same_out_is_refused(tmp_path, bert_data):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "5", "--save-every", "5", data=bert_data)
+    proc = pretrain(out, "--max-steps", "10", "--set", "model.n_layers=3", data=bert_data, check=False)
+    assert proc.returncode == 2 and "holds a run of a different recipe" in proc.stderr
+    assert "model.n_layers: 7 -> 3" in proc.stderr
+
+
+EXPORT_CHECK = r"""
+import sys, json, numpy as np, torch
+import transformers
+assert "fpm" not in sys.modules
+cls = getattr(transformers, sys.argv[2])
+model = cls.from_pretrained(sys.argv[1]).eval()
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.argv[3]).items()}
+with torch.no_grad():
+    out = model(**inputs)
+logits = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
+np.save(sys.argv[4], logits.numpy())
+assert "fpm" not in sys.modules
+"""
+
+
+def export_and_compare(run: Path, hf: Path, cls: str) -> None:
+    from fpm.export import load_run_model
+
+    proc = run_fpm("export", str(run), "--out", str(hf), check=True)
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
+    recipe, model, tok, _ = load_run_model(run)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, recipe.tokenizer.vocab_size, (2, 24), generator=g)
+    inputs = {"input_ids": ids.tolist()}
+    if recipe.model.family == "t5":
+        inputs["decoder_input_ids"] = ids[:, :7].tolist()
+    with torch.no_grad():
+        out = model(**{k: torch.tensor(v) for k, v in inputs.items()})
+    ours = (out.prediction_logits if hasattr(out, "prediction_logits") else out.logits).numpy()
+    script = hf.parent / "check.py"
+    script.write_text(EXPORT_CHECK)
+    res = subprocess.run([sys.executable, str(script), str(hf), cls, json.dumps(inputs), str(hf.parent / "l.npy")],
+                         capture_output=True, text=True, cwd=hf.parent, env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = np.load(hf.parent / "l.npy")
+    assert theirs.shape == ours.shape
+    assert np.abs(theirs - ours).max() <= 1e-5
+
+
+@pytest.mark.parametrize("recipe, cls", [("cpm-x-s", "GPT2LMHeadModel"), ("cpm-2-x-s", "T5ForConditionalGeneration")])
+def test_export_gpt_and_t5_match_plain_transformers(tmp_path, recipe, cls):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "10", "--save-every", "10", "--set", "deepspeed.zero_stage=2", recipe=recipe)
+    export_and_compare(out, tmp_path / "hf", cls)
+
+
+def test_export_bert_with_tokenizer(tmp_path, bert_data):
+    out = tmp_path / "run"
+    pretrain(out, "--max-steps", "10", "--save-every", "10", data=bert_data)
+    export_and_compare(out, tmp_path / "hf", "MegatronBertForPreTraining")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = tok("Anna walked to the market.", "Then she left.")
+    assert enc["input_ids"][0] == tok.cls_token_id and enc["token_type_ids"][-1] == 1

@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fpm recipes list
+	$(BIN)/fpm pretrain bert-e-l --preset tiny --out runs/demo-bert-e-l
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -194,7 +194,7 @@ def test_latest_pointing_to_an_unfinished_save_is_ignored(tmp_path, bert_data):
 
 def test_nonfinite_loss_stops_with_exit_4_and_keeps_the_last_checkpoint(tmp_path, bert_data):
     out = tmp_path / "run"
-    proc = pretrain(out, "--max-steps", "200", "--save-every", "5", "--set", "train.lr=1e12", "--set",
+    proc = pretrain(out, "--max-steps", "200", "--save-every", "1", "--set", "train.lr=1e12", "--set",
                     "train.warmup_steps=0", "--set", "train.grad_clip=0", "--set", "train.max_nonfinite_steps=3",
                     "--set", "train.log_every=1", data=bert_data, check=False)
     assert proc.returncode == EXIT_NONFINITE, proc.stderr[-2000:]

@@ -147,8 +147,6 @@ class TrainCfg(Section):
     def _check(self) -> TrainCfg:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is larger than lr={self.lr}")
-        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}")
         given = [v for v in (self.global_batch, self.micro_batch, self.grad_accum) if v is not None]
         if len(given) < 2:
             raise ValueError("give at least two of global_batch, micro_batch, grad_accum")

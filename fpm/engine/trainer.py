@@ -239,7 +239,8 @@ class Trainer:
                     if step % check_every == 0 or step == s.max_steps:
                         bad = self._all_max(float(nonfinite.item()))
                         if bad >= s.max_nonfinite_steps:
-                            last = f"; the last good checkpoint is {self.ckpt_dir / ckpt.tag_for(last_saved)}" if last_saved else ""
+                            last = (f"; the last good checkpoint is {self.ckpt_dir / ckpt.tag_for(last_saved)}"
+                                    if last_saved else "; no checkpoint had been saved yet")
                             warn(f"the loss was not finite for {int(bad)} consecutive steps (step {step}); stopping{last}")
                             result = FitResult(EXIT_NONFINITE, step, "nonfinite")
                             break

@@ -84,6 +84,47 @@ def pretrain_cmd(
     raise typer.Exit(code)
 
 
+Task = Annotated[str, typer.Argument(help="qqp (GLUE Quora Question Pairs) or tnews (CLUE), or a task recipe path.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Task folder in the official layout (see README).")]
+
+
+@app.command("finetune")
+def finetune_cmd(
+    task: Task,
+    init: Annotated[Path, typer.Option("--init", help="fpm run directory or checkpoint, or a Hugging Face model folder.")],
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default runs/finetune-TASK).")] = None,
+    preset: Preset = None,
+    sets: Sets = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs over the training split.")] = None,
+    seed: Seed = None,
+    resume: Annotated[str, typer.Option("--resume", help="auto or never.")] = "auto",
+) -> None:
+    """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
+    from fpm.finetune import finetune
+
+    raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
+                              max_steps=max_steps, epochs=epochs, seed=seed, resume=resume))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    task: Task,
+    model: Annotated[Path, typer.Option("--model", help="A fine-tuned classifier: fpm finetune OUT dir or a HF folder.")],
+    data_dir: DataDir = None,
+    split: Annotated[str, typer.Option("--split", help="dev (scored) or test (submission file only).")] = "dev",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where results and predictions go.")] = None,
+    preset: Preset = None,
+    sets: Sets = None,
+) -> None:
+    """Evaluate a fine-tuned model without training."""
+    from fpm.finetune import evaluate_command
+
+    evaluate_command(task, model_path=model, data_dir=data_dir, split=split, out=out, preset=preset,
+                     overrides=sets or [])
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="An fpm run directory (with checkpoints/).")],
@@ -114,6 +155,19 @@ def data_prepare(
 
     prepare_command(recipe, inputs, out, preset=preset, overrides=sets or [], fmt=fmt, text_mode=text_mode,
                     text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+
+
+@data_app.command("fetch-task")
+def data_fetch_task(
+    task: Task,
+    out: Out,
+) -> None:
+    """Download QQP or TNEWS from the Hugging Face Hub once and write the official file layout
+    (for offline compute nodes: run this where there is internet, then pass --data-dir)."""
+    from fpm.config import load_recipe
+    from fpm.data.tasks import fetch_task
+
+    fetch_task(load_recipe(task, kind="finetune").task, out)
 
 
 @data_app.command("train-tokenizer")

@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# the paper's depth study at tiny scale: 3 depths x 2 seeds, synthetic data, offline
 demo: install
-	$(BIN)/fpm pretrain bert-e-l --preset tiny --out runs/demo-bert-e-l
+	$(BIN)/fpm sweep-depth bert-e-depth --preset tiny --out runs/demo-sweep
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

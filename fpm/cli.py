@@ -125,6 +125,115 @@ def evaluate_cmd(
                      overrides=sets or [])
 
 
+def _ints(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("sweep-depth")
+def sweep_depth_cmd(
+    recipe: Annotated[str, typer.Argument(help="A model recipe (bert-e-l) or a sweep recipe (bert-e-depth).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="qqp or tnews (default: the sweep recipe's).")] = None,
+    depths: Annotated[Optional[str], typer.Option("--depths", help="Comma-separated depths, e.g. 50,60,70,80,90.")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per depth.")] = None,
+    preset: Preset = None,
+    sets: Sets = None,
+    task_sets: Annotated[Optional[list[str]], typer.Option("--task-set", help="Override a task recipe key (repeatable).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared pretraining shards (default: synthetic, tiny only).")] = None,
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory.")] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local (cells one by one here) or slurm (a job per cell).")] = "local",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, the commands and the scripts; run nothing.")] = False,
+    nodes: Annotated[int, typer.Option("--nodes", help="slurm: nodes per pretraining job.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="slurm: GPUs per node (0: CPU tasks).")] = 0,
+    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
+    account: Annotated[Optional[str], typer.Option("--account")] = None,
+) -> None:
+    """The paper's depth study: pretrain at each depth, fine-tune, evaluate on dev, report with error bars."""
+    from fpm.sweep import sweep_depth
+
+    code = sweep_depth(recipe, task=task, depths=_ints(depths), seeds=seeds, preset=preset, out=out, data=data,
+                       data_dir=data_dir, executor=executor, dry_run=dry_run, pretrain_sets=sets or [],
+                       task_sets=task_sets or [],
+                       slurm_options={"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition,
+                                      "time": time_limit, "account": account})
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory (fpm sweep-depth --out).")]) -> None:
+    """Rebuild report.md, report.html, plots and results.json from a sweep's cell files."""
+    from fpm.console import info
+    from fpm.report import build_report
+
+    paths = build_report(sweep_dir)
+    info(f"report: {paths['md']} and {paths['html']}")
+
+
+slurm_app = typer.Typer(help="Batch scripts for SLURM clusters (templates in slurm/).", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
+
+
+def _slurm(kind, name, fpm_args, out, dry_run, submit, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account):
+    from fpm.slurm import render_command
+
+    if kind == "pretrain":
+        from fpm.config import load_recipe
+
+        load_recipe(name, kind="pretrain")  # a typo in the recipe name fails here, not on the cluster
+    return render_command(kind, name, fpm_args or [], out=out, dry_run=dry_run, submit=submit, nodes=nodes,
+                          gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
+                          time=time_limit, account=account)
+
+
+SlurmKind = Annotated[str, typer.Option("--kind", help="pretrain, finetune or sweep.")]
+SlurmNodes = Annotated[int, typer.Option("--nodes", help="Nodes.")]
+SlurmGpus = Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU tasks over gloo).")]
+SlurmTasks = Annotated[Optional[int], typer.Option("--tasks-per-node", help="Processes per node (default: one per GPU).")]
+SlurmArgs = Annotated[Optional[list[str]], typer.Argument(help="Arguments passed on to the fpm command.")]
+
+
+@slurm_app.command("render", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def slurm_render(
+    name: Annotated[str, typer.Argument(help="Recipe (pretrain, sweep) or task (finetune).")],
+    fpm_args: SlurmArgs = None,
+    kind: SlurmKind = "pretrain",
+    nodes: SlurmNodes = 2,
+    gpus_per_node: SlurmGpus = 8,
+    tasks_per_node: SlurmTasks = None,
+    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
+    account: Annotated[Optional[str], typer.Option("--account")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script instead of writing it.")] = False,
+) -> None:
+    """Write a ready batch script for a recipe and cluster shape (arguments after -- go to fpm)."""
+    _slurm(kind, name, fpm_args, out, dry_run, False, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account)
+
+
+@slurm_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def slurm_submit(
+    name: Annotated[str, typer.Argument(help="Recipe (pretrain, sweep) or task (finetune).")],
+    fpm_args: SlurmArgs = None,
+    kind: SlurmKind = "pretrain",
+    nodes: SlurmNodes = 2,
+    gpus_per_node: SlurmGpus = 8,
+    tasks_per_node: SlurmTasks = None,
+    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
+    account: Annotated[Optional[str], typer.Option("--account")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write before submitting.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script and the sbatch command only.")] = False,
+) -> None:
+    """Render a batch script and submit it with sbatch."""
+    _slurm(kind, name, fpm_args, out, dry_run, True, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account)
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="An fpm run directory (with checkpoints/).")],

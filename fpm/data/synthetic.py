@@ -65,7 +65,14 @@ def story_en(rng: np.random.Generator) -> str:
         f"{m[4]} {F} {gift} {H} and went home.",
     ]
     keep = int(rng.integers(3, 6))
-    return " ".join(sents[:keep])
+    text = " ".join(sents[:keep])
+    if rng.random() < 0.5:  # people in the stories ask about them, too
+        q = _pick(rng, [f"Where did {H} buy the {obj}?", f"How many {obj} did {F} find?", f"Who met {H} near the {place2}?",
+                        f"Why did {H} go to the {place}?", f"What was the reason {F} went to the {place2}?",
+                        f"Which friend saw {H} by the {place}?", f"What number of {obj} were taken to the {place2}?",
+                        f"At which place did {H} get the {obj}?", f"For what did {F} walk to the {place}?"])
+        text += " " + q
+    return text
 
 
 def story_zh(rng: np.random.Generator) -> str:

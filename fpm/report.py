@@ -1,0 +1,322 @@
+"""`fpm report DIR`: the depth-study report, rebuilt from the cells' own files.
+
+Writes ``DIR/results.json`` (every cell's metrics and the summary), ``DIR/report.md``,
+``DIR/report.html`` (self-contained: plots embedded) and ``DIR/plots/*.png``. Nothing is computed
+during the sweep that is not recomputed here: the report is a pure function of the cell files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fpm.config import load_resolved
+from fpm.errors import FpmError
+from fpm.eval.stats import bootstrap_best, mean_std, neighbour_tests
+from fpm.paper import TABLE3_QQP_DEV
+
+METRICS = ("precision", "recall", "f1", "accuracy")
+
+
+def _read_json(p: Path):
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def collect(out: Path) -> tuple[dict, list[dict]]:
+    from fpm.engine.flops import train_flops_per_token
+    from fpm.engine.metrics import read_metrics
+    from fpm.sweep import SweepPlan
+
+    plan_json = _read_json(out / "sweep.json")
+    if plan_json is None:
+        raise FpmError(f"{out}: no sweep.json (not a sweep directory)")
+    plan = SweepPlan.from_json(plan_json)
+    cells = []
+    for cell in plan.cells:
+        cdir = cell.dir(out)
+        state = _read_json(cdir / "cell.json") or {"status": "not started"}
+        res = _read_json(cdir / "finetune" / "results.json")
+        status = state.get("status", "not started")
+        if res is not None and status in ("done", "submitted"):
+            status = "done"  # SLURM cells finish in their own jobs
+        elif status == "done":
+            status = "incomplete"
+        row = {"name": cell.name, "depth": cell.depth, "layers": cell.layers, "seed": cell.seed, "status": status}
+        if res is not None:
+            row.update({k: res[k] for k in (*METRICS, "n_examples", "macro_f1")})
+            row["fields"] = res.get("fields")
+            preds = [json.loads(x) for x in (cdir / "finetune" / "predictions_dev.jsonl").read_text().splitlines()]
+            row["_correct"] = {p["id"]: bool(p["correct"]) for p in preds}
+        curve = [(m["step"], m["loss"]) for m in read_metrics(cdir / "pretrain") if "loss" in m]
+        row["pretrain_loss"] = curve
+        run = _read_json(cdir / "pretrain" / "run.json") or {}
+        if (cdir / "pretrain" / "recipe.yaml").is_file():
+            r = load_resolved(cdir / "pretrain" / "recipe.yaml")
+            samples = curve[-1][0] * (r.train.global_batch or 0) if curve else 0
+            tokens = samples * r.data.seq_len
+            row["cost"] = {"pretrain_wall_s": run.get("wall_s"), "pretrain_tokens": tokens,
+                           "pretrain_flops": tokens * train_flops_per_token(r.model, r.tokenizer.vocab_size,
+                                                                            r.data.seq_len),
+                           "finetune_wall_s": (state.get("finetune") or {}).get("wall_s")}
+        if row["status"] == "failed":
+            row["failure"] = {k: state.get(k) for k in ("pretrain", "finetune")}
+        cells.append(row)
+    return plan_json, cells
+
+
+def summarize(plan: dict, cells: list[dict]) -> dict:
+    depths = sorted(set(plan["depths"]))
+    ok = [c for c in cells if c["status"] == "done" and "accuracy" in c]
+    per_depth = {}
+    for d in depths:
+        rows = [c for c in ok if c["depth"] == d]
+        if not rows:
+            continue
+        entry = {"layers": rows[0]["layers"], "seeds": [c["seed"] for c in rows]}
+        for k in METRICS:
+            m, s = mean_std([c[k] for c in rows])
+            entry[k] = {"mean": m, "std": s}
+        costs = [c.get("cost", {}) for c in rows]
+        entry["cost"] = {k: float(np.mean([c[k] for c in costs if c.get(k) is not None]))
+                         if any(c.get(k) is not None for c in costs) else None
+                         for k in ("pretrain_wall_s", "pretrain_tokens", "pretrain_flops", "finetune_wall_s")}
+        per_depth[d] = entry
+    summary = {"depths": depths, "per_depth": per_depth, "n_cells": len(cells), "n_done": len(ok),
+               "failed": [c["name"] for c in cells if c["status"] == "failed"],
+               "missing": [c["name"] for c in cells if c["status"] not in ("done", "failed")],
+               "synthetic_data": plan["synthetic_data"], "synthetic_task": plan["synthetic_task"],
+               "task": plan["task"], "recipe": plan["recipe"], "preset": plan["preset"],
+               "fields": next((c["fields"] for c in ok if c.get("fields")), None)}
+    # statistics on the depths that have every seed, over the dev examples all of them scored
+    complete = [d for d in depths if d in per_depth and len(per_depth[d]["seeds"]) == len(plan["seeds"])]
+    if len(complete) >= 2:
+        ids = sorted(set.intersection(*[set(c["_correct"]) for c in ok if c["depth"] in complete]))
+        arr = np.array([[[c["_correct"][i] for i in ids] for c in sorted((c for c in ok if c["depth"] == d),
+                                                                          key=lambda c: c["seed"])]
+                        for d in complete], dtype=np.float64)
+        boot = bootstrap_best(arr, complete, n_boot=plan.get("bootstrap_samples", 2000),
+                              confidence=plan.get("confidence", 0.95))
+        summary["bootstrap"] = boot
+        summary["neighbours"] = neighbour_tests(arr, complete, alpha=1 - plan.get("confidence", 0.95))
+        summary["n_dev_examples"] = len(ids)
+        summary["verdict"] = verdict(boot, summary["neighbours"])
+    else:
+        summary["verdict"] = "fewer than two depths finished with every seed: no comparison possible yet"
+    floors = _read_json(Path(plan["out"]) / "floors.json")
+    if floors:
+        summary["floors"] = floors
+    return summary
+
+
+def verdict(boot: dict, neighbours: list[dict]) -> str:
+    best = boot["best_depth"]
+    pd = boot["per_depth"][best]
+    conf = int(round(100 * boot["confidence"]))
+    tie = f" (tied with {', '.join(map(str, boot['tied_with']))})" if boot.get("tied_with") else ""
+    text = (f"best depth {best}{tie}: accuracy {100 * pd['accuracy']:.2f} ({conf}% CI {100 * pd['lo']:.2f}–"
+            f"{100 * pd['hi']:.2f}), best in {100 * pd['p_best']:.0f}% of bootstrap resamples. ")
+    if boot["clearly_best"]:
+        text += f"Its margin over every other depth has a {conf}% CI above zero: it is clearly best."
+    else:
+        close = [str(d) for d, m in boot["margins"].items() if not m["excludes_zero"]]
+        text += (f"Not clearly best: the {conf}% CI of its margin includes zero against depth(s) "
+                 f"{', '.join(close)}.")
+    sig = [f"{n['shallower']}→{n['deeper']}" for n in neighbours if n["significant"]]
+    text += (f" Neighbouring depths that differ significantly (paired permutation test, p<{1 - boot['confidence']:.2f}): "
+             f"{', '.join(sig) if sig else 'none'}.")
+    return text
+
+
+# ------------------------------------------------------------------ plots
+
+
+def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = out / "plots"
+    pdir.mkdir(exist_ok=True)
+    files = {}
+    per = summary["per_depth"]
+    depths = [d for d in summary["depths"] if d in per]
+    floors = summary.get("floors") or {}
+    if depths:
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+        for ax, k in zip(axes, METRICS):
+            m = [100 * per[d][k]["mean"] for d in depths]
+            s = [100 * per[d][k]["std"] for d in depths]
+            ax.errorbar(depths, m, yerr=s, marker="o", capsize=4, label="fpm (mean ± std over seeds)")
+            for c in cells:
+                if c.get(k) is not None:
+                    ax.plot(c["depth"], 100 * c[k], ".", color="gray", alpha=0.5)
+            if summary["task"] == "qqp" and all(d in TABLE3_QQP_DEV for d in depths) and not summary["synthetic_task"]:
+                ax.plot(depths, [TABLE3_QQP_DEV[d][k] for d in depths], "s--", label="paper Table 3")
+            for name, f in floors.items():
+                if isinstance(f, dict) and f.get(k) is not None:
+                    ax.axhline(100 * f[k], linestyle=":", color="red" if "tfidf" in name else "black",
+                               label=f"floor: {name}")
+            ax.set_xlabel("depth (layers, paper scale)")
+            ax.set_title(k)
+            ax.set_xticks(depths)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        files["metrics"] = pdir / "metrics_vs_depth.png"
+        fig.savefig(files["metrics"], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in depths:
+        curves = [c["pretrain_loss"] for c in cells if c["depth"] == d and c["pretrain_loss"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = [s for s, _ in curves[0][:n]]
+        ax.plot(steps, np.mean([[v for _, v in c[:n]] for c in curves], axis=0), label=f"depth {d}")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("loss (MLM + SOP)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["loss"] = pdir / "pretrain_loss.png"
+    fig.savefig(files["loss"], dpi=110)
+    plt.close(fig)
+    if depths:
+        fig, ax1 = plt.subplots(figsize=(6, 4))
+        wall = [per[d]["cost"]["pretrain_wall_s"] or 0 for d in depths]
+        flops = [per[d]["cost"]["pretrain_flops"] or 0 for d in depths]
+        ax1.bar([str(d) for d in depths], wall, color="tab:blue", alpha=0.7)
+        ax1.set_ylabel("pretraining wall time (s)")
+        ax2 = ax1.twinx()
+        ax2.plot([str(d) for d in depths], flops, "o-", color="tab:red")
+        ax2.set_ylabel("pretraining FLOPs (6N + attention)")
+        ax1.set_xlabel("depth")
+        fig.tight_layout()
+        files["cost"] = pdir / "cost_vs_depth.png"
+        fig.savefig(files["cost"], dpi=110)
+        plt.close(fig)
+    return files
+
+
+# ------------------------------------------------------------------ documents
+
+
+def _pct(x: dict) -> str:
+    return f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}"
+
+
+def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
+    per = summary["per_depth"]
+    lines = [f"# Depth study: {summary['recipe']} on {summary['task']}", ""]
+    if summary["synthetic_task"] or summary["synthetic_data"]:
+        which = [w for w, flag in (("pretraining corpus", summary["synthetic_data"]),
+                                   (f"{summary['task']} task", summary["synthetic_task"])) if flag]
+        lines += [f"> **Synthetic data.** The {' and the '.join(which)} are generated by fpm "
+                  "(`fpm/data/synthetic.py`), not real text: these numbers show the pipeline works and how "
+                  "sure the statistics are; they say nothing about the paper's claim.", ""]
+    lines += [f"Preset: {summary['preset'] or 'none'}. Input fields: {' + '.join(summary['fields'] or [])}. "
+              f"Cells done: {summary['n_done']}/{summary['n_cells']}"
+              + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else "")
+              + (f"; not finished: {', '.join(summary['missing'])}" if summary["missing"] else "") + ".", ""]
+    lines += ["## Results on dev (mean ± std over seeds, %)", "",
+              "| depth | layers run | seeds | precision | recall | f1 | acc. |", "|---|---|---|---|---|---|---|"]
+    for d, e in per.items():
+        lines.append(f"| {d} | {e['layers']} | {len(e['seeds'])} | " + " | ".join(_pct(e[k]) for k in METRICS) + " |")
+    floors = summary.get("floors") or {}
+    for name, f in floors.items():
+        if isinstance(f, dict) and "accuracy" in f:
+            lines.append(f"| floor: {name} | – | – | " + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " |")
+    lines.append("")
+    if summary["task"] == "qqp":
+        lines += ["Paper, Table 3 (GLUE QQP dev, one run per depth, %):", "",
+                  "| depth | model | precision | recall | f1 | acc. |", "|---|---|---|---|---|---|"]
+        for d, r in TABLE3_QQP_DEV.items():
+            lines.append(f"| {d} | {r['model']} | {r['precision']:.2f} | {r['recall']:.2f} | {r['f1']:.2f} | {r['accuracy']:.2f} |")
+        note = ("not comparable: fpm's numbers here are on synthetic data" if summary["synthetic_task"] else
+                "comparable only when the dev set is GLUE QQP's own and the models are full size")
+        lines += ["", f"The paper's numbers are from full-size models on GLUE QQP ({note}).", ""]
+    lines += ["## Which depth is best, and how sure are we", "", summary["verdict"], ""]
+    boot = summary.get("bootstrap")
+    if boot:
+        lines += [f"Bootstrap over dev examples (paired across depths) and seeds, {boot['n_boot']} resamples, "
+                  f"{summary.get('n_dev_examples')} dev examples:", "",
+                  "| depth | accuracy | CI low | CI high | P(best) |", "|---|---|---|---|---|"]
+        for d, e in boot["per_depth"].items():
+            lines.append(f"| {d} | {100 * e['accuracy']:.2f} | {100 * e['lo']:.2f} | {100 * e['hi']:.2f} | {e['p_best']:.2f} |")
+        lines += ["", "| comparison | accuracy difference | p-value | significant |", "|---|---|---|---|"]
+        for n in summary["neighbours"]:
+            lines.append(f"| {n['deeper']} vs {n['shallower']} | {100 * n['diff']:+.2f} | {n['p_value']:.4f} | "
+                         f"{'yes' if n['significant'] else 'no'} |")
+        lines.append("")
+    lines += ["## Cost per depth", "", "| depth | pretraining wall (s) | tokens | FLOPs | fine-tuning wall (s) |",
+              "|---|---|---|---|---|"]
+    for d, e in per.items():
+        c = e["cost"]
+        lines.append(f"| {d} | {c['pretrain_wall_s'] or 0:.0f} | {c['pretrain_tokens'] or 0:,.0f} | "
+                     f"{c['pretrain_flops'] or 0:.3g} | {c['finetune_wall_s'] or 0:.0f} |")
+    lines += ["", "## Plots", ""]
+    for key, path in files.items():
+        lines.append(f"![{key}](plots/{path.name})")
+    lines += ["", "## Cells", "", "| cell | depth | seed | status | accuracy | f1 |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        acc = f"{100 * c['accuracy']:.2f}" if "accuracy" in c else "–"
+        f1 = f"{100 * c['f1']:.2f}" if "f1" in c else "–"
+        lines.append(f"| {c['name']} | {c['depth']} | {c['seed']} | {c['status']} | {acc} | {f1} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(md: str, files: dict[str, Path], title: str) -> str:
+    """A small Markdown subset (headings, tables, quotes, paragraphs) → one self-contained page."""
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+           "blockquote{background:#fff3cd;padding:.5em 1em;border-left:4px solid #e0a800}img{max-width:100%}</style>",
+           "</head><body>"]
+    images = {f"plots/{p.name}": base64.b64encode(p.read_bytes()).decode() for p in files.values()}
+    rows: list[str] = []
+
+    def flush():
+        if rows:
+            out.append("<table>" + "".join(rows) + "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            tag = "th" if not rows else "td"
+            rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        flush()
+        if line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("> "):
+            out.append(f"<blockquote>{html.escape(line[2:]).replace('**', '')}</blockquote>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1: -1]
+            out.append(f"<p><img alt='{html.escape(src)}' src='data:image/png;base64,{images.get(src, '')}'></p>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def build_report(out: Path) -> dict[str, Path]:
+    out = Path(out)
+    plan, cells = collect(out)
+    summary = summarize(plan, cells)
+    files = plots(out, cells, summary)
+    public_cells = [{k: v for k, v in c.items() if not k.startswith("_")} for c in cells]
+    (out / "results.json").write_text(json.dumps({"plan": plan, "cells": public_cells, "summary": summary},
+                                                 indent=1, default=str))
+    md = markdown(summary, public_cells, files)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(to_html(md, files, f"fpm depth study: {plan['recipe']} on {plan['task']}"))
+    return {"md": out / "report.md", "html": out / "report.html", "json": out / "results.json", **files}

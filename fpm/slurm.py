@@ -1,0 +1,137 @@
+"""`fpm slurm render|submit`: ready-to-run batch scripts from the templates in ``slurm/``.
+
+The templates are themselves working scripts (``sbatch slurm/pretrain.sbatch RECIPE ...``); rendering
+rewrites their ``#SBATCH`` header for a cluster shape and bakes the command in, so that the
+result can be submitted as is, kept with the run, or shown with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from fpm.console import info
+from fpm.errors import FpmError
+
+KINDS = ("pretrain", "finetune", "sweep")
+
+
+def slurm_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data" / "slurm", here.parent / "slurm"):
+        if candidate.is_dir():
+            return candidate
+    raise FpmError("cannot find the slurm/ script templates")
+
+
+def render(kind: str, args: list[str], *, nodes: int = 1, gpus_per_node: int = 0, tasks_per_node: int | None = None,
+           cpus_per_task: int | None = None, partition: str | None = None, time: str | None = None,
+           account: str | None = None, job_name: str | None = None, extra: list[str] | None = None) -> str:
+    """The ``kind`` template with its header set to this shape and ``args`` as the fpm command's arguments."""
+    if kind not in KINDS:
+        raise FpmError(f"unknown script kind {kind!r} (choose from {', '.join(KINDS)})")
+    if nodes < 1 or gpus_per_node < 0:
+        raise FpmError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    text = (slurm_dir() / f"{kind}.sbatch").read_text()
+    tasks = tasks_per_node if tasks_per_node is not None else max(1, gpus_per_node)
+    wanted = {"nodes": str(nodes), "ntasks-per-node": str(tasks), "gpus-per-node": str(gpus_per_node)}
+    if cpus_per_task:
+        wanted["cpus-per-task"] = str(cpus_per_task)
+    for key, value in (("partition", partition), ("time", time), ("account", account), ("job-name", job_name)):
+        if value:
+            wanted[key] = value
+    lines = text.splitlines()
+    out, seen = [], set()
+    for line in lines:
+        m = re.match(r"#SBATCH --([a-z-]+)=(.*)", line)
+        if m and m.group(1) in wanted:
+            seen.add(m.group(1))
+            if m.group(1) == "gpus-per-node" and gpus_per_node == 0:
+                continue  # a CPU allocation: no GPU request at all
+            out.append(f"#SBATCH --{m.group(1)}={wanted[m.group(1)]}")
+        else:
+            out.append(line)
+    header_end = max(i for i, line in enumerate(out) if line.startswith("#SBATCH"))
+    more = [f"#SBATCH --{k}={v}" for k, v in wanted.items() if k not in seen and not (k == "gpus-per-node" and gpus_per_node == 0)]
+    more += [f"#SBATCH {e}" for e in (extra or [])]
+    command = ["", "# rendered by `fpm slurm render`: the fpm command's arguments", f"set -- {shlex.join(args)} \"$@\""]
+    out = out[:header_end + 1] + more + command + out[header_end + 1:]
+    return "\n".join(out) + "\n"
+
+
+def sbatch(script: Path, dependency: str | None = None, env: dict | None = None) -> str:
+    cmd = ["sbatch", "--parsable"]
+    if dependency:
+        cmd.append(f"--dependency={dependency}")
+    cmd.append(str(script))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    except FileNotFoundError:
+        raise FpmError("sbatch not found: this machine is not a SLURM submit host") from None
+    if proc.returncode:
+        raise FpmError(f"sbatch {script} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def render_command(kind: str, name: str, fpm_args: list[str], *, out: Path | None, dry_run: bool, submit: bool,
+                   **shape) -> str | None:
+    script = render(kind, [name, *fpm_args], **shape)
+    if dry_run:
+        print(script, end="")
+        if submit:
+            print(f"# would run: sbatch --parsable {out or '<script>'}")
+        return None
+    path = Path(out) if out else Path("slurm-jobs") / f"{kind}-{name}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    info(f"wrote {path}")
+    if submit:
+        job = sbatch(path)
+        info(f"submitted job {job}")
+        return job
+    return None
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def sweep_scripts(plan, options: dict) -> list[tuple[str, str]]:
+    from fpm.sweep import finetune_argv, pretrain_argv
+
+    shape = {k: options[k] for k in ("nodes", "gpus_per_node", "tasks_per_node", "partition", "time", "account")
+             if options.get(k) is not None}
+    ft_shape = {k: v for k, v in shape.items() if k in ("partition", "time", "account")}
+    ft_shape["gpus_per_node"] = 1 if shape.get("gpus_per_node") else 0
+    out = []
+    for cell in plan.cells:
+        pre = pretrain_argv(plan, cell)[1:]
+        fin = finetune_argv(plan, cell)[1:]
+        out.append((render("pretrain", pre, job_name=f"fpm-{cell.name}-pre", **shape),
+                    render("finetune", fin, job_name=f"fpm-{cell.name}-ft", **ft_shape)))
+    return out
+
+
+def submit_sweep(plan, options: dict) -> list[tuple[str, str]]:
+    """One pretraining job per cell and a fine-tuning job that starts only if it succeeded.
+    Cells already finished are skipped, so resubmitting a sweep only submits what is left."""
+    import json
+
+    out = Path(plan.out)
+    jobs = []
+    for cell, (pre, fin) in zip(plan.cells, sweep_scripts(plan, options)):
+        cdir = cell.dir(out)
+        if (cdir / "finetune" / "results.json").is_file():
+            continue
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "pretrain.sbatch").write_text(pre)
+        (cdir / "finetune.sbatch").write_text(fin)
+        pre_job = sbatch(cdir / "pretrain.sbatch")
+        fin_job = sbatch(cdir / "finetune.sbatch", dependency=f"afterok:{pre_job}")
+        (cdir / "cell.json").write_text(json.dumps({"status": "submitted", "depth": cell.depth, "layers": cell.layers,
+                                                    "seed": cell.seed, "jobs": [pre_job, fin_job]}))
+        info(f"{cell.name}: pretraining job {pre_job}, fine-tuning job {fin_job} (after {pre_job})")
+        jobs.append((pre_job, fin_job))
+    return jobs

@@ -1,0 +1,107 @@
+"""`fpm sweep-depth` and `fpm report`: a tiny 3-depth × 2-seed sweep end to end, a report that
+matches the cell files, resumption after a kill, dry runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_fpm
+
+FAST = ["--set", "train.max_steps=30", "--set", "train.save_every=30", "--task-set", "train.max_steps=30",
+        "--task-set", "train.eval_every=15"]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_fpm("sweep-depth", "bert-e-depth", "--preset", "tiny", "--out", str(out), *FAST, check=True,
+                   timeout=1800)
+    assert "report:" in proc.stdout
+    for name in ("report.md", "report.html", "results.json", "plots/metrics_vs_depth.png",
+                 "plots/pretrain_loss.png", "plots/cost_vs_depth.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    cells = res["cells"]
+    assert len(cells) == 6 and all(c["status"] == "done" for c in cells)
+    assert sorted({(c["depth"], c["layers"]) for c in cells}) == [(50, 5), (70, 7), (90, 9)]
+    for c in cells:  # every cell's numbers are its own results file's
+        own = json.loads((out / "cells" / c["name"] / "finetune" / "results.json").read_text())
+        for k in ("accuracy", "precision", "recall", "f1"):
+            assert c[k] == own[k]
+        layers = sum(1 for line in (out / "cells" / c["name"] / "pretrain" / "recipe.yaml").read_text().splitlines()
+                     if line.strip() == f"n_layers: {c['layers']}")
+        assert layers == 1
+    summ = res["summary"]
+    for d in ("50", "70", "90"):
+        rows = [c for c in cells if str(c["depth"]) == d]
+        acc = [c["accuracy"] for c in rows]
+        assert summ["per_depth"][d]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
+        assert summ["per_depth"][d]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
+    assert summ["synthetic_data"] and summ["synthetic_task"]
+    assert str(summ["bootstrap"]["best_depth"]) in ("50", "70", "90") and len(summ["neighbours"]) == 2
+    md = (out / "report.md").read_text()
+    assert "Synthetic data" in md and "Table 3" in md and summ["verdict"] in md
+    d70 = summ["per_depth"]["70"]["accuracy"]
+    assert f"{100 * d70['mean']:.2f} ± {100 * d70['std']:.2f}" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Synthetic data" in html
+    # the report is a function of the cell files: rebuilding it gives the same summary
+    before = json.loads((out / "results.json").read_text())["summary"]
+    run_fpm("report", str(out), check=True)
+    assert json.loads((out / "results.json").read_text())["summary"] == before
+
+
+@pytest.mark.slow
+def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90", "--seeds", "1", "--preset", "tiny",
+            "--out", str(out), *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "fpm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy(), start_new_session=True)
+    first = out / "cells" / "d050-s1234"
+    t0 = time.time()
+    while not ((first / "cell.json").is_file() and json.loads((first / "cell.json").read_text())["status"] == "done"):
+        assert proc.poll() is None and time.time() - t0 < 600, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the cell it was running, as a killed job
+    proc.wait()
+    stamp = (first / "finetune" / "results.json").stat().st_mtime
+    log_runs = (first / "cell.log").read_text().count("$ fpm pretrain")
+    again = run_fpm(*argv, check=True, timeout=1200)
+    assert "1 run, 1 already done, 0 failed" in again.stdout
+    assert (first / "finetune" / "results.json").stat().st_mtime == stamp
+    assert (first / "cell.log").read_text().count("$ fpm pretrain") == log_runs
+    res = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in res["cells"]] == ["done", "done"]
+
+
+def test_dry_run_prints_plan_commands_and_slurm_scripts(tmp_path):
+    proc = run_fpm("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--out", str(tmp_path / "s"),
+                   "--executor", "slurm", "--dry-run", "--gpus-per-node", "1", check=True)
+    text = proc.stdout
+    assert "depths [50, 60, 70, 80, 90]" in text and "5 cells" in text
+    assert "d070-s1234: depth 70 -> 7 layers" in text
+    assert "fpm pretrain bert-e-l --preset tiny" in text and "--set model.n_layers=7" in text
+    assert text.count("#SBATCH --job-name=fpm-d0") == 10  # a pretraining and a fine-tuning script per cell
+    assert "synthetic qqp" in text
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
+
+
+def test_sweep_rejects_depths_that_collapse_under_the_preset(tmp_path):
+    proc = run_fpm("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--depths", "50,52",
+                   "--out", str(tmp_path / "s"), "--dry-run")
+    assert proc.returncode == 2 and "collapse to the same number of layers" in proc.stderr
+
+
+def test_report_on_a_directory_that_is_not_a_sweep(tmp_path):
+    proc = run_fpm("report", str(tmp_path))
+    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr

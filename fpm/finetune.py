@@ -288,6 +288,9 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
 
+    from fpm.engine.signals import install_early
+
+    install_early()
     recipe = _resolve(task, preset, overrides, epochs, max_steps, seed)
     out = Path(out) if out else Path("runs") / f"finetune-{recipe.task.name}"
     dist = resolve_env()

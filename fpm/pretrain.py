@@ -121,6 +121,9 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
     for key, value in (("train.max_steps", max_steps), ("train.save_every", save_every), ("train.seed", seed)):
         if value is not None:
             sets.append(f"{key}={value}")
+    from fpm.engine.signals import install_early
+
+    install_early()
     recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
     if resume not in ("auto", "never"):
         raise FpmError(f"--resume must be auto or never, not {resume!r}")

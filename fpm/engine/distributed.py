@@ -76,14 +76,25 @@ def resolve_env() -> Dist:
     return Dist(rank, world, local, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), backend)
 
 
+def cpu_threads(local_world_size: int) -> int:
+    """Threads per rank: SLURM's --cpus-per-task when given, else this machine's cores shared out
+    among the ranks on it (ranks must not fight over cores)."""
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task and per_task.isdigit() and int(per_task) > 0:
+        return int(per_task)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
+
+
 def init(dist: Dist) -> None:
     import deepspeed
     import torch
 
     if dist.backend == "gloo":
-        # ranks on one machine share its cores: give each its part instead of oversubscribing
-        threads = max(1, (os.cpu_count() or 1) // max(1, dist.local_world_size))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cpu_threads(dist.local_world_size))
     else:
         torch.cuda.set_device(dist.local_rank)
     deepspeed.init_distributed(dist_backend=dist.backend, verbose=False)

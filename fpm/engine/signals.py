@@ -11,9 +11,23 @@ EXIT_NONFINITE = 4      # the loss stayed non-finite; the last good checkpoint i
 EXIT_PREEMPTED = 75     # a checkpoint was saved on SIGTERM/SIGUSR1; rerun the same command to resume
 
 
+_EARLY: list[int] = []
+
+
+def _early_handler(signum, frame) -> None:
+    _EARLY.append(signum)
+
+
+def install_early() -> None:
+    """Record SIGTERM/SIGUSR1 from process start on (a signal during start-up must not kill a job
+    before the training loop can checkpoint); the loop then honours it at its first step."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _early_handler)
+
+
 class StopFlag:
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.signal: int | None = _EARLY[-1] if _EARLY else None
         self._old: dict[int, object] = {}
 
     def install(self) -> StopFlag:

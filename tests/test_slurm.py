@@ -1,0 +1,111 @@
+"""The provided SLURM scripts against a real SLURM cluster (munge, slurmctld, two slurmd nodes)
+started by scripts/local-slurm.sh: a 2-node pretraining job, and pre-emption → checkpoint →
+requeue → resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+HARNESS = ROOT / "scripts" / "local-slurm.sh"
+
+
+def _missing() -> str | None:
+    for b in ("slurmctld", "slurmd", "sbatch", "munged"):
+        if shutil.which(b) is None:
+            return f"{b} is not installed (apt-get install slurmctld slurmd slurm-client munge; .ci/run does)"
+    if os.geteuid() != 0:
+        return "starting SLURM daemons needs root (CI runs as root)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "FPM_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf")}
+    subprocess.run([str(HARNESS), "start"], env=env, check=True, timeout=180)
+    env["FPM"] = str(Path(os.sys.executable).parent / "fpm")
+    try:
+        yield env
+    finally:
+        subprocess.run([str(HARNESS), "stop"], env=env, timeout=120)
+
+
+def sbatch(env, cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def job_state(env, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    for part in out.split():
+        if part.startswith("JobState="):
+            return part.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def wait_done(env, job: str, timeout: float = 900) -> str:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        state = job_state(env, job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {job_state(env, job)} after {timeout}s")
+
+
+CPU_SHAPE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
+
+
+def test_pretraining_script_runs_across_two_nodes(cluster, tmp_path):
+    run = tmp_path / "run"
+    job = sbatch(cluster, tmp_path, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
+                 "tiny", "--out", str(run), "--max-steps", "30", "--save-every", "15")
+    assert wait_done(cluster, job) == "COMPLETED"
+    out = (tmp_path / f"slurm-fpm-pretrain-{job}.out").read_text()
+    assert "2 node(s) 2 task(s), master node1" in out and "exited with 0" in out
+    logs = tmp_path / "logs" / f"fpm-pretrain-{job}"
+    rank0 = (logs / "rank-0.log").read_text()
+    assert "2 process(es) (gloo)" in rank0 and "done: step 30" in rank0
+    assert (logs / "rank-1.log").is_file()
+    status = json.loads((run / "run.json").read_text())
+    assert status["world_size"] == 2 and status["exit_code"] == 0 and status["slurm_job_id"] == job
+    ckpt = run / "checkpoints" / "step-00000030"
+    assert (ckpt / "fpm_complete.json").is_file()
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.pt", "rank00001.pt"]
+
+
+def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    run = tmp_path / "run"
+    job = sbatch(cluster, tmp_path, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
+                 "tiny", "--out", str(run), "--max-steps", "80", "--save-every", "1000", "--set", "train.log_every=1")
+    metrics = run / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 8):
+        assert time.time() - t0 < 600 and job_state(cluster, job) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.5)
+    # what SLURM does --signal=USR1@300 before the time limit: SIGUSR1 to every task of the job
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
+    assert wait_done(cluster, job) == "COMPLETED"
+    out = (tmp_path / f"slurm-fpm-pretrain-{job}.out").read_text()
+    assert "exited with 75" in out and "requeueing job" in out  # checkpointed on the signal, requeued
+    assert f"job {job} restart 1" in out and "exited with 0" in out  # the same job ran again and finished
+    status = json.loads((run / "run.json").read_text())
+    assert status["exit_code"] == 0 and status["step"] == 80
+    rank0 = (tmp_path / "logs" / f"fpm-pretrain-{job}" / "rank-0.log").read_text()
+    assert "pre-empted: checkpoint saved at step" in rank0 and "resumed from" in rank0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 81))  # nothing lost, nothing repeated

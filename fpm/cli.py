@@ -175,6 +175,27 @@ def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory
     info(f"report: {paths['md']} and {paths['html']}")
 
 
+@app.command("plan")
+def plan_cmd(
+    recipe: Annotated[Optional[str], typer.Argument(help="Model recipe (omit with --paper).")] = None,
+    nodes: Annotated[int, typer.Option("--nodes")] = 2,
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node")] = 8,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="GB per GPU.")] = 40.0,
+    cpu_memory: Annotated[float, typer.Option("--cpu-memory", help="Host GB per node, for CPU offload (DGX A100: 1024).")] = 1024.0,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Check this micro batch only.")] = None,
+    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation assumed for time estimates.")] = 0.40,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    paper: Annotated[bool, typer.Option("--paper", help="The paper's Table 4 beside fpm's own accounting.")] = False,
+    preset: Preset = None,
+    sets: Sets = None,
+) -> None:
+    """Memory per GPU (ZeRO 0-3, offload, activations), the largest micro batch, FLOPs, time and a recommendation."""
+    from fpm.plan import plan_command
+
+    plan_command(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=gpu_memory, micro_batch=micro_batch,
+                 as_json=as_json, paper=paper, mfu=mfu, preset=preset, overrides=sets or [], cpu_memory=cpu_memory)
+
+
 slurm_app = typer.Typer(help="Batch scripts for SLURM clusters (templates in slurm/).", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 

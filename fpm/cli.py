@@ -100,12 +100,26 @@ def finetune_cmd(
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Epochs over the training split.")] = None,
     seed: Seed = None,
     resume: Annotated[str, typer.Option("--resume", help="auto or never.")] = "auto",
+    floors: Annotated[bool, typer.Option("--floors/--no-floors", help="Compute the majority and TF-IDF floors beside the model.")] = True,
 ) -> None:
     """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
     from fpm.finetune import finetune
 
     raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
-                              max_steps=max_steps, epochs=epochs, seed=seed, resume=resume))
+                              max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors))
+
+
+@app.command("baseline")
+def baseline_cmd(
+    task: Task,
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory.")] = None,
+    sets: Sets = None,
+) -> None:
+    """The floors: majority class and TF-IDF + logistic regression, trained on train, scored on dev."""
+    from fpm.baseline import baseline_command
+
+    baseline_command(task, data_dir, out, sets or [])
 
 
 @app.command("evaluate")
@@ -285,6 +299,19 @@ def data_prepare(
 
     prepare_command(recipe, inputs, out, preset=preset, overrides=sets or [], fmt=fmt, text_mode=text_mode,
                     text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+
+
+@data_app.command("audit")
+def data_audit(
+    task: Task,
+    data_dir: DataDir = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write audit.json here.")] = None,
+    sets: Sets = None,
+) -> None:
+    """Label distribution, duplicates within train and between train and dev/test, empty fields, lengths."""
+    from fpm.audit import audit_command
+
+    audit_command(task, data_dir, out, sets or [])
 
 
 @data_app.command("fetch-task")

@@ -236,8 +236,10 @@ def write_results(out: Path, recipe: FinetuneRecipe, split: Split, probs: np.nda
     return results
 
 
-def summary(results: dict, recipe: FinetuneRecipe, data_dir: Path) -> None:
-    """The closing table, with the paper beside fpm only where the comparison is like for like."""
+def summary(results: dict, recipe: FinetuneRecipe, data_dir: Path, floors: dict | None = None,
+            audit: dict | None = None) -> None:
+    """The closing table: the model beside its floors (same split, same inputs), with the paper only
+    where the comparison is like for like, and what the data audit says about the split."""
     from rich.table import Table
 
     task = recipe.task
@@ -247,8 +249,19 @@ def summary(results: dict, recipe: FinetuneRecipe, data_dir: Path) -> None:
     for k in ("accuracy", "precision", "recall", "f1"):
         t.add_column(k if k != "f1" else results["f1_is"], justify="right")
     t.add_row("fpm (best checkpoint)", *(f"{100 * results[k]:.2f}" for k in ("accuracy", "precision", "recall", "f1")))
-    paper = recipe.paper or {}
     notes = []
+    if floors:
+        same = floors.get("fields") == results["fields"]
+        for name, label in (("majority", "floor: majority class"), ("tfidf", "floor: TF-IDF + logistic regression")):
+            t.add_row(label + ("" if same else f" (input {'+'.join(floors['fields'])}: not comparable)"),
+                      *(f"{100 * floors[name][k]:.2f}" for k in ("accuracy", "precision", "recall", "f1")))
+        gap = results["accuracy"] - floors["tfidf"]["accuracy"]
+        if gap <= 0:
+            notes.append(f"the model does NOT beat the TF-IDF floor: accuracy {100 * results['accuracy']:.2f} vs "
+                         f"{100 * floors['tfidf']['accuracy']:.2f}")
+        else:
+            notes.append(f"the model beats the TF-IDF floor by {100 * gap:.2f} accuracy points")
+    paper = recipe.paper or {}
     if paper:
         same_split = paper.get("split") == results["split"]
         row = [f"{paper[k]:.2f}" if k in paper else "-" for k in ("accuracy", "precision", "recall", "f1")]
@@ -265,6 +278,11 @@ def summary(results: dict, recipe: FinetuneRecipe, data_dir: Path) -> None:
         support = results["per_class"][task.positive_label]["support"]
         pos_rate = support / max(1, results["n_examples"])
         notes.append(f"class {task.positive_label} is {100 * pos_rate:.1f}% of this dev set (GLUE QQP's: about 37%)")
+    if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
+        dv = audit["splits"]["dev"]
+        notes.append(f"audit: {dv['also_in_train_normalised']['count']:,} dev {audit['unit']}s "
+                     f"({100 * dv['also_in_train_normalised']['share']:.1f}%) also occur in train (normalised; exact: "
+                     f"{dv['also_in_train_exact']['count']:,}); majority class share {100 * (dv['majority_share'] or 0):.1f}%")
     console().print(t)
     for n in notes:
         info(f"  note: {n}")
@@ -284,7 +302,7 @@ def _resolve(task: str, preset, overrides, epochs, max_steps, seed) -> FinetuneR
 
 def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None = None, preset: str | None = None,
              overrides: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
-             seed: int | None = None, resume: str = "auto") -> int:
+             seed: int | None = None, resume: str = "auto", with_floors: bool = True) -> int:
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
 
@@ -296,7 +314,7 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
     dist = resolve_env()
     dist_init(dist)
     try:
-        return _finetune(recipe, Path(init), data_dir, out, dist, resume)
+        return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors)
     finally:
         teardown()
 
@@ -308,7 +326,8 @@ def _report_bad(split: Split) -> None:
         warn(f"{split.path}: skipped {sum(split.bad.values())} of {split.rows} rows: {kinds}")
 
 
-def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str) -> int:
+def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
+              with_floors: bool = True) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.ds_config import Precision
     from fpm.engine.trainer import Trainer, TrainSpec, seed_everything
@@ -384,7 +403,18 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         if splits["test"] is not None:
             write_results(out, recipe, splits["test"], predict(model, feats["test"]), extra, names)
             info(f"test: wrote the submission file in {out} (test labels are not public: no score)")
-        summary(results, recipe, Path(data_dir))
+        from fpm.audit import audit_splits
+        from fpm.baseline import floors as compute_floors
+
+        aud = audit_splits(task, {k: v for k, v in splits.items() if v is not None})
+        (out / "audit.json").write_text(json.dumps(aud, indent=1, ensure_ascii=False))
+        floor = compute_floors(task, {k: v for k, v in splits.items()}, out / "floors", names) if with_floors else None
+        results["floors"] = floor
+        results["audit"] = {"dev_also_in_train_normalised": aud["splits"]["dev"]["also_in_train_normalised"]["count"],
+                            "dev_also_in_train_exact": aud["splits"]["dev"]["also_in_train_exact"]["count"],
+                            "dev_majority_share": aud["splits"]["dev"]["majority_share"]}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        summary(results, recipe, Path(data_dir), floor, aud)
     barrier()
     return 0
 

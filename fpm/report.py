@@ -109,6 +109,22 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
     floors = _read_json(Path(plan["out"]) / "floors.json")
     if floors:
         summary["floors"] = floors
+        tfidf = floors["tfidf"]["accuracy"]
+        beat = [d for d, e in per_depth.items() if e["accuracy"]["mean"] > tfidf]
+        same_inputs = floors.get("fields") == summary["fields"]
+        summary["floor_verdict"] = (
+            (f"No depth beats the TF-IDF + logistic regression floor ({100 * tfidf:.2f} accuracy)." if not beat else
+             f"Depths above the TF-IDF floor ({100 * tfidf:.2f}): {', '.join(map(str, beat))}; below it: "
+             f"{', '.join(str(d) for d in per_depth if d not in beat) or 'none'}.")
+            + ("" if same_inputs else f" (The floors used input {'+'.join(floors.get('fields') or [])}, the models "
+                                      f"{'+'.join(summary['fields'] or [])}: not the same inputs.)"))
+    audit = _read_json(Path(plan["out"]) / "audit.json")
+    if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
+        dv = audit["splits"]["dev"]
+        summary["audit"] = {"dev_examples": dv["examples"], "majority_share": dv["majority_share"],
+                            "dev_also_in_train_exact": dv["also_in_train_exact"]["count"],
+                            "dev_also_in_train_normalised": dv["also_in_train_normalised"]["count"],
+                            "unit": audit["unit"]}
     return summary
 
 
@@ -228,7 +244,8 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
     floors = summary.get("floors") or {}
     for name, f in floors.items():
         if isinstance(f, dict) and "accuracy" in f:
-            lines.append(f"| floor: {name} | – | – | " + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " |")
+            lines.append(f"| floor: {name} ({'+'.join(floors.get('fields') or [])}) | – | – | "
+                         + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " |")
     lines.append("")
     if summary["task"] == "qqp":
         lines += ["Paper, Table 3 (GLUE QQP dev, one run per depth, %):", "",
@@ -239,6 +256,13 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
                 "comparable only when the dev set is GLUE QQP's own and the models are full size")
         lines += ["", f"The paper's numbers are from full-size models on GLUE QQP ({note}).", ""]
     lines += ["## Which depth is best, and how sure are we", "", summary["verdict"], ""]
+    if summary.get("floor_verdict"):
+        lines += [summary["floor_verdict"], ""]
+    if summary.get("audit"):
+        a = summary["audit"]
+        lines += [f"Data audit: {a['dev_also_in_train_normalised']:,} of {a['dev_examples']:,} dev {a['unit']}s also occur "
+                  f"in train after normalisation ({a['dev_also_in_train_exact']:,} exactly); the majority class is "
+                  f"{100 * (a['majority_share'] or 0):.1f}% of dev (see audit.json).", ""]
     boot = summary.get("bootstrap")
     if boot:
         lines += [f"Bootstrap over dev examples (paired across depths) and seeds, {boot['n_boot']} resamples, "

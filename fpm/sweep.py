@@ -127,7 +127,7 @@ def pretrain_argv(plan: SweepPlan, cell: Cell) -> list[str]:
 def finetune_argv(plan: SweepPlan, cell: Cell) -> list[str]:
     out = Path(plan.out)
     argv = ["finetune", plan.task, *_preset(plan), "--init", str(cell.dir(out) / "pretrain"), "--data-dir",
-            str(task_folder(plan)), "--out", str(cell.dir(out) / "finetune"), "--seed", str(cell.seed)]
+            str(task_folder(plan)), "--out", str(cell.dir(out) / "finetune"), "--seed", str(cell.seed), "--no-floors"]
     for s in plan.task_sets:
         argv += ["--set", s]
     return argv
@@ -158,6 +158,17 @@ def prepare_shared_data(plan: SweepPlan) -> None:
     if plan.synthetic_task and not (task_folder(plan) / "dev.json").is_file() and not (task_folder(plan) / "dev.tsv").is_file():
         info(f"no --data-dir: writing a synthetic {plan.task} task (official layout) in {task_folder(plan)}")
         (write_qqp if plan.task == "qqp" else write_tnews)(task_folder(plan))
+    if not (out / "floors.json").is_file():
+        from fpm.audit import audit_splits
+        from fpm.baseline import floors
+        from fpm.data.tasks import load_split
+
+        task = load_recipe(plan.task, preset=plan.preset, overrides=plan.task_sets, kind="finetune").task
+        splits = {n: load_split(task, task_folder(plan), n, required=n != "test") for n in ("train", "dev", "test")}
+        (out / "audit.json").write_text(json.dumps(audit_splits(task, {k: v for k, v in splits.items() if v}),
+                                                   indent=1, ensure_ascii=False))
+        floors(task, splits, out / "floors", {})
+        (out / "floors.json").write_text((out / "floors" / "floors.json").read_text())
 
 
 # ------------------------------------------------------------------ local executor

@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install install-bench demo test test-fast bench clean
 
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+install-bench: $(VENV)/.bench
+
+# the benchmarks read ../shared/data; results and commands are in bench/RESULTS.md
+bench: install-bench
+	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/finetune_real.py
 
 # the paper's depth study at tiny scale: 3 depths x 2 seeds, synthetic data, offline
 demo: install

@@ -110,7 +110,7 @@ def build_spec(recipe: Recipe, world_size: int, seq_tokens: int, flops_per_token
         offload_params=recipe.deepspeed.offload_params, log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
         tokens_per_sample=seq_tokens, flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
-        activation_checkpointing=t.activation_checkpointing)
+        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 
 
 def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,

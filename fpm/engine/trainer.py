@@ -56,6 +56,7 @@ class TrainSpec:
     flops_per_token: float = 0.0
     num_workers: int = 1
     activation_checkpointing: bool = True
+    compile: bool = False
     ds_extra: dict = field(default_factory=dict)
 
 
@@ -111,6 +112,8 @@ class Trainer:
                            "--set train.precision=bf16 (or fp32) on this machine")
         if s.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        if s.compile:
+            compile_layers(self.model)
         optimizer = self._optimizer()
         factor = lambda step: lr_factor(step, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup_steps,  # noqa: E731
                                         max_steps=s.max_steps, schedule=s.schedule)
@@ -290,6 +293,20 @@ class Trainer:
 
         before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
         return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every transformer layer in place (parameter names, hence checkpoints and exports,
+    stay those of the plain model; the loss functions call sub-modules, so the layers are compiled
+    rather than the top-level forward)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.compile()
+            n += 1
+    return n
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2 import modeling_gpt2 as hf
 
 from fpm.config.schema import ModelCfg
+from fpm.models.losses import linear_cross_entropy
 
 
 def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> GPT2Config:
@@ -49,7 +50,16 @@ def build(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = 
 
 
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``input_ids`` and ``labels`` are already shifted."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                           ignore_index=-100)
+    """Mean next-token cross-entropy; ``input_ids`` and ``labels`` are already shifted.
+
+    The LM head and the loss are fused and chunked (:mod:`fpm.models.losses`): the full
+    batch × sequence × vocabulary logits are never materialised.
+    """
+    core = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
+    hidden = core.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
+    if hasattr(core.lm_head.weight, "ds_id"):  # ZeRO-3: let the module gather its weight
+        logits = core.lm_head(hidden)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                               ignore_index=-100)
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), core.lm_head.weight,
+                                batch["labels"].reshape(-1))

@@ -1,0 +1,218 @@
+"""Benchmark: `fpm pretrain`'s training loop against `transformers.Trainer`, same model, same data.
+
+Two shapes, as the issue asks: a BERT-E shape (6 layers, d=512, 8 heads, FFN 2048, seq 128, the
+BERT uncased vocabulary) and a CPM-X/GPT-2 shape (6 layers, d=512, seq 128, the GPT-2 vocabulary),
+global batch 32 sequences, bf16, on the real English corpus in ../shared/data (prepared once).
+
+* fpm: the engine `fpm pretrain` runs (:class:`fpm.engine.trainer.Trainer`, DeepSpeed, bf16 weights
+  with fp32 master copies, SDPA attention, foreach AdamW, data in a worker process), without
+  activation checkpointing (the Trainer side has none either); ``--compile`` adds ``train.compile``;
+* HF: ``transformers.Trainer`` as its documentation shows for masked/causal-LM pretraining —
+  ``TrainingArguments(bf16=True)``, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
+  with the same model class and config (``MegatronBertForMaskedLM``: the Trainer's MLM objective has
+  no sentence-order labels; the SOP head is 0.1% of the FLOPs) on contiguous windows of the same
+  token shards.
+
+Both run alternately in this process (``--rounds`` rounds of fpm then HF); every step is timed and
+cut into windows of ``--window`` steps after ``--warmup`` steps; the medians of all windows are
+compared. MFU = achieved model FLOP/s (6·N + attention per token, fpm.engine.flops) over this
+machine's bf16 matmul peak, measured here with the same thread count.
+
+Usage:  python bench/train_throughput.py [--data ../shared/data] [--rounds 2] [--window 5]
+The last line is ``fpm/hf tokens_per_s ratio: X.XX (bert) Y.YY (gpt)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RANK", "0")
+os.environ.setdefault("WORLD_SIZE", "1")
+os.environ.setdefault("LOCAL_RANK", "0")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("MASTER_PORT", "29577")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from fpm.config import load_recipe  # noqa: E402
+from fpm.data.datasets import build_dataset  # noqa: E402
+from fpm.data.prepare import PrepareOptions, prepare  # noqa: E402
+from fpm.data.shards import ShardSet  # noqa: E402
+from fpm.engine.flops import train_flops_per_token  # noqa: E402
+from fpm.engine.metrics import measure_peak_tflops  # noqa: E402
+
+SHAPE = ["model.n_layers=6", "model.d_model=512", "model.n_heads=8", "model.d_head=64", "model.d_ff=2048",
+         "model.max_positions=512", "data.seq_len=128", "train.global_batch=32", "train.micro_batch=32",
+         "train.grad_accum=null", "train.precision=bf16", "train.warmup_steps=10", "train.lr=1e-4",
+         "deepspeed.zero_stage=0", "train.activation_checkpointing=false", "data.num_workers=1"]
+
+
+def recipe_for(kind: str, vocab: Path, steps: int, compile_: bool):
+    name = "bert-e-l" if kind == "bert" else "epm-x-s"
+    return load_recipe(name, overrides=[*SHAPE, f"tokenizer.path={vocab}", f"train.max_steps={steps}",
+                                        f"train.log_every={steps}", f"train.save_every={10 * steps}",
+                                        f"train.compile={'true' if compile_ else 'false'}"])
+
+
+class StepTimes:
+    def __init__(self):
+        self.t = []
+
+    def mark(self):
+        self.t.append(time.perf_counter())
+
+
+def windows(times: list[float], warmup: int, window: int) -> list[float]:
+    """Seconds per step of each full window after the warm-up."""
+    t = times[warmup:]
+    return [(t[i + window] - t[i]) / window for i in range(0, len(t) - window, window)]
+
+
+def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
+    from fpm.engine.distributed import resolve_env
+    from fpm.engine.trainer import Trainer, seed_everything
+    from fpm.models import build_model, loss_fn
+    from fpm.pretrain import build_spec
+
+    ds = build_dataset(recipe, data)
+    seed_everything(0)
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size)
+    spec = build_spec(recipe, 1, recipe.data.seq_len, 0.0)
+    times = StepTimes()
+    lf = loss_fn(recipe.model.family)
+
+    def timed_loss(engine, batch):
+        if not times.t:
+            times.mark()
+        return lf(engine, batch)
+
+    trainer = Trainer(spec, model, timed_loss, ds, out, resume_dist := resolve_env(), resume=False, quiet=True,
+                      on_step=lambda step: times.mark(), on_step_every=1)
+    del resume_dist
+    trainer.fit()
+    return times.t
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Contiguous windows of seq_len tokens from the shards (the HF examples' group_texts)."""
+
+    def __init__(self, data: Path, seq_len: int):
+        self.tokens = np.concatenate([np.asarray(s.tokens) for s in ShardSet(data).shards]).astype(np.int64)
+        self.seq = seq_len
+        self.n = len(self.tokens) // seq_len
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"input_ids": torch.from_numpy(self.tokens[i * self.seq:(i + 1) * self.seq])}
+
+
+def run_hf(kind: str, recipe, data: Path, out: Path, steps: int) -> list[float]:
+    from transformers import (DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from fpm.data.datasets import tokenizer_of
+    from fpm.models import bert, gpt
+
+    tok = tokenizer_of(ShardSet(data))
+    if kind == "bert":
+        from transformers import MegatronBertForMaskedLM
+
+        model = MegatronBertForMaskedLM(bert.hf_config(recipe.model, recipe.tokenizer.vocab_size))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, mask_token="[MASK]", pad_token="[PAD]",
+                                       unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+        collator = DataCollatorForLanguageModeling(fast, mlm=True, mlm_probability=0.15)
+    else:
+        from transformers import GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(gpt.hf_config(recipe.model, recipe.tokenizer.vocab_size))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>")
+        collator = DataCollatorForLanguageModeling(fast, mlm=False)
+    times = StepTimes()
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not times.t:
+                times.mark()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.mark()
+
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=32, max_steps=steps, bf16=True,
+                             learning_rate=1e-4, warmup_steps=10, weight_decay=0.01, max_grad_norm=1.0,
+                             logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=TokenWindows(data, recipe.data.seq_len), data_collator=collator,
+            callbacks=[Clock()]).train()
+    return times.t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=3, help="windows per run (x rounds = windows per side)")
+    ap.add_argument("--compile", action="store_true", help="fpm with train.compile (torch.compile per layer)")
+    ap.add_argument("--only", choices=["bert", "gpt"], default=None)
+    args = ap.parse_args()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    steps = args.warmup + args.window * args.windows + 1
+    corpus = [args.data / "corpus" / "en" / f for f in ("wikitext2-valid.tokens.txt", "wikitext2-test.tokens.txt",
+                                                        "tinyshakespeare.txt")]
+    tmp = Path(tempfile.mkdtemp(prefix="fpm-tput-"))
+    peak = measure_peak_tflops(torch.bfloat16, seconds=1.0)
+    print(f"threads {torch.get_num_threads()}, measured bf16 matmul peak {peak:.3f} TFLOP/s; "
+          f"{args.rounds} rounds x {args.windows} windows of {args.window} steps after {args.warmup} warm-up steps")
+    ratios = {}
+    try:
+        for kind, vocab in (("bert", args.data / "vocab" / "bert-base-uncased"), ("gpt", args.data / "vocab" / "gpt2")):
+            if args.only and kind != args.only:
+                continue
+            recipe = recipe_for(kind, vocab, steps, args.compile)
+            data = tmp / f"data-{kind}"
+            prepare(recipe, PrepareOptions(inputs=corpus, out=data, workers=2, quiet=True))
+            tokens_per_step = 32 * recipe.data.seq_len
+            fpt = train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, recipe.data.seq_len)
+            w_fpm, w_hf = [], []
+            for r in range(args.rounds):
+                w_fpm += windows(run_fpm(recipe, data, tmp / f"fpm-{kind}-{r}", steps), args.warmup, args.window)
+                w_hf += windows(run_hf(kind, recipe, data, tmp / f"hf-{kind}-{r}", steps), args.warmup, args.window)
+            f, h = statistics.median(w_fpm), statistics.median(w_hf)
+            tf, th = tokens_per_step / f, tokens_per_step / h
+            mfu_f, mfu_h = tf * fpt / (peak * 1e12), th * fpt / (peak * 1e12)
+            ratios[kind] = tf / th
+            print(f"{kind}: fpm {tf:,.0f} tokens/s ({f * 1000:.0f} ms/step, MFU {100 * mfu_f:.1f}%) | "
+                  f"HF Trainer {th:,.0f} tokens/s ({h * 1000:.0f} ms/step, MFU {100 * mfu_h:.1f}%) | ratio "
+                  f"{tf / th:.2f} | windows fpm {len(w_fpm)} HF {len(w_hf)} | {fpt / 1e6:.1f} MFLOP/token", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+    print(f"fpm/hf tokens_per_s ratio: {ratios.get('bert', float('nan')):.2f} (bert) "
+          f"{ratios.get('gpt', float('nan')):.2f} (gpt)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""A fused, chunked "linear + cross-entropy" for large vocabularies.
+
+Scoring every position of a GPT batch against 50k vocabulary entries materialises a logits tensor
+of batch × sequence × vocabulary (823 MB in fp32 for 32 × 128 × 50,257), then a softmax of the same
+size, then their gradients — memory traffic that costs more than the matrix multiply itself on a
+CPU and a large share of the activation memory on a GPU. This computes the loss a chunk of rows at
+a time and, since the gradient of cross-entropy is known in closed form (softmax − one-hot), the
+gradients with respect to the hidden states and the output matrix in the same pass; only those are
+kept for backward. The result is the mean cross-entropy over positions whose label is not -100,
+equal to ``F.cross_entropy(hidden @ weight.T, labels)`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 2048
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+        n = hidden.shape[0]
+        ok_all = labels != -100
+        n_valid = ok_all.sum().clamp(min=1).float()
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            ok = ok_all[s:s + chunk]
+            yy = y.clamp(min=0)
+            logits = (h @ weight.t()).float()
+            target = logits.gather(1, yy[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: no second tensor of this size
+            norm = probs.sum(dim=-1, keepdim=True)
+            lse = (top + norm.log()).squeeze(1)
+            total += ((lse - target) * ok).sum()
+            probs.div_(norm)  # softmax
+            probs[torch.arange(len(y), device=y.device), yy] -= 1.0
+            probs.mul_((ok.float() / n_valid)[:, None])
+            g = probs.to(hidden.dtype)
+            grad_h[s:s + chunk] = g @ weight
+            grad_w.add_((g.t() @ h).float())
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int = CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), chunked.
+
+    Falls back to the plain computation when ``weight`` is a ZeRO-3 partition (DeepSpeed gathers
+    it only inside its module's forward) or when gradients are not needed.
+    """
+    if hasattr(weight, "ds_id") or not (hidden.requires_grad or weight.requires_grad):
+        return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)

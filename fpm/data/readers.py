@@ -215,12 +215,7 @@ class Reader:
         return f"{title}\n{obj['content']}" if isinstance(title, str) and title.strip() else obj["content"]
 
     def _wudao(self, blocks):
-        blocks = iter(blocks)
-        first = b""
-        for block in blocks:
-            first = block
-            if block.strip():
-                break
+        first, blocks = _first_block(blocks)
         if not first.lstrip().startswith(b"["):  # JSON lines of WuDao objects
             for raw in _lines(_chain(first, blocks)):
                 if raw.strip():
@@ -231,12 +226,7 @@ class Reader:
                     for obj in _json_array(_chain(first, blocks), self))
 
     def _stc(self, blocks):
-        blocks = iter(blocks)
-        first = b""
-        for block in blocks:
-            first = block
-            if block.strip():
-                break
+        first, blocks = _first_block(blocks)
         head = first.lstrip()
         if head.startswith(b"{") or head.startswith(b"["):
             try:  # one JSON document: a list of dialogues or {"train": [...], "valid": [...]}
@@ -313,6 +303,17 @@ class Reader:
 
 
 _BAD = object()
+
+
+def _first_block(blocks) -> tuple[bytes, Iterator[bytes]]:
+    """The first non-blank block (to tell a JSON array from JSON lines) and the rest of the stream."""
+    blocks = iter(blocks)
+    first = b""
+    for block in blocks:
+        first = block
+        if block.strip():
+            break
+    return first, blocks
 
 
 def _chain(first: bytes, rest) -> Iterator[bytes]:

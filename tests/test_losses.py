@@ -24,3 +24,16 @@ def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol):
     assert got.item() == pytest.approx(ref.item(), rel=tol)
     assert torch.allclose(fh.float(), gh.float(), atol=tol * gh.abs().max().item())
     assert torch.allclose(fw.float(), gw.float(), atol=tol * gw.abs().max().item())
+
+
+def test_eager_fallback_gives_the_same_result(monkeypatch):
+    import fpm.models.losses as L
+
+    torch.manual_seed(1)
+    h = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(200, 16, requires_grad=True)
+    y = torch.randint(0, 200, (50,))
+    compiled = L.linear_cross_entropy(h, w, y, chunk=16)
+    monkeypatch.setattr(L, "_COMPILED", L._chunk_grad)
+    eager = L.linear_cross_entropy(h, w, y, chunk=16)
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)

@@ -164,6 +164,7 @@ def sweep_depth_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, the commands and the scripts; run nothing.")] = False,
     nodes: Annotated[int, typer.Option("--nodes", help="slurm: nodes per pretraining job.")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="slurm: GPUs per node (0: CPU tasks).")] = 0,
+    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="slurm: CPUs per process.")] = None,
     partition: Annotated[Optional[str], typer.Option("--partition")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
     account: Annotated[Optional[str], typer.Option("--account")] = None,
@@ -175,7 +176,7 @@ def sweep_depth_cmd(
                        data_dir=data_dir, executor=executor, dry_run=dry_run, pretrain_sets=sets or [],
                        task_sets=task_sets or [],
                        slurm_options={"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition,
-                                      "time": time_limit, "account": account})
+                                      "time": time_limit, "account": account, "cpus_per_task": cpus_per_task})
     raise typer.Exit(code)
 
 
@@ -214,7 +215,8 @@ slurm_app = typer.Typer(help="Batch scripts for SLURM clusters (templates in slu
 app.add_typer(slurm_app, name="slurm")
 
 
-def _slurm(kind, name, fpm_args, out, dry_run, submit, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account):
+def _slurm(kind, name, fpm_args, out, dry_run, submit, nodes, gpus_per_node, tasks_per_node, partition, time_limit,
+           account, cpus_per_task=None):
     from fpm.slurm import render_command
 
     if kind == "pretrain":
@@ -223,13 +225,14 @@ def _slurm(kind, name, fpm_args, out, dry_run, submit, nodes, gpus_per_node, tas
         load_recipe(name, kind="pretrain")  # a typo in the recipe name fails here, not on the cluster
     return render_command(kind, name, fpm_args or [], out=out, dry_run=dry_run, submit=submit, nodes=nodes,
                           gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
-                          time=time_limit, account=account)
+                          time=time_limit, account=account, cpus_per_task=cpus_per_task)
 
 
 SlurmKind = Annotated[str, typer.Option("--kind", help="pretrain, finetune or sweep.")]
 SlurmNodes = Annotated[int, typer.Option("--nodes", help="Nodes.")]
 SlurmGpus = Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU tasks over gloo).")]
 SlurmTasks = Annotated[Optional[int], typer.Option("--tasks-per-node", help="Processes per node (default: one per GPU).")]
+SlurmCpus = Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs per process.")]
 SlurmArgs = Annotated[Optional[list[str]], typer.Argument(help="Arguments passed on to the fpm command.")]
 
 
@@ -241,6 +244,7 @@ def slurm_render(
     nodes: SlurmNodes = 2,
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
+    cpus_per_task: SlurmCpus = None,
     partition: Annotated[Optional[str], typer.Option("--partition")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
     account: Annotated[Optional[str], typer.Option("--account")] = None,
@@ -248,7 +252,8 @@ def slurm_render(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script instead of writing it.")] = False,
 ) -> None:
     """Write a ready batch script for a recipe and cluster shape (arguments after -- go to fpm)."""
-    _slurm(kind, name, fpm_args, out, dry_run, False, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account)
+    _slurm(kind, name, fpm_args, out, dry_run, False, nodes, gpus_per_node, tasks_per_node, partition, time_limit,
+           account, cpus_per_task)
 
 
 @slurm_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -259,6 +264,7 @@ def slurm_submit(
     nodes: SlurmNodes = 2,
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
+    cpus_per_task: SlurmCpus = None,
     partition: Annotated[Optional[str], typer.Option("--partition")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
     account: Annotated[Optional[str], typer.Option("--account")] = None,
@@ -266,7 +272,8 @@ def slurm_submit(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script and the sbatch command only.")] = False,
 ) -> None:
     """Render a batch script and submit it with sbatch."""
-    _slurm(kind, name, fpm_args, out, dry_run, True, nodes, gpus_per_node, tasks_per_node, partition, time_limit, account)
+    _slurm(kind, name, fpm_args, out, dry_run, True, nodes, gpus_per_node, tasks_per_node, partition, time_limit,
+           account, cpus_per_task)
 
 
 @app.command("export")

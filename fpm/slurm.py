@@ -101,9 +101,9 @@ def render_command(kind: str, name: str, fpm_args: list[str], *, out: Path | Non
 def sweep_scripts(plan, options: dict) -> list[tuple[str, str]]:
     from fpm.sweep import finetune_argv, pretrain_argv
 
-    shape = {k: options[k] for k in ("nodes", "gpus_per_node", "tasks_per_node", "partition", "time", "account")
-             if options.get(k) is not None}
-    ft_shape = {k: v for k, v in shape.items() if k in ("partition", "time", "account")}
+    shape = {k: options[k] for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "time",
+                                     "account") if options.get(k) is not None}
+    ft_shape = {k: v for k, v in shape.items() if k in ("partition", "time", "account", "cpus_per_task")}
     ft_shape["gpus_per_node"] = 1 if shape.get("gpus_per_node") else 0
     out = []
     for cell in plan.cells:

@@ -109,3 +109,30 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert "pre-empted: checkpoint saved at step" in rank0 and "resumed from" in rank0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 81))  # nothing lost, nothing repeated
+
+
+def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):
+    """Pretraining and fine-tuning jobs per cell, fine-tuning after its pretraining (afterok)."""
+    out = tmp_path / "sweep"
+    proc = subprocess.run([cluster["FPM"], "sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90",
+                           "--seeds", "1", "--preset", "tiny", "--out", str(out), "--executor", "slurm",
+                           "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "20",
+                           "--set", "train.max_steps=20", "--task-set", "train.max_steps=20", "--task-set",
+                           "train.eval_every=10"], env=cluster, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    jobs = []
+    for cell in ("d050-s1234", "d090-s1234"):
+        state = json.loads((out / "cells" / cell / "cell.json").read_text())
+        assert state["status"] == "submitted" and len(state["jobs"]) == 2
+        jobs.append(state["jobs"])
+        detail = subprocess.run(["scontrol", "show", "job", state["jobs"][1]], env=cluster, capture_output=True,
+                                text=True).stdout
+        assert f"Dependency=afterok:{state['jobs'][0]}" in detail or job_state(cluster, state["jobs"][1]) != "PENDING"
+    for pre, fin in jobs:
+        assert wait_done(cluster, pre) == "COMPLETED" and wait_done(cluster, fin) == "COMPLETED"
+    report = subprocess.run([cluster["FPM"], "report", str(out)], env=cluster, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in res["cells"]] == ["done", "done"]
+    assert (out / "report.html").is_file()

@@ -10,20 +10,24 @@ from fpm.models.losses import linear_cross_entropy
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol):
+@pytest.mark.parametrize("chunk", [64, 512])  # several chunks (the last one partial), and a single one
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol, chunk, with_bias):
     torch.manual_seed(0)
     n, d, v = 300, 32, 1000
     h = torch.randn(n, d, dtype=dtype, requires_grad=True)
     w = (0.1 * torch.randn(v, d)).to(dtype).requires_grad_(True)
+    b = torch.randn(v).to(dtype).requires_grad_(True) if with_bias else None
     y = torch.randint(0, v, (n,))
     y[::7] = -100  # ignored positions
-    ref = F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100)
-    gh, gw = torch.autograd.grad(3.0 * ref, (h, w))
-    got = linear_cross_entropy(h, w, y, chunk=64)  # several chunks, the last one partial
-    fh, fw = torch.autograd.grad(3.0 * got, (h, w))
+    leaves = (h, w) + ((b,) if with_bias else ())
+    ref = F.cross_entropy(F.linear(h, w, b).float(), y, ignore_index=-100)
+    want = torch.autograd.grad(3.0 * ref, leaves)
+    got = linear_cross_entropy(h, w, y, chunk=chunk, bias=b)
+    have = torch.autograd.grad(3.0 * got, leaves)
     assert got.item() == pytest.approx(ref.item(), rel=tol)
-    assert torch.allclose(fh.float(), gh.float(), atol=tol * gh.abs().max().item())
-    assert torch.allclose(fw.float(), gw.float(), atol=tol * gw.abs().max().item())
+    for g_have, g_want in zip(have, want):
+        assert torch.allclose(g_have.float(), g_want.float(), atol=tol * g_want.abs().max().item())
 
 
 def test_eager_fallback_gives_the_same_result(monkeypatch):

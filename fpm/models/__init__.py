@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fpm.config.schema import ModelCfg, Recipe
-from fpm.models import bert, gpt, t5
+from fpm.models import bert, gpt, kernels, t5
 from fpm.models.init import init_weights, scale_residual_projections
 
 FAMILIES = {"bert": bert, "gpt": gpt, "t5": t5}
@@ -26,8 +26,10 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
 
 def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
                 eos_id: int | None = None) -> nn.Module:
-    """The family's pretraining model, initialised as in §4.1 unless ``init=False``."""
+    """The family's pretraining model, initialised as in §4.1 unless ``init=False``; its dropout
+    layers draw their masks with :func:`fpm.models.kernels.dropout` (fast on CPU)."""
     model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
+    kernels.use_fast_dropout(model)
     if init and next(model.parameters()).device.type != "meta":
         init_weights(model, cfg.init_std)
         if cfg.scale_residual_init:

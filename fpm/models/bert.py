@@ -2,7 +2,7 @@
 
 Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets 50-90 layer BERTs
 train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
-Attention runs through ``scaled_dot_product_attention``; the parameters are untouched, so saved
+Attention and dropout run through :mod:`fpm.models.kernels` (fast on CPU, stock on GPU); the parameters are untouched, so saved
 weights load in plain ``transformers`` and give the same outputs.
 """
 
@@ -15,6 +15,8 @@ from transformers import MegatronBertConfig, MegatronBertForPreTraining
 from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
 from fpm.config.schema import ModelCfg
+from fpm.models import kernels
+from fpm.models.losses import linear_cross_entropy
 
 
 def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> MegatronBertConfig:
@@ -37,7 +39,7 @@ def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | Non
 
 
 class SdpaSelfAttention(hf.MegatronBertSelfAttention):
-    """MegatronBert self-attention computed with ``F.scaled_dot_product_attention``.
+    """MegatronBert self-attention computed with :func:`fpm.models.kernels.attention` (SDPA on GPU).
 
     Same parameters as the eager module; used for the encoder-only, no-cache path.
     """
@@ -54,9 +56,7 @@ class SdpaSelfAttention(hf.MegatronBertSelfAttention):
         v = self.value(hidden_states).view(shape).transpose(1, 2)
         if attention_mask is not None:
             attention_mask = attention_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
-        )
+        out = kernels.attention(q, k, v, attention_mask, dropout_p=self.dropout.p if self.training else 0.0)
         return out.transpose(1, 2).reshape(b, t, self.all_head_size), None
 
 
@@ -93,7 +93,11 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
                                attention_mask=batch["attention_mask"], return_dict=False)[:2]
     labels = batch["labels"].reshape(-1)
     picked = labels != -100
-    logits = core.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[picked])
-    mlm = F.cross_entropy(logits.float(), labels[picked])
+    head = core.cls.predictions
+    h = head.transform(hidden.reshape(-1, hidden.shape[-1])[picked])
+    if hasattr(head.decoder.weight, "ds_id"):  # ZeRO-3: let the module gather its weight
+        mlm = F.cross_entropy(head.decoder(h).float(), labels[picked])
+    else:  # fused projection + loss (fpm.models.losses): no fp32 logits tensor
+        mlm = linear_cross_entropy(h, head.decoder.weight, labels[picked], bias=head.decoder.bias)
     sop = F.cross_entropy(core.cls.seq_relationship(pooled).float(), batch["sop_labels"])
     return mlm + sop

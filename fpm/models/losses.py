@@ -22,9 +22,10 @@ import torch.nn.functional as F
 CHUNK = 2048
 
 
-def _chunk_grad(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor):
-    """(summed loss over rows with scale > 0, d loss / d logits × scale in the logits' dtype)."""
-    x = logits.float()
+def _chunk_grad(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """(summed loss over rows with scale > 0, d loss / d logits × scale in the logits' dtype);
+    ``bias`` is added to the logits first (in fp32, fused with the rest)."""
+    x = logits.float() if bias is None else logits.float() + bias.float()
     top = x.amax(dim=-1, keepdim=True)
     e = torch.exp(x - top)
     norm = e.sum(dim=-1, keepdim=True)
@@ -46,7 +47,7 @@ def _chunk_fn():
             _COMPILED = _chunk_grad
         else:
             try:
-                compiled = torch.compile(_chunk_grad, dynamic=False)
+                compiled = torch.compile(_chunk_grad, dynamic=None)
                 probe = torch.zeros(2, 3)
                 compiled(probe, torch.zeros(2, dtype=torch.long), torch.ones(2))
                 _COMPILED = compiled
@@ -57,37 +58,54 @@ def _chunk_fn():
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                chunk: int):
         n = hidden.shape[0]
         ok_all = labels != -100
         inv_valid = 1.0 / ok_all.sum().clamp(min=1).float()
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # one chunk (BERT's masked rows, small batches): the weight gradient comes straight out of
+        # one matmul; several chunks accumulate in fp32
+        grad_w = None
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         fn = _chunk_fn()
         for s in range(0, n, chunk):
             h, y = hidden[s:s + chunk], labels[s:s + chunk]
             ok = ok_all[s:s + chunk]
-            loss, g = fn(h @ weight.t(), y.clamp(min=0), ok.float() * inv_valid)
+            logits = h @ weight.t()
+            loss, g = fn(logits, y.clamp(min=0), ok.float() * inv_valid, bias)
+            del logits
             total += loss
-            grad_h[s:s + chunk] = g @ weight
-            grad_w.add_((g.t() @ h).float())
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            torch.mm(g, weight, out=grad_h[s:s + chunk])
+            if n <= chunk:
+                grad_w = g.t() @ h
+            elif grad_w is None:
+                grad_w = (g.t() @ h).float()
+            else:
+                grad_w.add_(g.t() @ h)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0, dtype=torch.float32))
+        ctx.has_bias = bias is not None
+        saved = [grad_h, grad_w.to(weight.dtype)] + ([grad_b.to(bias.dtype)] if bias is not None else [])
+        ctx.save_for_backward(*saved)
         return total * inv_valid
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        # the saved gradients are used once: scale them in place instead of allocating copies
+        grad_h, grad_w, *grad_b = ctx.saved_tensors
+        grad_bias = grad_b[0].mul_(grad_out) if ctx.has_bias else None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), grad_bias, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = CHUNK) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (-100 ignored), chunked.
+                         chunk: int = CHUNK, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored), chunked.
 
     Falls back to the plain computation when ``weight`` is a ZeRO-3 partition (DeepSpeed gathers
     it only inside its module's forward) or when gradients are not needed.
     """
     if hasattr(weight, "ds_id") or not (hidden.requires_grad or weight.requires_grad):
-        return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=-100)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=-100)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)

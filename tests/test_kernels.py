@@ -1,0 +1,88 @@
+"""fpm's CPU dropout and attention (fpm.models.kernels) against PyTorch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fpm.models import kernels
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_keep_mask_drops_p_of_the_elements_and_rescales_the_rest(p):
+    torch.manual_seed(0)
+    mask = kernels.keep_mask((512, 1024), p, torch.float32)
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    dropped = (mask == 0).float().mean().item()
+    exact = round(p * 65536) / 65536  # p rounded to 16 bits
+    assert abs(dropped - exact) < 4 * (exact * (1 - exact) / mask.numel()) ** 0.5
+    # unbiased: E[dropout(x)] = x
+    assert kernels.dropout(torch.ones(512, 1024), p).mean().item() == pytest.approx(1.0, abs=0.005)
+
+
+def test_masks_follow_the_torch_seed_and_differ_between_draws():
+    torch.manual_seed(7)
+    a, b = kernels.keep_mask((64, 64), 0.1, torch.float32), kernels.keep_mask((64, 64), 0.1, torch.float32)
+    torch.manual_seed(7)
+    a2 = kernels.keep_mask((64, 64), 0.1, torch.float32)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b)
+    # no pattern across the 4 lanes a 64-bit word is split into
+    torch.manual_seed(0)
+    m = kernels.keep_mask((4096, 4), 0.5, torch.float32) > 0
+    lanes = m.float().mean(0)
+    assert torch.all((lanes - 0.5).abs() < 0.03)
+
+
+def test_dropout_module_is_identity_in_eval_and_keeps_gradients_right():
+    layer = kernels.Dropout(0.25)
+    x = torch.randn(8, 16, requires_grad=True)
+    layer.eval()
+    assert layer(x) is x
+    layer.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    y.sum().backward()
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+
+
+def test_use_fast_dropout_swaps_every_dropout_and_keeps_the_state_dict():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout(0.2)))
+    keys = list(model.state_dict())
+    assert kernels.use_fast_dropout(model) == 2
+    assert all(type(m) is not nn.Dropout for m in model.modules())
+    assert [m.p for m in model.modules() if isinstance(m, kernels.Dropout)] == [0.1, 0.2]
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("causal, padded, scale", [(False, False, None), (False, True, None), (True, False, 0.3)])
+def test_attention_matches_sdpa_values_and_gradients(causal, padded, scale):
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 9, 8
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    mask = None
+    if padded:  # additive padding mask as transformers builds it: the last 3 keys of batch 1 hidden
+        mask = torch.zeros(b, 1, 1, t)
+        mask[1, ..., -3:] = torch.finfo(torch.float32).min
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    want = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    got = kernels.attention(q, k, v, mask, is_causal=causal, scale=scale)
+    have = torch.autograd.grad(got.square().sum(), (q, k, v))
+    assert torch.allclose(got, ref, atol=1e-5)
+    for g_have, g_want in zip(have, want):
+        assert torch.allclose(g_have, g_want, atol=1e-5)
+
+
+def test_attention_dropout_applies_to_the_probabilities():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    torch.manual_seed(11)
+    got = kernels.attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(11)
+    keep = kernels.keep_mask((2, 2, 5, 5), 0.2, torch.float32)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    assert torch.allclose(got, (probs * keep) @ v, atol=1e-6)

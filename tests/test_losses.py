@@ -41,3 +41,13 @@ def test_eager_fallback_gives_the_same_result(monkeypatch):
     monkeypatch.setattr(L, "_COMPILED", L._chunk_grad)
     eager = L.linear_cross_entropy(h, w, y, chunk=16)
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+
+
+def test_no_scored_rows_gives_zero_loss_and_zero_gradients():
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    b = torch.zeros(20, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), bias=b)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0

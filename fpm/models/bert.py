@@ -2,8 +2,8 @@
 
 Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets 50-90 layer BERTs
 train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
-Attention and dropout run through :mod:`fpm.models.kernels` (fast on CPU, stock on GPU); the parameters are untouched, so saved
-weights load in plain ``transformers`` and give the same outputs.
+Attention and dropout run through :mod:`fpm.models.kernels` (fast on CPU, stock on GPU); the
+parameters are untouched, so saved weights load in plain ``transformers`` and give the same outputs.
 """
 
 from __future__ import annotations

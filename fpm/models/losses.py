@@ -86,6 +86,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.add_(g.t() @ h)
             if grad_b is not None:
                 grad_b.add_(g.sum(0, dtype=torch.float32))
+        if grad_w is None:  # no rows at all
+            grad_w = torch.zeros_like(weight)
         ctx.has_bias = bias is not None
         saved = [grad_h, grad_w.to(weight.dtype)] + ([grad_b.to(bias.dtype)] if bias is not None else [])
         ctx.save_for_backward(*saved)

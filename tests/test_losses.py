@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fpm.models.losses import linear_cross_entropy
+
+
+def linear(w: torch.Tensor, b: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear whose parameters are the given leaf tensors."""
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    layer.weight = nn.Parameter(w)
+    if b is not None:
+        layer.bias = nn.Parameter(b)
+    return layer
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -20,10 +30,11 @@ def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol, chunk, with_b
     b = torch.randn(v).to(dtype).requires_grad_(True) if with_bias else None
     y = torch.randint(0, v, (n,))
     y[::7] = -100  # ignored positions
-    leaves = (h, w) + ((b,) if with_bias else ())
+    layer = linear(w, b)
+    leaves = (h, layer.weight) + ((layer.bias,) if with_bias else ())
     ref = F.cross_entropy(F.linear(h, w, b).float(), y, ignore_index=-100)
-    want = torch.autograd.grad(3.0 * ref, leaves)
-    got = linear_cross_entropy(h, w, y, chunk=chunk, bias=b)
+    want = torch.autograd.grad(3.0 * ref, (h, w) + ((b,) if with_bias else ()))
+    got = linear_cross_entropy(h, layer, y, chunk=chunk)
     have = torch.autograd.grad(3.0 * got, leaves)
     assert got.item() == pytest.approx(ref.item(), rel=tol)
     for g_have, g_want in zip(have, want):
@@ -35,19 +46,26 @@ def test_eager_fallback_gives_the_same_result(monkeypatch):
 
     torch.manual_seed(1)
     h = torch.randn(50, 16, requires_grad=True)
-    w = torch.randn(200, 16, requires_grad=True)
+    layer = nn.Linear(16, 200)
     y = torch.randint(0, 200, (50,))
-    compiled = L.linear_cross_entropy(h, w, y, chunk=16)
+    compiled = L.linear_cross_entropy(h, layer, y, chunk=16)
     monkeypatch.setattr(L, "_COMPILED", L._chunk_grad)
-    eager = L.linear_cross_entropy(h, w, y, chunk=16)
+    eager = L.linear_cross_entropy(h, layer, y, chunk=16)
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
 
 
 def test_no_scored_rows_gives_zero_loss_and_zero_gradients():
     h = torch.randn(0, 8, requires_grad=True)
-    w = torch.randn(20, 8, requires_grad=True)
-    b = torch.zeros(20, requires_grad=True)
-    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), bias=b)
+    layer = nn.Linear(8, 20)
+    loss = linear_cross_entropy(h, layer, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0
-    assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0
+    assert torch.count_nonzero(layer.weight.grad) == 0 and torch.count_nonzero(layer.bias.grad) == 0
+
+
+def test_without_gradients_it_gives_the_plain_loss():
+    layer = nn.Linear(8, 20)
+    h, y = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    with torch.no_grad():
+        got = linear_cross_entropy(h, layer, y)
+        assert got.item() == pytest.approx(F.cross_entropy(layer(h), y).item(), rel=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.models import build_model, loss_fn, residual_projections
+from fpm.models import build_model, kernels, loss_fn, residual_projections
 from fpm.models.bert import use_sdpa
 
 B, T = 3, 16
@@ -109,6 +109,28 @@ def test_bert_sdpa_attention_matches_eager():
     a = eager(input_ids=ids, attention_mask=mask).prediction_logits
     b = fast(input_ids=ids, attention_mask=mask).prediction_logits
     assert (a - b).abs().max().item() < 1e-5
+    # training (dropout off to compare): fpm's CPU matmul attention, values and gradients
+    for model in (eager, fast):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    a = eager(input_ids=ids, attention_mask=mask).prediction_logits
+    b = fast(input_ids=ids, attention_mask=mask).prediction_logits
+    assert (a - b).abs().max().item() < 1e-5
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for (name, pa), pb in zip(eager.named_parameters(), fast.parameters()):
+        if pa.grad is not None:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
+def test_built_models_use_fpm_dropout_everywhere():
+    for name in ("bert-e-l", "cpm-x-s", "cpm-2-x-s"):
+        recipe = tiny(name)
+        model = build_model(recipe.model, recipe.tokenizer.vocab_size)
+        assert not [m for m in model.modules() if type(m) is torch.nn.Dropout], name
+        assert any(isinstance(m, kernels.Dropout) for m in model.modules()), name
 
 
 def test_bert_is_pre_layernorm():

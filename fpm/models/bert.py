@@ -95,9 +95,6 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     picked = labels != -100
     head = core.cls.predictions
     h = head.transform(hidden.reshape(-1, hidden.shape[-1])[picked])
-    if hasattr(head.decoder.weight, "ds_id"):  # ZeRO-3: let the module gather its weight
-        mlm = F.cross_entropy(head.decoder(h).float(), labels[picked])
-    else:  # fused projection + loss (fpm.models.losses): no fp32 logits tensor
-        mlm = linear_cross_entropy(h, head.decoder.weight, labels[picked], bias=head.decoder.bias)
+    mlm = linear_cross_entropy(h, head.decoder, labels[picked])  # fused projection + loss: no fp32 logits
     sop = F.cross_entropy(core.cls.seq_relationship(pooled).float(), batch["sop_labels"])
     return mlm + sop

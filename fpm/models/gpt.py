@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2 import modeling_gpt2 as hf
@@ -57,9 +56,4 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     """
     core = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
     hidden = core.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
-    if hasattr(core.lm_head.weight, "ds_id"):  # ZeRO-3: let the module gather its weight
-        logits = core.lm_head(hidden)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                               ignore_index=-100)
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), core.lm_head.weight,
-                                batch["labels"].reshape(-1))
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), core.lm_head, batch["labels"].reshape(-1))

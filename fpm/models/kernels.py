@@ -64,7 +64,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         causal = torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(s - t + 1)
         scores = scores.masked_fill(causal, float("-inf"))
     if mask is not None:
-        scores = scores + mask
+        scores = scores.add_(mask)  # in place: neither matmul nor masked_fill saves its output
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(dropout(probs, dropout_p), v)
 

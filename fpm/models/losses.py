@@ -9,7 +9,7 @@ gradients with respect to the hidden states and the output matrix in the same pa
 kept for backward. The element-wise part of a chunk (softmax, loss, gradient, cast) is one
 ``torch.compile``d function — a single fused pass instead of about nine — with an eager fallback
 where no compiler is available. The result is the mean cross-entropy over positions whose label
-is not -100, equal to ``F.cross_entropy(hidden @ weight.T, labels)`` up to float rounding.
+is not -100, equal to ``F.cross_entropy(linear(hidden), labels)`` up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 CHUNK = 2048
 
@@ -101,13 +102,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), grad_bias, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = CHUNK, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored), chunked.
+def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, labels: torch.Tensor,
+                         chunk: int = CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of ``linear(hidden)`` against ``labels`` (-100 ignored), fused and chunked.
 
-    Falls back to the plain computation when ``weight`` is a ZeRO-3 partition (DeepSpeed gathers
-    it only inside its module's forward) or when gradients are not needed.
+    Calls the module itself when its weight is a ZeRO-3 partition (DeepSpeed gathers it only inside
+    the module's forward) or when no gradient is needed.
     """
-    if hasattr(weight, "ds_id") or not (hidden.requires_grad or weight.requires_grad):
-        return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=-100)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or linear.weight.requires_grad)
+    if hasattr(linear.weight, "ds_id") or not needs_grad:
+        return F.cross_entropy(linear(hidden).float(), labels, ignore_index=-100)
+    return _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, labels, chunk)

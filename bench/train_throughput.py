@@ -5,8 +5,9 @@ BERT uncased vocabulary) and a CPM-X/GPT-2 shape (6 layers, d=512, seq 128, the 
 global batch 32 sequences, bf16, on the real English corpus in ../shared/data (prepared once).
 
 * fpm: the engine `fpm pretrain` runs (:class:`fpm.engine.trainer.Trainer`, DeepSpeed, bf16 weights
-  with fp32 master copies, SDPA attention, foreach AdamW, data in a worker process), without
-  activation checkpointing (the Trainer side has none either); ``--compile`` adds ``train.compile``;
+  with fp32 master copies, DeepSpeed's CPU Adam, fpm's CPU dropout and attention, data in a worker
+  process), without activation checkpointing (the Trainer side has none either); ``--compile``
+  adds ``train.compile``;
 * HF: ``transformers.Trainer`` as its documentation shows for masked/causal-LM pretraining —
   ``TrainingArguments(bf16=True)``, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
   with the same model class and config (``MegatronBertForMaskedLM``: the Trainer's MLM objective has
@@ -100,9 +101,8 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
             times.mark()
         return lf(engine, batch)
 
-    trainer = Trainer(spec, model, timed_loss, ds, out, resume_dist := resolve_env(), resume=False, quiet=True,
+    trainer = Trainer(spec, model, timed_loss, ds, out, resolve_env(), resume=False, quiet=True,
                       on_step=lambda step: times.mark(), on_step_every=1)
-    del resume_dist
     trainer.fit()
     return times.t
 

@@ -22,6 +22,33 @@ def test_keep_mask_drops_p_of_the_elements_and_rescales_the_rest(p):
     assert kernels.dropout(torch.ones(512, 1024), p).mean().item() == pytest.approx(1.0, abs=0.005)
 
 
+def _splitmix64_low16(seed: int, i: int) -> int:
+    """SplitMix64's output function, written from its definition (Steele, Lea & Flood 2014)."""
+    m = (1 << 64) - 1
+    z = (seed + i * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return (z ^ (z >> 31)) & 0xFFFF
+
+
+def test_keep_bits_are_splitmix64_of_seed_and_index():
+    seed = (1 << 62) + 12345
+    bits = kernels.keep_bits(torch.tensor(seed), (3, 7))
+    assert bits.flatten().tolist() == [_splitmix64_low16(seed, i) for i in range(21)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (8, 16), (2, 3, 5, 5), (4, 8, 33, 65)])
+def test_cpp_mask_kernel_equals_the_reference_hash(shape, dtype):
+    kernel = kernels._kernel()
+    assert kernel is not None, "the C++ dropout-mask kernel did not build (needs a C++ compiler)"
+    seed = 987654321987
+    got = kernel(torch.empty(shape, dtype=dtype), seed, kernels.threshold(0.1), 1 / 0.9)
+    want = kernels._mask(torch.empty(shape, dtype=dtype), torch.tensor(seed), kernels.threshold(0.1), 1 / 0.9)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, want)
+
+
 def test_masks_follow_the_torch_seed_and_differ_between_draws():
     torch.manual_seed(7)
     a, b = kernels.keep_mask((64, 64), 0.1, torch.float32), kernels.keep_mask((64, 64), 0.1, torch.float32)
@@ -29,11 +56,14 @@ def test_masks_follow_the_torch_seed_and_differ_between_draws():
     a2 = kernels.keep_mask((64, 64), 0.1, torch.float32)
     assert torch.equal(a, a2)
     assert not torch.equal(a, b)
-    # no pattern across the 4 lanes a 64-bit word is split into
+    # consecutive elements are independent: no pattern along rows or columns, and a kept element
+    # says nothing about its neighbour
     torch.manual_seed(0)
     m = kernels.keep_mask((4096, 4), 0.5, torch.float32) > 0
-    lanes = m.float().mean(0)
-    assert torch.all((lanes - 0.5).abs() < 0.03)
+    assert torch.all((m.float().mean(0) - 0.5).abs() < 0.03)
+    flat = m.flatten().float()
+    both = (flat[1:] * flat[:-1]).mean().item()
+    assert abs(both - 0.25) < 0.01
 
 
 def test_dropout_module_is_identity_in_eval_and_keeps_gradients_right():

@@ -92,8 +92,10 @@ def _resume_check(full: Path, resumed: Path, resume_step: int, max_steps: int) -
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_exact_resume_after_sigkill(tmp_path, bert_data):
-    args = ["--max-steps", "36", "--save-every", "12", "--set", "train.log_every=1"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 without ZeRO: fpm's flat master weights
+def test_exact_resume_after_sigkill(tmp_path, bert_data, precision):
+    args = ["--max-steps", "36", "--save-every", "12", "--set", "train.log_every=1",
+            "--set", f"train.precision={precision}"]
     full = tmp_path / "full"
     pretrain(full, *args, data=bert_data)
     killed = tmp_path / "killed"
@@ -131,7 +133,8 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(tmp_path, bert_data):
     _resume_check(full, run, stopped, 30)
 
 
-@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"),
+                                              (0, "bf16")])
 def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
     out = tmp_path / "run"
     pretrain(out, "--max-steps", "60", "--save-every", "60", "--set", f"deepspeed.zero_stage={stage}",
@@ -139,7 +142,14 @@ def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
     l = losses(out)
     assert l[60] < l[10] - 0.5
     ds = json.loads((out / "ds_config.json").read_text())
-    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] == (precision == "bf16")
+    assert ds["zero_optimization"]["stage"] == stage
+    # bf16 without ZeRO on CPU: bf16 weights with fpm's flat fp32 master weights, DeepSpeed's wrapper off
+    flat = precision == "bf16" and stage == 0
+    assert ds["bf16"]["enabled"] == (precision == "bf16" and not flat)
+    assert ("fpm_master_weights" in ds) == flat and (ds["gradient_clipping"] == 0) == flat
+    if precision == "bf16":
+        state = torch.load(out / "checkpoints" / "step-00000060" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert {v.dtype for v in state["module"].values() if v.is_floating_point()} == {torch.bfloat16}
     ckpt = out / "checkpoints" / "step-00000060"
     if stage:
         assert list(ckpt.glob("*zero_pp_rank_0_*optim_states.pt"))
@@ -147,20 +157,26 @@ def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
         export_and_compare(out, tmp_path / "hf", "MegatronBertForPreTraining")
 
 
-def test_two_processes_with_torchrun(tmp_path, bert_data):
+@pytest.mark.parametrize("setting", ["deepspeed.zero_stage=2", "train.precision=bf16"])  # bf16: ZeRO-0 master weights
+def test_two_processes_with_torchrun(tmp_path, bert_data, setting):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "fpm", "pretrain", "bert-e-l", "--preset", "tiny", "--out", str(out), "--data",
                            str(bert_data), "--max-steps", "40", "--save-every", "20", "--set",
-                           "deepspeed.zero_stage=2"], capture_output=True, text=True, env=env, timeout=900)
+                           setting], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "16 = 8 x 1 x 2" in proc.stdout
     ckpt = out / "checkpoints" / "step-00000040"
     assert (ckpt / "rng" / "rank00000.pt").is_file() and (ckpt / "rng" / "rank00001.pt").is_file()
-    assert len(list(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     l = losses(out)
     assert l[40] < l[10]
+    if "zero_stage" not in setting:
+        # no ZeRO: one replica's optimizer state (fpm's master weights), kept by rank 0
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)
+        assert "master_weights" in state["optimizer"]
+        return
+    assert len(list(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     # a ZeRO checkpoint from 2 ranks cannot silently resume on 1: a clear refusal that says what to do
     proc = pretrain(out, "--max-steps", "50", "--set", "deepspeed.zero_stage=2", data=bert_data, check=False)
     assert proc.returncode == 2 and "written by 2 data-parallel ranks" in proc.stderr

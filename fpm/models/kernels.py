@@ -3,10 +3,17 @@
 Measured here (2 cores, bf16, the BERT shape of ``bench/train_throughput.py``):
 
 * ``F.dropout`` draws its mask with a Bernoulli sampler at ~160M values/s, which made dropout a
-  fifth of a training step. :func:`dropout` draws 64-bit words with ``random_`` (~1G 16-bit values/s)
-  and keeps an element when its 16 bits clear a threshold, so the drop probability is ``p`` rounded
-  to a multiple of 1/65536 (flash-attention rounds it to 1/256). The mask comes from the default
-  torch generator, so checkpointed RNG state still makes a resumed run exact.
+  fifth of a training step; even 16-bit words from ``random_`` (mt19937, ~1G values/s) plus the
+  compare, scale and multiply passes cost ~6.4 ms per 4.2M-element attention-probability tensor.
+  :func:`dropout` instead hashes each element's index with a seed (SplitMix64's output function)
+  and keeps the element when the hash's low 16 bits clear a threshold: one pass of a small C++
+  kernel (``csrc/dropout_mask.cpp``, ~2.7 ms) writes the scaled mask, which the multiply and its
+  backward use (~0.6 ms each): 3.9 ms instead of 7.0 forward+backward. A counter-based generator,
+  like Philox on GPUs. (``torch.compile`` of the same hash was faster but produced wrong masks for
+  some shapes and corrupted the heap for others in this torch build: not used.) The drop probability
+  is ``p`` rounded to a multiple of 1/65536. The seed is drawn from the default torch generator,
+  so checkpointed RNG state still makes a resumed run exact and activation recomputation sees
+  the same mask. Where the kernel cannot be built (no C++ compiler) ``F.dropout`` is used.
 * With dropout on, ``scaled_dot_product_attention`` on CPU falls back to its math path, and without
   dropout its flash kernel's bf16 backward pass is ~6x slower than batched matmuls.
   :func:`attention` computes softmax(QK^T/sqrt(d) + mask) V with matmuls and :func:`dropout` on the
@@ -16,30 +23,92 @@ Measured here (2 cores, bf16, the BERT shape of ``bench/train_throughput.py``):
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HALF = 1 << 15
+_GAMMA = -7046029254386353131  # SplitMix64's constants 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+_MIX1 = -4658895280553007687   # 0x94D049BB133111EB as signed 64-bit integers
+_MIX2 = -7723592293110705685
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of ``shape`` holding 1/(1-p) where an element is kept and 0 where it is dropped."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
-    bits = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
-    mask = torch.empty(shape, dtype=dtype)
-    torch.ge(bits, round(p * 2 * _HALF) - _HALF, out=mask)
-    return mask.mul_(1.0 / (1.0 - p))
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def keep_bits(seed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The low 16 bits (0..65535) of SplitMix64's output for the elements of ``shape``: element
+    ``i`` (row-major) hashes ``seed + i * 0x9E3779B97F4A7C15``. Pure integer tensor operations."""
+    z = torch.arange(math.prod(shape), dtype=torch.int64, device=seed.device).view(shape) * _GAMMA + seed
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return (z ^ _shr(z, 31)) & 0xFFFF
+
+
+def threshold(p: float) -> int:
+    """Elements whose 16 hash bits are below this are dropped: ``p`` rounded to 1/65536."""
+    return round(p * 65536)
+
+
+def _mask(x: torch.Tensor, seed: torch.Tensor, thr: int, scale: float) -> torch.Tensor:
+    """``scale`` where the element of ``x``'s shape is kept, 0 where dropped, in ``x``'s dtype."""
+    return torch.where(keep_bits(seed, x.shape) >= thr, scale, 0.0).to(x.dtype)
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """The C++ mask kernel (``csrc/dropout_mask.cpp``, JIT-built once into ``TORCH_EXTENSIONS_DIR``
+    like DeepSpeed's ops), or ``None`` where it cannot be built (no C++ compiler)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = False
+        if os.environ.get("FPM_NO_CPP_KERNELS") != "1":
+            try:
+                from torch.utils.cpp_extension import load
+
+                src = Path(__file__).with_name("csrc") / "dropout_mask.cpp"
+                module = load("fpm_dropout_mask", [str(src)], extra_cflags=["-O3", "-march=native"], verbose=False)
+                probe, seed = torch.ones(4, 5), torch.tensor(1, dtype=torch.int64)
+                if torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25)):
+                    _KERNEL = module.dropout_mask
+            except Exception as e:  # no compiler, no build: stock dropout instead (slower on CPU)
+                warnings.warn(f"fpm's C++ dropout-mask kernel could not be built ({str(e).splitlines()[0][:160]}); "
+                              "using F.dropout, which is slower on CPU", stacklevel=2)
+    return _KERNEL or None
+
+
+def new_seed() -> torch.Tensor:
+    """A fresh 63-bit seed from the default torch generator (so it is checkpointed with it)."""
+    return torch.empty((), dtype=torch.int64).random_()
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
+              seed: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask :func:`dropout` multiplies by for ``seed`` (a fresh one if omitted): 1/(1-p) where
+    an element is kept, 0 where it is dropped."""
+    seed = new_seed() if seed is None else seed
+    like = torch.empty(shape, dtype=dtype)
+    kernel = _kernel()
+    if kernel is None:
+        return _mask(like, seed, threshold(p), 1.0 / (1.0 - p))
+    return kernel(like, int(seed), threshold(p), 1.0 / (1.0 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    kernel = _kernel() if x.device.type == "cpu" and p < 1.0 else None
+    if kernel is None:
         return F.dropout(x, p, training)
-    return x * keep_mask(x.shape, p, x.dtype)
+    # x * mask: autograd keeps the mask for backward (cheaper here than hashing again)
+    return x * kernel(x, int(new_seed()), threshold(p), 1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):

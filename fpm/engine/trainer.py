@@ -105,9 +105,8 @@ class Trainer:
                 if self.flat_master():
                     from fpm.engine.master import MasterWeightCPUAdam
 
-                    self.model.to(torch.bfloat16)
-                    return MasterWeightCPUAdam(param_groups(self.model, s.weight_decay), lr=s.lr, betas=s.betas,
-                                               eps=s.eps, max_grad_norm=s.grad_clip)
+                    self.model.to(torch.bfloat16)  # in place: the Parameters in `groups` are the same objects
+                    return MasterWeightCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, max_grad_norm=s.grad_clip)
                 return DeepSpeedCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, adamw_mode=True)
             except Exception as e:  # the op is JIT-built: no compiler, no build
                 if s.offload_optimizer:

@@ -6,9 +6,8 @@ global batch 32 sequences, bf16, on the real English corpus in ../shared/data (p
 
 * fpm: the engine `fpm pretrain` runs (:class:`fpm.engine.trainer.Trainer`, DeepSpeed, bf16 weights
   with flat fp32 master copies (fpm.engine.master) updated by DeepSpeed's CPU Adam, fpm's CPU
-  dropout and attention, data in a worker
-  process), without activation checkpointing (the Trainer side has none either); ``--compile``
-  adds ``train.compile``;
+  dropout and attention, data in a worker process), without activation checkpointing (the Trainer
+  side has none either); ``--compile`` adds ``train.compile``;
 * HF: ``transformers.Trainer`` as its documentation shows for masked/causal-LM pretraining —
   ``TrainingArguments(bf16=True)``, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
   with the same model class and config (``MegatronBertForMaskedLM``: the Trainer's MLM objective has

@@ -170,8 +170,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
                       train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
     trainer = Trainer(spec, model, loss_fn(recipe.model.family), dataset, out, dist,
                       peak_tflops=peak_for(out, recipe.train.precision, recipe), resume=resume == "auto")
-    if rank0:
-        (out / "ds_config.json").write_text(json.dumps(trainer.ds_config(), indent=1))
+    if rank0:  # the trainer writes ds_config.json when it builds the engine
         info(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {dist.world_size} "
              f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
              f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero_stage}; run dir {out}")

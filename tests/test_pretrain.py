@@ -141,6 +141,7 @@ def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
              "--set", f"train.precision={precision}", data=bert_data)
     l = losses(out)
     assert l[60] < l[10] - 0.5
+    assert read_metrics(out)[-1]["grad_norm"] > 0  # every optimizer path reports its gradient norm
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
     # bf16 without ZeRO on CPU: bf16 weights with fpm's flat fp32 master weights, DeepSpeed's wrapper off

@@ -43,26 +43,33 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
             self.model_groups.append(params)
             master_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [master]})
         super().__init__(master_groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+        # per group: (model parameters, their slices of the flat master weights, of the flat gradient);
+        # the flat tensors are only ever updated in place, so the views stay valid
+        self._views = []
+        for params, group in zip(self.model_groups, self.param_groups):
+            master, sizes = group["params"][0], [p.numel() for p in params]
+            self._views.append((params, master.split(sizes), master.grad.split(sizes)))
         self.max_grad_norm = max_grad_norm
         self.overflow = False
         self._global_grad_norm = 0.0
 
-    def _pairs(self):
-        for params, group in zip(self.model_groups, self.param_groups):
-            master = group["params"][0]
-            yield params, master, master.split([p.numel() for p in params]), master.grad.split(
-                [p.numel() for p in params])
+    def _write_back(self) -> None:
+        """Round the master weights into the model's parameters."""
+        for params, weights, _ in self._views:
+            for p, w in zip(params, weights):
+                p.copy_(w.view_as(p))
 
     @torch.no_grad()
     def step(self, closure=None):
         sq = 0.0
-        for params, master, _, grads in self._pairs():
+        for (params, _, grads), group in zip(self._views, self.param_groups):
             for p, g in zip(params, grads):
                 if p.grad is None:
                     g.zero_()
                 else:
                     g.copy_(p.grad.reshape(-1))
-            sq += float(torch.dot(master.grad, master.grad))
+            flat = group["params"][0].grad
+            sq += float(torch.dot(flat, flat))
         norm = math.sqrt(sq) if math.isfinite(sq) else float("nan")
         self._global_grad_norm = norm
         self.overflow = not math.isfinite(norm)
@@ -73,9 +80,7 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
             for group in self.param_groups:
                 group["params"][0].grad.mul_(coef)
         super().step()
-        for params, _, weights, _ in self._pairs():
-            for p, w in zip(params, weights):
-                p.copy_(w.view_as(p))
+        self._write_back()
         return None
 
     def zero_grad(self, set_to_none: bool = True):
@@ -98,6 +103,4 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
         with torch.no_grad():
             for group, saved in zip(self.param_groups, masters):
                 group["params"][0].copy_(saved)
-            for params, _, weights, _ in self._pairs():
-                for p, w in zip(params, weights):
-                    p.copy_(w.view_as(p))
+            self._write_back()

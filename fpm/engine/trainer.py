@@ -9,6 +9,7 @@ function of the step (see :mod:`fpm.data.datasets`).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -147,8 +148,12 @@ class Trainer:
         factor = lambda step: lr_factor(step, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup_steps,  # noqa: E731
                                         max_steps=s.max_steps, schedule=s.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        config = self.ds_config()  # after the optimizer: whether fpm's master weights are in use is now known
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(config, indent=1))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config())
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         if self.dist.world_size == 1 and s.zero_stage == 0:
             # nobody to average gradients with: DeepSpeed would still flatten them all into one
             # buffer, "all-reduce" it over a group of one and copy it back (~60 ms a step on the
@@ -227,6 +232,7 @@ class Trainer:
         s = self.spec
         rank0 = self.dist.rank == 0
         start = self.setup()
+        flat = self.flat_master()  # decided in setup (False if DeepSpeed's CPU Adam could not be built)
         if start == 0:  # a fresh run: one dropout stream per rank (a resumed run restored its own)
             torch.manual_seed(s.seed + 1 + self.dist.rank)
         metrics = MetricsLogger(self.run_dir, enabled=rank0)
@@ -263,7 +269,8 @@ class Trainer:
                         self.engine.backward(loss)
                         step_loss += loss.detach().float()
                         manual_norm = None
-                        if micro == s.grad_accum - 1 and s.zero_stage == 0 and (step + 1) % s.log_every == 0:
+                        if (micro == s.grad_accum - 1 and s.zero_stage == 0 and not flat
+                                and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
                         self.engine.step()
                     step += 1

@@ -48,6 +48,9 @@ os.environ.setdefault("MASTER_PORT", "29577")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from fpm import allocator  # noqa: E402
+
+allocator.reexec()  # the allocator `fpm pretrain` runs on (tcmalloc where installed), for both sides
 
 import torch  # noqa: E402
 
@@ -183,7 +186,7 @@ def main() -> None:
                                                         "tinyshakespeare.txt")]
     tmp = Path(tempfile.mkdtemp(prefix="fpm-tput-"))
     peaks = [measure_peak_tflops(torch.bfloat16, seconds=1.0)]
-    print(f"threads {torch.get_num_threads()}, measured bf16 matmul peak {peaks[0]:.3f} TFLOP/s; "
+    print(f"threads {torch.get_num_threads()}, {allocator.in_use()} malloc (both sides), measured bf16 matmul peak {peaks[0]:.3f} TFLOP/s; "
           f"{args.rounds} rounds x {args.windows} windows of {args.window} steps after {args.warmup} warm-up steps")
     ratios = {}
     try:

@@ -365,9 +365,17 @@ def _has_cuda() -> bool:
     return os.path.exists("/dev/nvidia0") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+# commands that train or evaluate models run on tcmalloc/jemalloc where installed (fpm/allocator.py)
+_ALLOCATOR_COMMANDS = {"pretrain", "finetune", "evaluate", "sweep-depth"}
+
+
 def main() -> None:
     _quiet_libraries()
     try:
+        if len(sys.argv) > 1 and sys.argv[1] in _ALLOCATOR_COMMANDS:
+            from fpm import allocator
+
+            allocator.reexec()
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising here
         if isinstance(code, int) and code:
             sys.exit(code)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from fpm import allocator
 from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import Recipe, derive_batch
 from fpm.console import info, is_rank0
@@ -173,7 +174,8 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     if rank0:  # the trainer writes ds_config.json when it builds the engine
         info(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {dist.world_size} "
              f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
-             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero_stage}; run dir {out}")
+             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero_stage}, {torch.get_num_threads()} threads, "
+             f"{allocator.in_use()} malloc; run dir {out}")
     t0 = time.time()
     result = trainer.fit()
     if rank0:
@@ -181,6 +183,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
                   "step": result.step, "max_steps": spec.max_steps, "world_size": dist.world_size,
                   "data": str(data_dir), "wall_s": time.time() - t0, "torch": torch.__version__,
                   "python": platform.python_version(), "host": platform.node(),
+                  "threads": torch.get_num_threads(), "allocator": allocator.in_use(),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         (out / "run.json").write_text(json.dumps(status, indent=1))
         if result.reason == "done":

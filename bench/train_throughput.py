@@ -12,14 +12,21 @@ global batch 32 sequences, bf16, on the real English corpus in ../shared/data (p
   ``TrainingArguments(bf16=True)``, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
   with the same model class and config (``MegatronBertForMaskedLM``: the Trainer's MLM objective has
   no sentence-order labels; the SOP head is 0.1% of the FLOPs) on contiguous windows of the same
-  token shards.
+  token shards (the HF examples' ``group_texts``: every position a real token).
+
+Same data: fpm's BERT samples are runs of whole sentences of one document (for sentence-order
+prediction), padded to 128, so the corpus is prepared with one document per file (a line-per-document
+corpus of short lines would be mostly padding). Tokens/s and MFU count **real tokens only** (fpm's
+padding is measured on its own samples and left out), and BERT's masked-LM head FLOPs use the masked
+fraction measured on the same samples.
 
 Both run alternately in this process (``--rounds`` rounds of fpm then HF); every step is timed and
 cut into windows of ``--window`` steps after ``--warmup`` steps; the medians of all windows are
 compared. MFU = achieved model FLOP/s (6·N + attention per token, fpm.engine.flops) over this
 machine's bf16 matmul peak, measured here with the same thread count before every run of either side
 (this shared machine's speed drifts by 10-25% within minutes); MFU uses the highest of those
-measurements, the conservative choice, and the range is printed.
+measurements, the conservative choice, and the range is printed. The process runs on the
+allocator ``fpm pretrain`` picks (fpm/allocator.py: tcmalloc where installed), both sides alike.
 
 Usage:  python bench/train_throughput.py [--data ../shared/data] [--rounds 2] [--window 5]
 The last line is ``fpm/hf tokens_per_s ratio: X.XX (bert) Y.YY (gpt)``.
@@ -86,6 +93,32 @@ def windows(times: list[float], warmup: int, window: int) -> list[float]:
     """Seconds per step of each full window after the warm-up."""
     t = times[warmup:]
     return [(t[i + window] - t[i]) / window for i in range(0, len(t) - window, window)]
+
+
+def one_document_per_file(files: list[Path], out: Path) -> list[Path]:
+    """Copies of ``files`` with each file's lines joined into one line: `fpm data prepare` reads one
+    document per line, and BERT samples never cross a document."""
+    out.mkdir(parents=True, exist_ok=True)
+    joined = []
+    for f in files:
+        (out / f.name).write_text(" ".join(f.read_text(encoding="utf-8").split("\n")) + "\n", encoding="utf-8")
+        joined.append(out / f.name)
+    return joined
+
+
+def sample_stats(recipe, data: Path, n: int = 2000) -> tuple[float, float]:
+    """(real-token fraction, masked fraction of real tokens) over ``n`` random samples of fpm's dataset."""
+    ds = build_dataset(recipe, data)
+    rng = np.random.default_rng(0)
+    real = masked = total = 0
+    for i in rng.integers(0, len(ds), n):
+        b = ds[int(i)]
+        ids = b["input_ids"]
+        r = int(b["attention_mask"].sum()) if "attention_mask" in b else ids.size
+        real += r
+        total += ids.size
+        masked += int((b["labels"] != -100).sum()) if recipe.model.family == "bert" else 0
+    return real / total, masked / max(real, 1)
 
 
 def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
@@ -195,9 +228,17 @@ def main() -> None:
                 continue
             recipe = recipe_for(kind, vocab, steps, args.compile)
             data = tmp / f"data-{kind}"
-            prepare(recipe, PrepareOptions(inputs=corpus, out=data, workers=2, quiet=True))
-            tokens_per_step = 32 * recipe.data.seq_len
-            fpt = train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, recipe.data.seq_len)
+            inputs = one_document_per_file(corpus, tmp / "docs") if kind == "bert" else corpus
+            prepare(recipe, PrepareOptions(inputs=inputs, out=data, workers=2, quiet=True))
+            real, masked = sample_stats(recipe, data)
+            positions = 32 * recipe.data.seq_len
+            # fpm's step carries real * positions tokens; the Trainer's windows are all real tokens
+            fpt = train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, recipe.data.seq_len,
+                                        mask_prob=masked if kind == "bert" else 0.15)
+            fpt_hf = train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, recipe.data.seq_len)  # 15%
+            print(f"{kind}: fpm samples: {100 * real:.1f}% real tokens ({100 * (1 - real):.1f}% padding)"
+                  + (f", {100 * masked:.1f}% of them masked" if kind == "bert" else "")
+                  + f"; {fpt / 1e6:.1f} MFLOP per token", flush=True)
             w_fpm, w_hf = [], []
             kind_peaks = []
             for r in range(args.rounds):
@@ -211,12 +252,12 @@ def main() -> None:
             print(f"{kind}: bf16 matmul peak measured {len(kind_peaks)} times around the runs: "
                   f"{min(kind_peaks):.3f}-{peak:.3f} TFLOP/s; MFU below is against the highest", flush=True)
             f, h = statistics.median(w_fpm), statistics.median(w_hf)
-            tf, th = tokens_per_step / f, tokens_per_step / h
-            mfu_f, mfu_h = tf * fpt / (peak * 1e12), th * fpt / (peak * 1e12)
+            tf, th = real * positions / f, positions / h
+            mfu_f, mfu_h = tf * fpt / (peak * 1e12), th * fpt_hf / (peak * 1e12)
             ratios[kind] = tf / th
             print(f"{kind}: fpm {tf:,.0f} tokens/s ({f * 1000:.0f} ms/step, MFU {100 * mfu_f:.1f}%) | "
                   f"HF Trainer {th:,.0f} tokens/s ({h * 1000:.0f} ms/step, MFU {100 * mfu_h:.1f}%) | ratio "
-                  f"{tf / th:.2f} | windows fpm {len(w_fpm)} HF {len(w_hf)} | {fpt / 1e6:.1f} MFLOP/token", flush=True)
+                  f"{tf / th:.2f} | windows fpm {len(w_fpm)} HF {len(w_hf)} | real tokens only", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         import torch.distributed as td

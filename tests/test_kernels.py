@@ -116,3 +116,48 @@ def test_attention_dropout_applies_to_the_probabilities():
     keep = kernels.keep_mask((2, 2, 5, 5), 0.2, torch.float32)
     probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
     assert torch.allclose(got, (probs * keep) @ v, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (96, 2048), (37, 45), (33, 16), (1, 300), (300, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_transpose_kernel_equals_torch(shape, dtype):
+    assert kernels._module() is not None
+    x = torch.randn(shape).to(dtype)
+    assert torch.equal(kernels.transpose(x), x.t().contiguous())
+    sliced = torch.randn(shape[0], shape[1] + 7).to(dtype)[:, 3:3 + shape[1]]  # not contiguous: copied first
+    assert torch.equal(kernels.transpose(sliced), sliced.t().contiguous())
+
+
+@pytest.mark.parametrize("in_f, out_f, fast", [(32, 128, True), (128, 32, True), (64, 64, False)])
+def test_linear_gradients_match_autograd(in_f, out_f, fast):
+    torch.manual_seed(0)
+    lin = kernels.Linear(in_f, out_f).to(torch.bfloat16)
+    x = torch.randn(3, 40, in_f, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 40, out_f, dtype=torch.bfloat16)
+    y = lin(x)
+    assert (type(y.grad_fn).__name__ == "_LinearTransposedGradBackward") is fast  # rectangular layers only
+    got = torch.autograd.grad(y, (x, lin.weight, lin.bias), g)
+    # the same products in float32 from the same bf16 values: only the rounding of the result differs
+    x32, w32, g32 = x.detach().float(), lin.weight.detach().float(), g.float()
+    want = (g32 @ w32, g32.reshape(-1, out_f).t() @ x32.reshape(-1, in_f), g32.reshape(-1, out_f).sum(0))
+    for have, ref in zip(got, want):
+        assert have.dtype == torch.bfloat16 and have.shape == ref.shape
+        assert torch.allclose(have.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))  # the forward pass is F.linear's
+
+
+def test_linear_is_stock_in_float32_and_without_grad():
+    lin = kernels.Linear(16, 64)
+    x = torch.randn(5, 16, requires_grad=True)
+    assert type(lin(x).grad_fn).__name__ != "_LinearTransposedGradBackward"
+    with torch.no_grad():
+        assert lin.to(torch.bfloat16)(x.to(torch.bfloat16)).grad_fn is None
+
+
+def test_building_the_kernels_leaves_the_random_stream_alone(monkeypatch):
+    # the first dropout of a run builds/loads the kernels; drawing from the default generator there
+    # would shift every later mask of a resumed run relative to an uninterrupted one
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    state = torch.get_rng_state()
+    assert kernels._module() is not None
+    assert torch.equal(torch.get_rng_state(), state)

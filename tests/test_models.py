@@ -131,6 +131,7 @@ def test_built_models_use_fpm_dropout_everywhere():
         model = build_model(recipe.model, recipe.tokenizer.vocab_size)
         assert not [m for m in model.modules() if type(m) is torch.nn.Dropout], name
         assert any(isinstance(m, kernels.Dropout) for m in model.modules()), name
+        assert not [m for m in model.modules() if type(m) is torch.nn.Linear], name  # all kernels.Linear
 
 
 def test_bert_is_pre_layernorm():

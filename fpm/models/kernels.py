@@ -60,28 +60,50 @@ def _mask(x: torch.Tensor, seed: torch.Tensor, thr: int, scale: float) -> torch.
     return torch.where(keep_bits(seed, x.shape) >= thr, scale, 0.0).to(x.dtype)
 
 
-_KERNEL = None
+_MODULE = None
 
 
-def _kernel():
-    """The C++ mask kernel (``csrc/dropout_mask.cpp``, JIT-built once into ``TORCH_EXTENSIONS_DIR``
-    like DeepSpeed's ops), or ``None`` where it cannot be built (no C++ compiler)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = False
+def _module():
+    """fpm's C++ kernels (``csrc/cpu_kernels.cpp``, JIT-built once into ``TORCH_EXTENSIONS_DIR`` like
+    DeepSpeed's ops) with each function checked against its torch reference, or ``None`` where they
+    cannot be built (no C++ compiler) or ``FPM_NO_CPP_KERNELS=1``."""
+    global _MODULE
+    if _MODULE is None:
+        _MODULE = False
         if os.environ.get("FPM_NO_CPP_KERNELS") != "1":
             try:
                 from torch.utils.cpp_extension import load
 
-                src = Path(__file__).with_name("csrc") / "dropout_mask.cpp"
-                module = load("fpm_dropout_mask", [str(src)], extra_cflags=["-O3", "-march=native"], verbose=False)
+                src = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+                # -fopenmp: without it at::parallel_for compiles to a serial loop (measured: the mask
+                # kernel ran on one thread, 5.4 ms vs 2.7 ms per 8.4M elements)
+                module = load("fpm_cpu_kernels", [str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
                 probe, seed = torch.ones(4, 5), torch.tensor(1, dtype=torch.int64)
-                if torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25)):
-                    _KERNEL = module.dropout_mask
-            except Exception as e:  # no compiler, no build: stock dropout instead (slower on CPU)
-                warnings.warn(f"fpm's C++ dropout-mask kernel could not be built ({str(e).splitlines()[0][:160]}); "
-                              "using F.dropout, which is slower on CPU", stacklevel=2)
-    return _KERNEL or None
+                ok = torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25))
+                for shape in ((64, 48), (37, 45), (33, 16)):  # the vector path and the edges
+                    # no torch.randn here: drawing from the default generator would shift the random
+                    # stream of whichever step first calls this, and break exact resumes
+                    x = (torch.arange(shape[0] * shape[1]) % 251).view(shape).to(torch.bfloat16)  # exact in bf16
+                    ok = ok and torch.equal(module.transpose16(x), x.t().contiguous())
+                if ok:
+                    _MODULE = module
+            except Exception as e:  # no compiler, no build: stock PyTorch kernels instead (slower on CPU)
+                warnings.warn(f"fpm's C++ CPU kernels could not be built ({str(e).splitlines()[0][:160]}); "
+                              "using PyTorch's dropout and linear backward, which are slower on CPU", stacklevel=2)
+    return _MODULE or None
+
+
+def _kernel():
+    """The C++ dropout-mask kernel, or ``None``."""
+    module = _module()
+    return module.dropout_mask if module is not None else None
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the transpose of 2-D ``x`` (the C++ kernel for 16-bit CPU tensors)."""
+    module = _module() if x.device.type == "cpu" and x.element_size() == 2 else None
+    return module.transpose16(x) if module is not None else x.t().contiguous()
 
 
 def new_seed() -> torch.Tensor:
@@ -127,7 +149,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.device.type != "cpu" or not torch.is_grad_enabled() or not q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if scale != 1.0:  # callers may fold the scale into q's projection
+        scores = scores.mul_(scale)
     if is_causal:
         t, s = scores.shape[-2:]
         causal = torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(s - t + 1)
@@ -136,6 +161,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         scores = scores.add_(mask)  # in place: neither matmul nor masked_fill saves its output
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(dropout(probs, dropout_p), v)
+
+
+class _LinearTransposedGrad(torch.autograd.Function):
+    """``F.linear`` whose backward pass computes the weight gradient from a contiguous transpose.
+
+    dW = gᵀx contracts over the tokens, the leading dimension of both operands, so one of them
+    reaches the matmul transposed: oneDNN's bf16 matmul then runs at about half its rate here
+    (7.3 ms vs 4.3 ms for the 2048 x 4096 x 512 FFN shapes). Transposing the smaller side with
+    :func:`transpose` first (0.7 ms for 4096 x 512) wins for rectangular layers; for square ones
+    (512 x 512) it does not, so :class:`Linear` uses this only when one side is at least twice
+    the other.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        out_f, in_f = weight.shape
+        g = grad.reshape(-1, out_f)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, in_f)
+            dw = transpose(g) @ x2 if out_f <= in_f else transpose(transpose(x2) @ g)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)  # bf16 sum, fp32 accumulation inside (as autograd's own addmm backward)
+        return dx, dw, db
+
+
+def _fast_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
+            and x.dtype == weight.dtype and weight.element_size() == 2
+            and max(weight.shape) >= 2 * min(weight.shape)
+            and not hasattr(weight, "ds_id")  # a ZeRO-3 partition is gathered only inside F.linear
+            and not torch.compiler.is_compiling() and _module() is not None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with :class:`Linear`'s backward pass where it applies."""
+    if _fast_linear(x, weight):
+        return _LinearTransposedGrad.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU backward pass uses :class:`_LinearTransposedGrad` (bf16/fp16 training
+    of rectangular layers); same parameters, same results up to float rounding; stock elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast_linear(x, self.weight):
+            return _LinearTransposedGrad.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_fast_linear(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` for :class:`Linear` in place; returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+            n += 1
+    return n
 
 
 def use_fast_dropout(model: nn.Module) -> int:

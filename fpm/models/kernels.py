@@ -221,21 +221,22 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def use_fast_linear(model: nn.Module) -> int:
-    """Swap every ``nn.Linear`` of ``model`` for :class:`Linear` in place; returns how many."""
+def _swap(model: nn.Module, stock: type, fast: type) -> int:
+    """Give every module of exactly type ``stock`` the subclass ``fast`` in place (parameters and
+    state-dict keys unchanged); returns how many."""
     n = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = Linear
+        if type(module) is stock:
+            module.__class__ = fast
             n += 1
     return n
+
+
+def use_fast_linear(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` for :class:`Linear` in place; returns how many."""
+    return _swap(model, nn.Linear, Linear)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap every ``nn.Dropout`` of ``model`` for :class:`Dropout` in place; returns how many."""
-    n = 0
-    for module in model.modules():
-        if type(module) is nn.Dropout:
-            module.__class__ = Dropout
-            n += 1
-    return n
+    return _swap(model, nn.Dropout, Dropout)

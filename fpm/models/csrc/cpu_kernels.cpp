@@ -12,13 +12,20 @@
 // each output row gets whole 64-byte lines; scalar at the edges and without AVX2. ~2.5x torch's
 // `x.t().contiguous()` here, which is what makes weight gradients from a contiguous transposed
 // operand pay (fpm.models.kernels.Linear).
+//
+// sumsq16 / adamw16: the optimizer step of fpm.engine.master in two passes instead of five. bf16
+// gradients are read directly (no fp32 copy), the clipping factor is applied in registers, and
+// AdamW (decoupled weight decay, as torch.optim.AdamW) updates the fp32 master weights and moments
+// and writes the bf16-rounded weights into the model parameters in the same pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -95,7 +102,131 @@ void transpose_u16(const uint16_t* src, uint16_t* dst, int64_t rows, int64_t col
   });
 }
 
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FPM_AVX512 1
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+#endif
+
+double sumsq_u16(const uint16_t* x, int64_t n) {
+  return at::parallel_reduce(0, n, 1 << 16, 0.0, [&](int64_t begin, int64_t end, double acc) {
+    int64_t i = begin;
+#ifdef FPM_AVX512
+    __m512 sum = _mm512_setzero_ps();
+    for (; i < end; i += 16) {
+      const __m512 v = load_bf16(x + i, tail_mask(end - i));
+      sum = _mm512_fmadd_ps(v, v, sum);
+    }
+    acc += static_cast<double>(_mm512_reduce_add_ps(sum));
+#endif
+    for (; i < end; ++i) {
+      const float v = bf16_bits_to_float(x[i]);
+      acc += static_cast<double>(v) * v;
+    }
+    return acc;
+  }, std::plus<double>());
+}
+
+struct AdamW {
+  float lr, beta1, beta2, eps, decay, step_size, inv_bc2_sqrt, scale;
+};
+
+void adamw_u16(const AdamW& a, float* w, float* m, float* v, const uint16_t* g, uint16_t* out, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#ifdef FPM_AVX512
+    const __m512 b1 = _mm512_set1_ps(a.beta1), c1 = _mm512_set1_ps(1.0f - a.beta1);
+    const __m512 b2 = _mm512_set1_ps(a.beta2), c2 = _mm512_set1_ps(1.0f - a.beta2);
+    const __m512 scale = _mm512_set1_ps(a.scale), decay = _mm512_set1_ps(a.decay);
+    const __m512 step = _mm512_set1_ps(a.step_size), inv = _mm512_set1_ps(a.inv_bc2_sqrt), eps = _mm512_set1_ps(a.eps);
+    for (; i < end; i += 16) {
+      const __mmask16 k = tail_mask(end - i);
+      const __m512 gi = _mm512_mul_ps(load_bf16(g + i, k), scale);
+      const __m512 mi = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, m + i), _mm512_mul_ps(c1, gi));
+      const __m512 vi = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, v + i), _mm512_mul_ps(c2, _mm512_mul_ps(gi, gi)));
+      const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(vi), inv, eps);
+      __m512 wi = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, w + i), decay);
+      wi = _mm512_fnmadd_ps(step, _mm512_div_ps(mi, denom), wi);
+      _mm512_mask_storeu_ps(m + i, k, mi);
+      _mm512_mask_storeu_ps(v + i, k, vi);
+      _mm512_mask_storeu_ps(w + i, k, wi);
+      store_bf16(out + i, k, wi);
+    }
+#endif
+    for (; i < end; ++i) {
+      const float gi = bf16_bits_to_float(g[i]) * a.scale;
+      m[i] = a.beta1 * m[i] + (1.0f - a.beta1) * gi;
+      v[i] = a.beta2 * v[i] + (1.0f - a.beta2) * gi * gi;
+      const float denom = std::sqrt(v[i]) * a.inv_bc2_sqrt + a.eps;
+      w[i] = w[i] * a.decay - a.step_size * (m[i] / denom);
+      out[i] = float_to_bf16_bits(w[i]);
+    }
+  });
+}
+
 }  // namespace
+
+double sumsq16(const std::vector<torch::Tensor>& xs) {
+  double total = 0.0;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.device().is_cpu(), "sumsq16: contiguous bf16 CPU tensors");
+    total += sumsq_u16(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.numel());
+  }
+  return total;
+}
+
+// AdamW step t (1-based) over the flat fp32 master weights/moments of one parameter group;
+// grads[i] and params[i] (bf16, contiguous) own the next params[i].numel() elements.
+void adamw16(torch::Tensor master, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+             const std::vector<torch::Tensor>& grads, const std::vector<torch::Tensor>& params,
+             double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, double grad_scale) {
+  TORCH_CHECK(master.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
+              exp_avg_sq.scalar_type() == at::kFloat && master.is_contiguous() && exp_avg.is_contiguous() &&
+              exp_avg_sq.is_contiguous() && grads.size() == params.size(), "adamw16: flat fp32 state, matching lists");
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const AdamW a{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
+                static_cast<float>(1.0 - lr * weight_decay), static_cast<float>(lr / bc1),
+                static_cast<float>(1.0 / std::sqrt(bc2)), static_cast<float>(grad_scale)};
+  float* w = master.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  int64_t off = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& g = grads[i];
+    const auto& p = params[i];
+    TORCH_CHECK(g.scalar_type() == at::kBFloat16 && p.scalar_type() == at::kBFloat16 && g.is_contiguous() &&
+                p.is_contiguous() && g.numel() == p.numel(), "adamw16: contiguous bf16 gradients and parameters");
+    TORCH_CHECK(off + p.numel() <= master.numel(), "adamw16: parameters larger than the master weights");
+    adamw_u16(a, w + off, m + off, v + off, reinterpret_cast<const uint16_t*>(g.data_ptr()),
+              reinterpret_cast<uint16_t*>(p.data_ptr()), p.numel());
+    off += p.numel();
+  }
+  TORCH_CHECK(off == master.numel(), "adamw16: parameters do not cover the master weights");
+}
 
 torch::Tensor transpose16(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.element_size() == 2 && x.device().is_cpu(),
@@ -130,4 +261,6 @@ torch::Tensor dropout_mask(const torch::Tensor& like, int64_t seed, int64_t thr,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask", &dropout_mask, "SplitMix64 dropout mask (scale where kept, 0 where dropped)");
   m.def("transpose16", &transpose16, "contiguous transpose of a 2-D 16-bit tensor");
+  m.def("sumsq16", &sumsq16, "sum of squares of bf16 tensors (float accumulation)");
+  m.def("adamw16", &adamw16, "AdamW on flat fp32 master weights from bf16 gradients, bf16 weights written back");
 }

@@ -49,6 +49,24 @@ def test_cpp_mask_kernel_equals_the_reference_hash(shape, dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (8, 16), (2, 3, 5, 5), (4, 8, 33, 65)])
+def test_bf16_dropout_equals_x_times_the_mask_and_backward_hashes_the_same_mask(shape):
+    x = torch.randn(shape).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(shape).to(torch.bfloat16)
+    torch.manual_seed(5)
+    y = kernels.dropout(x, 0.1)
+    assert type(y.grad_fn).__name__ == "_Dropout16Backward"  # bf16: the mask is never written
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.manual_seed(5)
+    mask = kernels.keep_mask(shape, 0.1, torch.bfloat16)  # the same seed drawn from the generator
+    assert torch.equal(y, x.detach() * mask)
+    assert torch.equal(dx, g * mask)
+    # a non-contiguous gradient is indexed like the forward input
+    g_t = torch.randn(tuple(reversed(shape))).to(torch.bfloat16).permute(*reversed(range(len(shape))))
+    (dx_t,) = torch.autograd.grad(y, x, g_t)
+    assert torch.equal(dx_t, g_t * mask)
+
+
 def test_masks_follow_the_torch_seed_and_differ_between_draws():
     torch.manual_seed(7)
     a, b = kernels.keep_mask((64, 64), 0.1, torch.float32), kernels.keep_mask((64, 64), 0.1, torch.float32)
@@ -66,9 +84,10 @@ def test_masks_follow_the_torch_seed_and_differ_between_draws():
     assert abs(both - 0.25) < 0.01
 
 
-def test_dropout_module_is_identity_in_eval_and_keeps_gradients_right():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_module_is_identity_in_eval_and_keeps_gradients_right(dtype):
     layer = kernels.Dropout(0.25)
-    x = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(8, 16, dtype=dtype, requires_grad=True)
     layer.eval()
     assert layer(x) is x
     layer.train()
@@ -76,8 +95,9 @@ def test_dropout_module_is_identity_in_eval_and_keeps_gradients_right():
     y = layer(x)
     y.sum().backward()
     kept = y != 0
-    assert torch.allclose(y[kept], x[kept] / 0.75)
-    assert torch.allclose(x.grad, kept.float() / 0.75)
+    assert 0.6 < kept.float().mean().item() < 0.9
+    assert torch.allclose(y[kept], x[kept] / 0.75, rtol=1e-2)
+    assert torch.allclose(x.grad, (kept.float() / 0.75).to(dtype))
 
 
 def test_use_fast_dropout_swaps_every_dropout_and_keeps_the_state_dict():
@@ -126,6 +146,8 @@ def test_transpose_kernel_equals_torch(shape, dtype):
     assert torch.equal(kernels.transpose(x), x.t().contiguous())
     sliced = torch.randn(shape[0], shape[1] + 7).to(dtype)[:, 3:3 + shape[1]]  # not contiguous: copied first
     assert torch.equal(kernels.transpose(sliced), sliced.t().contiguous())
+    with_ones = kernels.transpose(x, ones_row=True)
+    assert torch.equal(with_ones[:-1], x.t()) and torch.equal(with_ones[-1], torch.ones(shape[0], dtype=dtype))
 
 
 @pytest.mark.parametrize("in_f, out_f, fast", [(32, 128, True), (128, 32, True), (64, 64, False)])

@@ -81,6 +81,8 @@ def _module():
                               extra_ldflags=["-fopenmp"], verbose=False)
                 probe, seed = torch.ones(4, 5), torch.tensor(1, dtype=torch.int64)
                 ok = torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25))
+                x16 = (torch.arange(37 * 5) % 251).view(37, 5).to(torch.bfloat16)  # vector path and tail
+                ok = ok and torch.equal(module.dropout_apply(x16, 1, 6554, 1.25), x16 * _mask(x16, seed, 6554, 1.25))
                 for shape in ((64, 48), (37, 45), (33, 16)):  # the vector path and the edges
                     # no torch.randn here: drawing from the default generator would shift the random
                     # stream of whichever step first calls this, and break exact resumes
@@ -100,10 +102,14 @@ def _kernel():
     return module.dropout_mask if module is not None else None
 
 
-def transpose(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of the transpose of 2-D ``x`` (the C++ kernel for 16-bit CPU tensors)."""
+def transpose(x: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+    """A contiguous copy of the transpose of 2-D ``x`` (the C++ kernel for 16-bit CPU tensors), with
+    a row of ones appended below if ``ones_row``."""
     module = _module() if x.device.type == "cpu" and x.element_size() == 2 else None
-    return module.transpose16(x) if module is not None else x.t().contiguous()
+    if module is not None:
+        return module.transpose16(x, ones_row)
+    xt = x.t()
+    return torch.cat([xt, xt.new_ones(1, xt.shape[1])]) if ones_row else xt.contiguous()
 
 
 def new_seed() -> torch.Tensor:
@@ -123,14 +129,31 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
     return kernel(like, int(seed), threshold(p), 1.0 / (1.0 - p))
 
 
+class _Dropout16(torch.autograd.Function):
+    """bf16 dropout that never writes its mask: forward multiplies by the hash mask in one pass, and
+    backward hashes the same seed again (cheaper here than writing, saving and reading the mask)."""
+
+    @staticmethod
+    def forward(ctx, x, seed: int, thr: int, scale: float):
+        ctx.args = (seed, thr, scale)
+        return _module().dropout_apply(x, seed, thr, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _module().dropout_apply(grad, *ctx.args), None, None, None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0.0:
         return x
     kernel = _kernel() if x.device.type == "cpu" and p < 1.0 else None
     if kernel is None:
         return F.dropout(x, p, training)
-    # x * mask: autograd keeps the mask for backward (cheaper here than hashing again)
-    return x * kernel(x, int(new_seed()), threshold(p), 1.0 / (1.0 - p))
+    seed = int(new_seed())
+    if x.dtype == torch.bfloat16:
+        return _Dropout16.apply(x, seed, threshold(p), 1.0 / (1.0 - p))
+    # x * mask: autograd keeps the mask for backward
+    return x * kernel(x, seed, threshold(p), 1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -188,10 +211,17 @@ class _LinearTransposedGrad(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = (g @ weight).view(x.shape)
+        want_db = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, in_f)
-            dw = transpose(g) @ x2 if out_f <= in_f else transpose(transpose(x2) @ g)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            if out_f <= in_f:
+                dw = transpose(g) @ x2
+            else:  # dWᵀ = xᵀg; a row of ones under xᵀ gives the bias gradient (g's column sums) as well
+                dwt = transpose(x2, ones_row=want_db) @ g
+                dw = transpose(dwt[:in_f])
+                if want_db:
+                    db = dwt[in_f].clone()
+        if want_db and db is None:
             db = g.sum(0)  # bf16 sum, fp32 accumulation inside (as autograd's own addmm backward)
         return dx, dw, db
 

@@ -5,7 +5,8 @@
 // dropout_mask: element i of the mask is kept when the low 16 bits of SplitMix64's output for
 // (seed + i * 0x9E3779B97F4A7C15) are >= thr. One pass, parallel over the elements, no generator
 // state beyond the seed: the same (seed, shape) always gives the same mask. Reference
-// implementation in Python: fpm.models.kernels.keep_bits.
+// implementation in Python: fpm.models.kernels.keep_bits. dropout_apply multiplies by that mask
+// without writing it (bf16, AVX-512): forward and backward each one pass, nothing saved but the seed.
 //
 // transpose16: a contiguous copy of the transpose of a 2-D tensor of 16-bit elements (bf16/fp16),
 // 16x16 tiles transposed in AVX2 registers (4 unpack stages and a lane permute), 32-row strips so
@@ -131,6 +132,42 @@ inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) {
 }
 #endif
 
+#if defined(FPM_AVX512) && defined(__AVX512DQ__)
+// keep flags of elements i .. i+7 (SplitMix64 as in fill() above, 8 lanes of 64 bits)
+inline __mmask8 keep8(uint64_t seed, int64_t i, uint64_t thr) {
+  const __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  __m512i z = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(seed)),
+                               _mm512_mullo_epi64(idx, _mm512_set1_epi64(static_cast<int64_t>(0x9E3779B97F4A7C15ull))));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull)));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull)));
+  z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+  return _mm512_cmpge_epu64_mask(_mm512_and_si512(z, _mm512_set1_epi64(0xFFFF)), _mm512_set1_epi64(static_cast<int64_t>(thr)));
+}
+#endif
+
+// y = x * scale where the element is kept, 0 where dropped (bf16 in and out, product in float,
+// rounded to nearest even: what x * dropout_mask(...) gives), without writing the mask.
+void dropout_apply_u16(const uint16_t* x, uint16_t* y, int64_t n, uint64_t seed, uint64_t thr, float scale) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#if defined(FPM_AVX512) && defined(__AVX512DQ__)
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; i < end; i += 16) {
+      const __mmask16 k = tail_mask(end - i);
+      const __mmask16 keep = static_cast<__mmask16>(keep8(seed, i, thr) | (static_cast<unsigned>(keep8(seed, i + 8, thr)) << 8));
+      store_bf16(y + i, k, _mm512_maskz_mul_ps(keep, load_bf16(x + i, k), s));
+    }
+#endif
+    for (; i < end; ++i) {
+      uint64_t z = seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      y[i] = (z & 0xFFFFull) >= thr ? float_to_bf16_bits(bf16_bits_to_float(x[i]) * scale) : 0;
+    }
+  });
+}
+
 double sumsq_u16(const uint16_t* x, int64_t n) {
   return at::parallel_reduce(0, n, 1 << 16, 0.0, [&](int64_t begin, int64_t end, double acc) {
     int64_t i = begin;
@@ -228,13 +265,26 @@ void adamw16(torch::Tensor master, torch::Tensor exp_avg, torch::Tensor exp_avg_
   TORCH_CHECK(off == master.numel(), "adamw16: parameters do not cover the master weights");
 }
 
-torch::Tensor transpose16(const torch::Tensor& x) {
+// With ones_row, one more output row of ones: (x^T; 1) @ g then holds g's column sums in its last
+// row, a bias gradient for the price of one more row in the matmul.
+torch::Tensor transpose16(const torch::Tensor& x, bool ones_row) {
   TORCH_CHECK(x.dim() == 2 && x.element_size() == 2 && x.device().is_cpu(),
               "transpose16: a 2-D CPU tensor of 16-bit elements");
   const auto src = x.contiguous();
-  auto out = torch::empty({src.size(1), src.size(0)}, src.options());
+  auto out = torch::empty({src.size(1) + (ones_row ? 1 : 0), src.size(0)}, src.options());
   transpose_u16(reinterpret_cast<const uint16_t*>(src.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
                 src.size(0), src.size(1));
+  if (ones_row) out[src.size(1)].fill_(1.0);
+  return out;
+}
+
+torch::Tensor dropout_apply(const torch::Tensor& x, int64_t seed, int64_t thr, double scale) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "dropout_apply: a bf16 CPU tensor");
+  const auto src = x.contiguous();
+  auto out = torch::empty_like(src);
+  const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));  // the mask's bf16 value
+  dropout_apply_u16(reinterpret_cast<const uint16_t*>(src.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                    src.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(thr), s);
   return out;
 }
 
@@ -260,7 +310,9 @@ torch::Tensor dropout_mask(const torch::Tensor& like, int64_t seed, int64_t thr,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask", &dropout_mask, "SplitMix64 dropout mask (scale where kept, 0 where dropped)");
-  m.def("transpose16", &transpose16, "contiguous transpose of a 2-D 16-bit tensor");
+  m.def("dropout_apply", &dropout_apply, "x times its SplitMix64 dropout mask, without writing the mask (bf16)");
+  m.def("transpose16", &transpose16, "contiguous transpose of a 2-D 16-bit tensor (optionally a row of ones below)",
+        py::arg("x"), py::arg("ones_row") = false);
   m.def("sumsq16", &sumsq16, "sum of squares of bf16 tensors (float accumulation)");
   m.def("adamw16", &adamw16, "AdamW on flat fp32 master weights from bf16 gradients, bf16 weights written back");
 }

@@ -183,3 +183,27 @@ def test_building_the_kernels_leaves_the_random_stream_alone(monkeypatch):
     state = torch.get_rng_state()
     assert kernels._module() is not None
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("in_f, out_f", [(32, 96), (96, 32)])
+def test_conv1d_gradients_match_autograd(in_f, out_f):
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    torch.manual_seed(0)
+    stock = HFConv1D(out_f, in_f).to(torch.bfloat16)
+    with torch.no_grad():
+        stock.bias.normal_()
+    fast = HFConv1D(out_f, in_f).to(torch.bfloat16)
+    fast.load_state_dict(stock.state_dict())
+    assert kernels.use_fast_conv1d(fast) == 1
+    x = torch.randn(3, 40, in_f, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 40, out_f, dtype=torch.bfloat16)
+    y = fast(x)
+    assert type(y.grad_fn).__name__ == "_Conv1DTransposedGradBackward"
+    assert torch.equal(y, stock(x))
+    got = torch.autograd.grad(y, (x, fast.weight, fast.bias), g)
+    x32, w32, g32 = x.detach().float(), fast.weight.detach().float(), g.float().reshape(-1, out_f)
+    want = ((g32 @ w32.t()).view(x.shape), x32.reshape(-1, in_f).t() @ g32, g32.sum(0))
+    for have, ref in zip(got, want):
+        assert have.dtype == torch.bfloat16 and have.shape == ref.shape and have.is_contiguous()
+        assert torch.allclose(have.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

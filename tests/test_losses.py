@@ -19,10 +19,17 @@ def linear(w: torch.Tensor, b: torch.Tensor | None = None) -> nn.Linear:
     return layer
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol, transposed", [(torch.float32, 1e-5, False), (torch.bfloat16, 2e-2, False),
+                                                (torch.bfloat16, 2e-2, True)])
 @pytest.mark.parametrize("chunk", [64, 512])  # several chunks (the last one partial), and a single one
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol, chunk, with_bias):
+def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol, transposed, chunk, with_bias, monkeypatch):
+    import fpm.models.losses as L
+
+    # the transposed-weight path (16-bit CPU, many rows: GPT) taken here for 300 rows as well
+    monkeypatch.setattr(L, "TRANSPOSED_MIN_ROWS", 0 if transposed else 10**9)
+    calls, transpose = [], L.kernels.transpose
+    monkeypatch.setattr(L.kernels, "transpose", lambda x, ones_row=False: calls.append(1) or transpose(x, ones_row))
     torch.manual_seed(0)
     n, d, v = 300, 32, 1000
     h = torch.randn(n, d, dtype=dtype, requires_grad=True)
@@ -37,6 +44,7 @@ def test_matches_plain_cross_entropy_and_its_gradients(dtype, tol, chunk, with_b
     got = linear_cross_entropy(h, layer, y, chunk=chunk)
     have = torch.autograd.grad(3.0 * got, leaves)
     assert got.item() == pytest.approx(ref.item(), rel=tol)
+    assert bool(calls) == transposed
     for g_have, g_want in zip(have, want):
         assert torch.allclose(g_have.float(), g_want.float(), atol=tol * g_want.abs().max().item())
 

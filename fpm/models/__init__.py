@@ -27,11 +27,13 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
 def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
                 eos_id: int | None = None) -> nn.Module:
     """The family's pretraining model, initialised as in §4.1 unless ``init=False``; its dropout
-    layers draw their masks with :func:`fpm.models.kernels.dropout` and its linear layers compute
-    weight gradients as :class:`fpm.models.kernels.Linear` does (both fast on CPU, stock on GPU)."""
+    layers draw their masks with :func:`fpm.models.kernels.dropout` and its linear layers (and GPT-2's
+    ``Conv1D``) compute weight gradients as :class:`fpm.models.kernels.Linear` does (both fast on
+    CPU, stock on GPU)."""
     model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
     kernels.use_fast_dropout(model)
     kernels.use_fast_linear(model)
+    kernels.use_fast_conv1d(model)  # GPT-2's projections
     if init and next(model.parameters()).device.type != "meta":
         init_weights(model, cfg.init_std)
         if cfg.scale_residual_init:

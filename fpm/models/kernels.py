@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D as _HFConv1D
 
 _GAMMA = -7046029254386353131  # SplitMix64's constants 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
 _MIX1 = -4658895280553007687   # 0x94D049BB133111EB as signed 64-bit integers
@@ -249,6 +250,53 @@ class Linear(nn.Linear):
         if _fast_linear(x, self.weight):
             return _LinearTransposedGrad.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class _Conv1DTransposedGrad(torch.autograd.Function):
+    """``x @ W + b`` with ``W`` stored (in, out), as transformers' GPT-2 ``Conv1D``; the backward
+    pass as :class:`_LinearTransposedGrad`'s. Here dW = xᵀg already has the weight's layout when
+    x is the transposed side, and the row of ones gives the bias gradient with it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        in_f, out_f = weight.shape
+        g = grad.reshape(-1, out_f)
+        dx = (g @ weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = db = None
+        want_db = ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, in_f)
+            if in_f <= out_f:  # dW = (xᵀ; 1) g: the weight gradient and, in its last row, the bias gradient
+                r = transpose(x2, ones_row=want_db) @ g
+                dw = r[:in_f]  # contiguous rows of r
+                db = r[in_f].clone() if want_db else None
+            else:
+                dw = transpose(transpose(g) @ x2)
+        if want_db and db is None:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+class Conv1D(_HFConv1D):
+    """transformers' GPT-2 ``Conv1D`` with :class:`_Conv1DTransposedGrad`'s backward pass on CPU in
+    bf16/fp16 for rectangular layers; same parameters; stock elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast_linear(x, self.weight):
+            return _Conv1DTransposedGrad.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_fast_conv1d(model: nn.Module) -> int:
+    """Swap every transformers ``Conv1D`` of ``model`` for :class:`Conv1D` in place; returns how many."""
+    return _swap(model, _HFConv1D, Conv1D)
 
 
 def _swap(model: nn.Module, stock: type, fast: type) -> int:

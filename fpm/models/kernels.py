@@ -1,23 +1,27 @@
-"""Dropout and attention that are fast on CPU; on a GPU the stock PyTorch kernels are used.
+"""Dropout, attention and linear layers that are fast on CPU; on a GPU the stock PyTorch kernels run.
 
-Measured here (2 cores, bf16, the BERT shape of ``bench/train_throughput.py``):
+Measured here (2 cores, bf16, the BERT shape of ``bench/train_throughput.py``); the C++ parts are
+one small extension (``csrc/cpu_kernels.cpp``) JIT-built with OpenMP and checked against torch
+references before use (``FPM_NO_CPP_KERNELS=1`` or no compiler: stock PyTorch):
 
 * ``F.dropout`` draws its mask with a Bernoulli sampler at ~160M values/s, which made dropout a
-  fifth of a training step; even 16-bit words from ``random_`` (mt19937, ~1G values/s) plus the
-  compare, scale and multiply passes cost ~6.4 ms per 4.2M-element attention-probability tensor.
-  :func:`dropout` instead hashes each element's index with a seed (SplitMix64's output function)
-  and keeps the element when the hash's low 16 bits clear a threshold: one pass of a small C++
-  kernel (``csrc/dropout_mask.cpp``, ~2.7 ms) writes the scaled mask, which the multiply and its
-  backward use (~0.6 ms each): 3.9 ms instead of 7.0 forward+backward. A counter-based generator,
-  like Philox on GPUs. (``torch.compile`` of the same hash was faster but produced wrong masks for
-  some shapes and corrupted the heap for others in this torch build: not used.) The drop probability
-  is ``p`` rounded to a multiple of 1/65536. The seed is drawn from the default torch generator,
-  so checkpointed RNG state still makes a resumed run exact and activation recomputation sees
-  the same mask. Where the kernel cannot be built (no C++ compiler) ``F.dropout`` is used.
+  fifth of a training step. :func:`dropout` instead hashes each element's index with a seed
+  (SplitMix64's output function) and keeps the element when the hash's low 16 bits clear a
+  threshold — a counter-based generator, like Philox on GPUs. In bf16 the product x·mask is one
+  pass and backward hashes the same seed again, so no mask is written or saved (1.35 ms forward
+  per 4.2M-element attention-probability tensor, against 2.1 ms for mask then multiply); other
+  dtypes multiply by the mask. The drop probability is ``p`` rounded to a multiple of 1/65536. The
+  seed is drawn from the default torch generator, so checkpointed RNG state still makes a resumed
+  run exact and activation recomputation sees the same mask. (``torch.compile`` of the same hash
+  produced wrong masks for some shapes and corrupted the heap for others in this torch build.)
 * With dropout on, ``scaled_dot_product_attention`` on CPU falls back to its math path, and without
   dropout its flash kernel's bf16 backward pass is ~6x slower than batched matmuls.
   :func:`attention` computes softmax(QK^T/sqrt(d) + mask) V with matmuls and :func:`dropout` on the
   probabilities: 24 ms instead of 68 ms forward+backward per layer of that shape.
+* A weight gradient dW = gᵀx contracts over the tokens, the leading dimension of both operands, so
+  one reaches oneDNN's bf16 matmul transposed and runs at about half speed. :class:`Linear` (and
+  :class:`Conv1D` for GPT-2) transpose the smaller operand first with a 16-bit AVX2 transpose
+  (2.5x ``x.t().contiguous()``): -19 ms a step on the BERT shape.
 """
 
 from __future__ import annotations

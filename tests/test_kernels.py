@@ -207,3 +207,17 @@ def test_conv1d_gradients_match_autograd(in_f, out_f):
     for have, ref in zip(got, want):
         assert have.dtype == torch.bfloat16 and have.shape == ref.shape and have.is_contiguous()
         assert torch.allclose(have.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
+    qkv = torch.randn(2, 5, 3, 4, 6, requires_grad=True)
+    q, k, v = kernels.split_heads(qkv)
+    want = qkv.permute(2, 0, 3, 1, 4)
+    for i, part in enumerate((q, k, v)):
+        assert torch.equal(part, want[i]) and part.shape == (2, 4, 5, 6)
+    gq, gv = torch.randn_like(q), torch.randn_like(v)
+    (grad,) = torch.autograd.grad((q * gq).sum() + (v * gv).sum(), qkv)  # k unused: its gradient is zero
+    ref = qkv.detach().requires_grad_()
+    rq, rk, rv = ref.permute(2, 0, 3, 1, 4).unbind(0)
+    (want_grad,) = torch.autograd.grad((rq * gq).sum() + (rv * gv).sum(), ref)
+    assert torch.equal(grad, want_grad) and grad.is_contiguous()

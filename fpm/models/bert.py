@@ -62,8 +62,7 @@ class SdpaSelfAttention(hf.MegatronBertSelfAttention):
             s = d ** -0.5
             w = torch.cat([self.query.weight * s, self.key.weight, self.value.weight])
             bias = torch.cat([self.query.bias * s, self.key.bias, self.value.bias])
-            qkv = kernels.linear(hidden_states, w, bias).view(b, t, 3, heads, d).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = kernels.split_heads(kernels.linear(hidden_states, w, bias).view(b, t, 3, heads, d))
             scale = 1.0
         if attention_mask is not None:
             attention_mask = attention_mask.to(q.dtype)

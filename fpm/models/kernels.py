@@ -168,6 +168,33 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """(batch, seq, 3, heads, d) projections -> q, k, v as (batch, heads, seq, d) views; backward
+    writes the three gradients straight into one buffer of the projection's layout (autograd's own
+    unbind + permute backward stacks them, then copies the stack into that layout: one pass more)."""
+
+    @staticmethod
+    def forward(ctx, qkv):
+        ctx.shape = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        grad = dq.new_empty(ctx.shape) if dq is not None else (dk if dk is not None else dv).new_empty(ctx.shape)
+        for part, g in zip(grad.permute(2, 0, 3, 1, 4).unbind(0), (dq, dk, dv)):
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g)
+        return grad
+
+
+def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of shape (batch, heads, seq, d) from a (batch, seq, 3, heads, d) projection."""
+    return _SplitHeads.apply(qkv)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` for (batch, heads, seq, d_head) inputs; ``mask`` is additive.

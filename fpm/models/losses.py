@@ -112,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ok = ok_all[s:s + chunk]
             g = logits_buf[:h.shape[0]]
             torch.mm(h, wt if transposed else weight.t(), out=g)
-            total += fn(g, y.clamp(min=0), ok.float() * inv_valid, bias)
+            total += fn(g, y.clamp(min=0), ok.float() * inv_valid, bias)  # g: logits -> their gradient
             torch.mm(g, weight, out=grad_h[s:s + chunk])
             if transposed:  # [d (+1), V]: Wᵀ's gradient (and the bias gradient in the last row)
                 ht = kernels.transpose(h, ones_row=bias is not None)

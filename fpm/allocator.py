@@ -89,7 +89,6 @@ def preload_env(environ: dict[str, str] | None = None, dirs: list[Path] | None =
         raise FpmError(f"{ENV}={choice}: none of {', '.join(LIBRARIES[choice])} found in "
                        f"{', '.join(str(d) for d in dirs or search_dirs(env))} (Debian/Ubuntu: apt install "
                        f"{'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}; or {ENV}=system)")
-    os.environ[_DONE] = "none"  # nothing found: child processes need not look again
     return None
 
 
@@ -97,6 +96,7 @@ def reexec() -> None:
     """Re-execute this command with the allocator preloaded (no return), or return unchanged."""
     env = preload_env()
     if env is None:
+        os.environ.setdefault(_DONE, "none")  # child processes (torchrun ranks, sweep cells) need not look again
         return
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     sys.stdout.flush()

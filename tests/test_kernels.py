@@ -141,7 +141,7 @@ def test_attention_dropout_applies_to_the_probabilities():
 @pytest.mark.parametrize("shape", [(64, 48), (96, 2048), (37, 45), (33, 16), (1, 300), (300, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_transpose_kernel_equals_torch(shape, dtype):
-    assert kernels._module() is not None
+    assert kernels.extension() is not None
     x = torch.randn(shape).to(dtype)
     assert torch.equal(kernels.transpose(x), x.t().contiguous())
     sliced = torch.randn(shape[0], shape[1] + 7).to(dtype)[:, 3:3 + shape[1]]  # not contiguous: copied first
@@ -181,7 +181,7 @@ def test_building_the_kernels_leaves_the_random_stream_alone(monkeypatch):
     # would shift every later mask of a resumed run relative to an uninterrupted one
     monkeypatch.setattr(kernels, "_MODULE", None)
     state = torch.get_rng_state()
-    assert kernels._module() is not None
+    assert kernels.extension() is not None
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -221,3 +221,21 @@ def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
     rq, rk, rv = ref.permute(2, 0, 3, 1, 4).unbind(0)
     (want_grad,) = torch.autograd.grad((rq * gq).sum() + (rv * gv).sum(), ref)
     assert torch.equal(grad, want_grad) and grad.is_contiguous()
+
+
+@pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16"])
+def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
+    module = kernels.extension()
+    wrong = {  # each a plausible bug: a no-op transpose, clipping ignored, the scale ignored, no squares
+        "transpose16": lambda x, ones_row=False: x.contiguous(),
+        "adamw16": lambda *a: module.adamw16(*a[:-1], 1.0),
+        "dropout_apply": lambda x, seed, thr, scale: module.dropout_apply(x, seed, thr, 1.0),
+        "sumsq16": lambda xs: float(sum(x.float().abs().sum() for x in xs)),
+    }
+
+    class Broken:  # the real extension with one function replaced
+        def __getattr__(self, name):
+            return wrong[name] if name == broken else getattr(module, name)
+
+    assert kernels._probe(module)
+    assert not kernels._probe(Broken())

@@ -19,11 +19,11 @@ def path(request, monkeypatch):
     if request.param == "deepspeed":
         import fpm.models.kernels
 
-        monkeypatch.setattr(fpm.models.kernels, "_module", lambda: None)
+        monkeypatch.setattr(fpm.models.kernels, "extension", lambda: None)
     else:
-        from fpm.models.kernels import _module
+        from fpm.models.kernels import extension
 
-        assert _module() is not None
+        assert extension() is not None
     return request.param
 
 

@@ -50,9 +50,9 @@ class MasterWeightCPUAdam(DeepSpeedCPUAdam):
             self.model_groups.append(params)
             master_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [master]})
         super().__init__(master_groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
-        from fpm.models.kernels import _module
+        from fpm.models.kernels import extension
 
-        kernels = _module()
+        kernels = extension()
         self._fused = kernels if kernels is not None and all(
             p.dtype == torch.bfloat16 for params in self.model_groups for p in params) and all(
             group.get("bias_correction", True) for group in self.param_groups) else None

@@ -66,12 +66,38 @@ def _mask(x: torch.Tensor, seed: torch.Tensor, thr: int, scale: float) -> torch.
 
 
 _MODULE = None
+_FALLBACK = "using PyTorch's dropout and linear backward and DeepSpeed's CPU Adam, which are slower on CPU"
 
 
-def _module():
+def _probe(module) -> bool:
+    """Every function of the extension against its torch reference, on small deterministic inputs
+    that reach both the vector loops and their tails. No torch.randn here: drawing from the default
+    generator would shift the random stream of whichever step first calls this, and break exact
+    resumes."""
+    seed = torch.tensor(1, dtype=torch.int64)
+    probe = torch.ones(4, 5)
+    ok = torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25))
+    x16 = ((torch.arange(37 * 5) % 251) - 125).view(37, 5).to(torch.bfloat16)  # exact in bf16
+    ok = ok and torch.equal(module.dropout_apply(x16, 1, 6554, 1.25), x16 * _mask(x16, seed, 6554, 1.25))
+    for shape in ((64, 48), (37, 45), (33, 16)):
+        x = (torch.arange(shape[0] * shape[1]) % 251).view(shape).to(torch.bfloat16)
+        ok = ok and torch.equal(module.transpose16(x), x.t().contiguous())
+    g = x16.reshape(-1) / 64
+    ok = ok and abs(module.sumsq16([g]) - float(g.float().square().sum())) < 1e-6 * float(g.float().square().sum())
+    # one AdamW step (lr 0.1, betas 0.9/0.99, eps 1e-8, decay 0.01, step 1, gradients scaled by 0.5)
+    w = torch.linspace(-1, 1, g.numel())
+    m, v, p16 = torch.zeros_like(w), torch.zeros_like(w), torch.empty_like(g)
+    module.adamw16(w, m, v, [g], [p16], 0.1, 0.9, 0.99, 1e-8, 0.01, 1, 0.5)
+    g32 = g.float() * 0.5
+    want = torch.linspace(-1, 1, g.numel()) * (1 - 0.1 * 0.01) - 0.1 * g32 / (g32.abs() + 1e-8)
+    return (ok and torch.allclose(w, want, atol=1e-5) and torch.allclose(m, 0.1 * g32)
+            and torch.allclose(v, 0.01 * g32 * g32) and torch.equal(p16, w.to(torch.bfloat16)))
+
+
+def extension():
     """fpm's C++ kernels (``csrc/cpu_kernels.cpp``, JIT-built once into ``TORCH_EXTENSIONS_DIR`` like
-    DeepSpeed's ops) with each function checked against its torch reference, or ``None`` where they
-    cannot be built (no C++ compiler) or ``FPM_NO_CPP_KERNELS=1``."""
+    DeepSpeed's ops) with each function checked against its torch reference (:func:`_probe`), or
+    ``None`` where they cannot be built (no C++ compiler) or ``FPM_NO_CPP_KERNELS=1``."""
     global _MODULE
     if _MODULE is None:
         _MODULE = False
@@ -84,33 +110,27 @@ def _module():
                 # kernel ran on one thread, 5.4 ms vs 2.7 ms per 8.4M elements)
                 module = load("fpm_cpu_kernels", [str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
-                probe, seed = torch.ones(4, 5), torch.tensor(1, dtype=torch.int64)
-                ok = torch.equal(module.dropout_mask(probe, 1, 6554, 1.25), _mask(probe, seed, 6554, 1.25))
-                x16 = (torch.arange(37 * 5) % 251).view(37, 5).to(torch.bfloat16)  # vector path and tail
-                ok = ok and torch.equal(module.dropout_apply(x16, 1, 6554, 1.25), x16 * _mask(x16, seed, 6554, 1.25))
-                for shape in ((64, 48), (37, 45), (33, 16)):  # the vector path and the edges
-                    # no torch.randn here: drawing from the default generator would shift the random
-                    # stream of whichever step first calls this, and break exact resumes
-                    x = (torch.arange(shape[0] * shape[1]) % 251).view(shape).to(torch.bfloat16)  # exact in bf16
-                    ok = ok and torch.equal(module.transpose16(x), x.t().contiguous())
-                if ok:
+                if _probe(module):
                     _MODULE = module
+                else:
+                    warnings.warn(f"fpm's C++ CPU kernels disagree with their torch references on this CPU; "
+                                  f"{_FALLBACK}", stacklevel=2)
             except Exception as e:  # no compiler, no build: stock PyTorch kernels instead (slower on CPU)
                 warnings.warn(f"fpm's C++ CPU kernels could not be built ({str(e).splitlines()[0][:160]}); "
-                              "using PyTorch's dropout and linear backward, which are slower on CPU", stacklevel=2)
+                              f"{_FALLBACK}", stacklevel=2)
     return _MODULE or None
 
 
 def _kernel():
     """The C++ dropout-mask kernel, or ``None``."""
-    module = _module()
+    module = extension()
     return module.dropout_mask if module is not None else None
 
 
 def transpose(x: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
     """A contiguous copy of the transpose of 2-D ``x`` (the C++ kernel for 16-bit CPU tensors), with
     a row of ones appended below if ``ones_row``."""
-    module = _module() if x.device.type == "cpu" and x.element_size() == 2 else None
+    module = extension() if x.device.type == "cpu" and x.element_size() == 2 else None
     if module is not None:
         return module.transpose16(x, ones_row)
     xt = x.t()
@@ -141,11 +161,11 @@ class _Dropout16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, seed: int, thr: int, scale: float):
         ctx.args = (seed, thr, scale)
-        return _module().dropout_apply(x, seed, thr, scale)
+        return extension().dropout_apply(x, seed, thr, scale)
 
     @staticmethod
     def backward(ctx, grad):
-        return _module().dropout_apply(grad, *ctx.args), None, None, None
+        return extension().dropout_apply(grad, *ctx.args), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -263,7 +283,7 @@ def _fast_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype == weight.dtype and weight.element_size() == 2
             and max(weight.shape) >= 2 * min(weight.shape)
             and not hasattr(weight, "ds_id")  # a ZeRO-3 partition is gathered only inside F.linear
-            and not torch.compiler.is_compiling() and _module() is not None)
+            and not torch.compiler.is_compiling() and extension() is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ TRANSPOSED_MIN_ROWS = 1024  # fewer rows (BERT's masked 15%): one transpose of W
 
 def _transposable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     return (hidden.device.type == "cpu" and weight.dtype == hidden.dtype and weight.element_size() == 2
-            and kernels._module() is not None)
+            and kernels.extension() is not None)
 
 
 def _chunk_grad(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):

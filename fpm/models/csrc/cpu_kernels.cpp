@@ -20,31 +20,36 @@
 // and writes the bf16-rounded weights into the model parameters in the same pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cmath>
-#include <vector>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull, kMix1 = 0xBF58476D1CE4E5B9ull, kMix2 = 0x94D049BB133111EBull;
+
+// SplitMix64's output for element i of the mask seeded with `seed`: kept when its low 16 bits >= thr
+inline bool kept(uint64_t seed, int64_t i, uint64_t thr) {
+  uint64_t z = seed + static_cast<uint64_t>(i) * kGamma;
+  z = (z ^ (z >> 30)) * kMix1;
+  z = (z ^ (z >> 27)) * kMix2;
+  z ^= z >> 31;
+  return (z & 0xFFFFull) >= thr;
+}
+
 // Writes `keep` (the bit pattern of the scale in the output dtype) or 0 per element, as plain
 // integers so that the compiler vectorises the loop.
 template <typename bits_t>
 void fill(bits_t* out, int64_t n, uint64_t seed, uint64_t thr, bits_t keep) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      uint64_t z = seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      const bits_t kept = static_cast<bits_t>((z & 0xFFFFull) >= thr);
-      out[i] = static_cast<bits_t>(keep & static_cast<bits_t>(0 - kept));
-    }
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = static_cast<bits_t>(keep & static_cast<bits_t>(0 - static_cast<bits_t>(kept(seed, i, thr))));
   });
 }
 
@@ -133,15 +138,15 @@ inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) {
 #endif
 
 #if defined(FPM_AVX512) && defined(__AVX512DQ__)
-// keep flags of elements i .. i+7 (SplitMix64 as in fill() above, 8 lanes of 64 bits)
+// kept() for elements i .. i+7 at once (8 lanes of 64 bits)
 inline __mmask8 keep8(uint64_t seed, int64_t i, uint64_t thr) {
+  const auto c = [](uint64_t k) { return _mm512_set1_epi64(static_cast<int64_t>(k)); };
   const __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  __m512i z = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(seed)),
-                               _mm512_mullo_epi64(idx, _mm512_set1_epi64(static_cast<int64_t>(0x9E3779B97F4A7C15ull))));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64(static_cast<int64_t>(0xBF58476D1CE4E5B9ull)));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64(static_cast<int64_t>(0x94D049BB133111EBull)));
+  __m512i z = _mm512_add_epi64(c(seed), _mm512_mullo_epi64(idx, c(kGamma)));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), c(kMix1));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), c(kMix2));
   z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-  return _mm512_cmpge_epu64_mask(_mm512_and_si512(z, _mm512_set1_epi64(0xFFFF)), _mm512_set1_epi64(static_cast<int64_t>(thr)));
+  return _mm512_cmpge_epu64_mask(_mm512_and_si512(z, c(0xFFFF)), c(thr));
 }
 #endif
 
@@ -158,13 +163,7 @@ void dropout_apply_u16(const uint16_t* x, uint16_t* y, int64_t n, uint64_t seed,
       store_bf16(y + i, k, _mm512_maskz_mul_ps(keep, load_bf16(x + i, k), s));
     }
 #endif
-    for (; i < end; ++i) {
-      uint64_t z = seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
-      y[i] = (z & 0xFFFFull) >= thr ? float_to_bf16_bits(bf16_bits_to_float(x[i]) * scale) : 0;
-    }
+    for (; i < end; ++i) y[i] = kept(seed, i, thr) ? float_to_bf16_bits(bf16_bits_to_float(x[i]) * scale) : 0;
   });
 }
 

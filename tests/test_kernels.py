@@ -223,7 +223,8 @@ def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
     assert torch.equal(grad, want_grad) and grad.is_contiguous()
 
 
-@pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16"])
+@pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16", "to_heads", "to_rows",
+                                    "dropout_add_ln_forward", "dropout_add_ln_backward"])
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
     module = kernels.extension()
     wrong = {  # each a plausible bug: a no-op transpose, clipping ignored, the scale ignored, no squares
@@ -231,6 +232,12 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
         "adamw16": lambda *a: module.adamw16(*a[:-1], 1.0),
         "dropout_apply": lambda x, seed, thr, scale: module.dropout_apply(x, seed, thr, 1.0),
         "sumsq16": lambda xs: float(sum(x.float().abs().sum() for x in xs)),
+        # padding not zeroed; rows in the wrong order; dropout left out; the residual gradient dropped
+        "to_heads": lambda rows, row_of, *a: module.to_heads(rows, row_of.abs(), *a),
+        "to_rows": lambda heads, index: module.to_rows(heads, index.flip(0)),
+        "dropout_add_ln_forward": lambda h, x, g, b, seed, thr, scale, eps: module.dropout_add_ln_forward(
+            h, x, g, b, seed, 0, 1.0, eps),
+        "dropout_add_ln_backward": lambda dy, dr, *a: module.dropout_add_ln_backward(dy, None, *a),
     }
 
     class Broken:  # the real extension with one function replaced

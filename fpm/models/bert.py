@@ -15,7 +15,7 @@ from transformers import MegatronBertConfig, MegatronBertForPreTraining
 from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
 from fpm.config.schema import ModelCfg
-from fpm.models import kernels
+from fpm.models import bert_unpadded, kernels
 from fpm.models.losses import linear_cross_entropy
 
 
@@ -100,12 +100,23 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     cost of the largest matrix multiply and of the softmax over 30k entries.
     """
     core = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
-    hidden, pooled = core.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                               attention_mask=batch["attention_mask"], return_dict=False)[:2]
     labels = batch["labels"].reshape(-1)
     picked = labels != -100
     head = core.cls.predictions
-    h = head.transform(hidden.reshape(-1, hidden.shape[-1])[picked])
+    if bert_unpadded.applies(core.bert):  # the padding-free forward: same result, no work on padding
+        keep = batch["attention_mask"].bool() | (batch["labels"] != -100)
+        keep[:, 0] = True  # the pooler's [CLS]
+        hidden, u = bert_unpadded.encode(core.bert, batch["input_ids"], batch["token_type_ids"],
+                                         batch["attention_mask"], keep)
+        at = picked.nonzero().squeeze(1)
+        masked = hidden[u.rows(at)]
+        first = hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
+        pooled = core.bert.pooler.activation(core.bert.pooler.dense(first))
+    else:
+        hidden, pooled = core.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                   attention_mask=batch["attention_mask"], return_dict=False)[:2]
+        masked = hidden.reshape(-1, hidden.shape[-1])[picked]
+    h = head.transform(masked)
     mlm = linear_cross_entropy(h, head.decoder, labels[picked])  # fused projection + loss: no fp32 logits
     sop = F.cross_entropy(core.cls.seq_relationship(pooled).float(), batch["sop_labels"])
     return mlm + sop

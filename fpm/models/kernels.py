@@ -91,7 +91,38 @@ def _probe(module) -> bool:
     g32 = g.float() * 0.5
     want = torch.linspace(-1, 1, g.numel()) * (1 - 0.1 * 0.01) - 0.1 * g32 / (g32.abs() + 1e-8)
     return (ok and torch.allclose(w, want, atol=1e-5) and torch.allclose(m, 0.1 * g32)
-            and torch.allclose(v, 0.01 * g32 * g32) and torch.equal(p16, w.to(torch.bfloat16)))
+            and torch.allclose(v, 0.01 * g32 * g32) and torch.equal(p16, w.to(torch.bfloat16))
+            and _probe_unpadded(module))
+
+
+def _probe_unpadded(module) -> bool:
+    """The padding-free BERT kernels against torch: rows <-> zero-padded heads (exact), and dropout +
+    residual add + LayerNorm forward and backward (r exact, the rest to bf16 rounding)."""
+    keep = torch.tensor([True, True, False, True, False, True])  # batch 2 x seq 3
+    index = keep.nonzero().squeeze(1)
+    row_of = torch.where(keep, keep.long().cumsum(0) - 1, -1)
+    rows = (torch.arange(4 * 12) % 251).view(4, 12).to(torch.bfloat16)  # 2 groups x 2 heads x d 3
+    want = rows.new_zeros(6, 12).index_copy(0, index, rows).view(2, 3, 2, 2, 3).permute(2, 0, 3, 1, 4)
+    heads = module.to_heads(rows, row_of, 2, 3, 2, 2)
+    ok = all(torch.equal(a, b) for a, b in zip(heads, want.unbind(0)))
+    ok = ok and torch.equal(module.to_rows(heads, index), rows)
+    seed, n, c = torch.tensor(3, dtype=torch.int64), 5, 40  # 40: one 16-wide tail
+    h = (((torch.arange(n * c) % 13) - 6) / 4).view(n, c).to(torch.bfloat16)
+    x = (((torch.arange(n * c) % 7) - 3) / 2).view(n, c).to(torch.bfloat16)
+    gamma, beta = torch.linspace(0.5, 1.5, c).to(torch.bfloat16), torch.linspace(-0.5, 0.5, c).to(torch.bfloat16)
+    mask = _mask(h, seed, 6554, 1.25)
+    r, y, mean, rstd = module.dropout_add_ln_forward(h, x, gamma, beta, 3, 6554, 1.25, 1e-5)
+    rf = (x + h * mask).float().requires_grad_()
+    yf = F.layer_norm(rf, (c,), gamma.float(), beta.float(), 1e-5)
+    ok = ok and torch.equal(r, (x + h * mask)) and torch.allclose(y.float(), yf, atol=3e-2)
+    dy = (((torch.arange(n * c) % 5) - 2) / 2).view(n, c).to(torch.bfloat16)
+    dr = (((torch.arange(n * c) % 3) - 1) / 4).view(n, c).to(torch.bfloat16)
+    (yf * dy.float()).sum().backward()
+    dx_want = rf.grad + dr.float()
+    dx, dh, dg, db = module.dropout_add_ln_backward(dy, dr, r, gamma, mean, rstd, 3, 6554, 1.25)
+    xhat = (rf.detach() - mean[:, None]) * rstd[:, None]
+    return (ok and torch.allclose(dx.float(), dx_want, atol=3e-2) and torch.allclose(dh.float(), dx_want * mask.float(), atol=5e-2)
+            and torch.allclose(dg, (dy.float() * xhat).sum(0), atol=3e-2) and torch.allclose(db, dy.float().sum(0)))
 
 
 def extension():
@@ -186,6 +217,45 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+
+class _DropoutAddLayerNorm(torch.autograd.Function):
+    """bf16 ``r = x + dropout(h)``, ``y = layer_norm(r)`` in one pass each way (C++): forward reads h
+    and x once and writes r and y; backward reads dy, dr and r once and writes the gradients of x
+    (dr + LayerNorm's backward) and h (the same times the dropout mask), instead of the five to six
+    passes of dropout, add, LayerNorm, their backwards and the gradient sum."""
+
+    @staticmethod
+    def forward(ctx, h, x, weight, bias, seed: int, thr: int, scale: float, eps: float):
+        r, y, mean, rstd = extension().dropout_add_ln_forward(h.contiguous(), x.contiguous(), weight.contiguous(),
+                                                              bias.contiguous(), seed, thr, scale, eps)
+        ctx.save_for_backward(r, weight, mean, rstd)
+        ctx.args = (seed, thr, scale)
+        return r, y
+
+    @staticmethod
+    def backward(ctx, dr, dy):
+        r, weight, mean, rstd = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dx, dh, dw, db = extension().dropout_add_ln_backward(dy, None if dr is None else dr.contiguous(), r,
+                                                             weight.contiguous(), mean, rstd, *ctx.args)
+        return dh, dx, dw.to(weight.dtype), db.to(weight.dtype), None, None, None, None
+
+
+def dropout_add_layer_norm(h: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm, p: float,
+                           training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-LN residual step: ``r = x + dropout(h)`` and ``layer_norm(r)`` with ``ln``'s parameters.
+    One fused C++ pass each way for bf16 on CPU (the dropout mask is :func:`dropout`'s for the same
+    seed); stock operations elsewhere."""
+    fused = (h.device.type == "cpu" and h.dtype == x.dtype == ln.weight.dtype == torch.bfloat16
+             and ln.bias is not None and not hasattr(ln.weight, "ds_id") and extension() is not None)
+    if not fused:
+        r = x + dropout(h, p, training)
+        return r, F.layer_norm(r, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    on = training and p > 0.0
+    seed = int(new_seed()) if on else 0  # the draw dropout() makes, so both paths consume the same stream
+    return _DropoutAddLayerNorm.apply(h, x, ln.weight, ln.bias, seed, threshold(p) if on else 0,
+                                      1.0 / (1.0 - p) if on else 1.0, ln.eps)
 
 
 class _SplitHeads(torch.autograd.Function):

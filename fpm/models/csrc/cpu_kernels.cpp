@@ -223,6 +223,185 @@ void adamw_u16(const AdamW& a, float* w, float* m, float* v, const uint16_t* g, 
   });
 }
 
+
+// ---- padding-free BERT (fpm.models.bert_unpadded) ----------------------------------------------
+// to_heads: rows [N, G*H*D] of the kept positions -> G tensors [B, H, T, D], zeros at positions not
+// kept (row_of[b*T + t] < 0). to_rows: the inverse gather. Plain row copies of D elements, any dtype.
+void to_heads_impl(const char* src, const int64_t* row_of, std::vector<char*>& out, int64_t B, int64_t T,
+                   int64_t G, int64_t H, int64_t D, size_t es) {
+  at::parallel_for(0, G * B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / (B * H), b = (i / H) % B, h = i % H;
+      char* dst = out[g] + (b * H + h) * T * D * es;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = row_of[b * T + t];
+        if (r >= 0) std::memcpy(dst + t * D * es, src + ((r * G + g) * H + h) * D * es, D * es);
+        else std::memset(dst + t * D * es, 0, D * es);
+      }
+    }
+  });
+}
+
+void to_rows_impl(const std::vector<const char*>& heads, const int64_t* index, char* out, int64_t N, int64_t T,
+                  int64_t G, int64_t H, int64_t D, size_t es) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = index[n] / T, t = index[n] % T;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t h = 0; h < H; ++h)
+          std::memcpy(out + ((n * G + g) * H + h) * D * es, heads[g] + ((b * H + h) * T + t) * D * es, D * es);
+    }
+  });
+}
+
+// dropout + residual add + LayerNorm over rows of C bf16 elements (fpm.models.kernels.dropout_add_layer_norm):
+// r = x + dropout(h) (dropout as dropout_apply on h's flat index, each sum rounded to bf16 as the
+// composite rounds it), y = LayerNorm(r) computed in float. Backward: the gradient reaching r is
+// dr + LayerNorm's backward of dy; dh is that times the same dropout mask.
+inline float round_bf16(float f) { return bf16_bits_to_float(float_to_bf16_bits(f)); }
+
+#if defined(FPM_AVX512) && defined(__AVX512DQ__)
+#define FPM_DAL_AVX512 1
+inline __m512 round_bf16_ps(__m512 v) {  // to the nearest bf16 value, kept in float
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline __mmask16 keep16(uint64_t seed, int64_t i, uint64_t thr) {
+  if (thr == 0) return static_cast<__mmask16>(0xFFFF);
+  return static_cast<__mmask16>(keep8(seed, i, thr) | (static_cast<unsigned>(keep8(seed, i + 8, thr)) << 8));
+}
+#endif
+
+void dal_forward_u16(const uint16_t* h, const uint16_t* x, const uint16_t* gamma, const uint16_t* beta,
+                     uint16_t* r, uint16_t* y, float* mean, float* rstd, int64_t N, int64_t C,
+                     uint64_t seed, uint64_t thr, float scale, float eps) {
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(C);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t o = n * C;
+      float mu, rs;
+#ifdef FPM_DAL_AVX512
+      const __m512 sv = _mm512_set1_ps(scale);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 k = tail_mask(C - c);
+        const __m512 hd = round_bf16_ps(_mm512_maskz_mul_ps(keep16(seed, o + c, thr), load_bf16(h + o + c, k), sv));
+        const __m512 v = round_bf16_ps(_mm512_add_ps(load_bf16(x + o + c, k), hd));
+        _mm512_mask_storeu_ps(buf.data() + c, k, v);
+        store_bf16(r + o + c, k, v);
+        acc = _mm512_add_ps(acc, v);  // zero in the tail lanes
+      }
+      mu = _mm512_reduce_add_ps(acc) / C;
+      const __m512 m = _mm512_set1_ps(mu);
+      __m512 vacc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 k = tail_mask(C - c);
+        const __m512 d = _mm512_maskz_sub_ps(k, _mm512_maskz_loadu_ps(k, buf.data() + c), m);
+        vacc = _mm512_fmadd_ps(d, d, vacc);
+      }
+      rs = 1.f / std::sqrt(_mm512_reduce_add_ps(vacc) / C + eps);
+      const __m512 rsv = _mm512_set1_ps(rs);
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 k = tail_mask(C - c);
+        const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), m), rsv);
+        store_bf16(y + o + c, k, _mm512_fmadd_ps(xh, load_bf16(gamma + c, k), load_bf16(beta + c, k)));
+      }
+#else
+      float sum = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        const float hd = (thr == 0 || kept(seed, o + c, thr)) ? round_bf16(bf16_bits_to_float(h[o + c]) * scale) : 0.f;
+        const float v = round_bf16(bf16_bits_to_float(x[o + c]) + hd);
+        buf[c] = v;
+        r[o + c] = float_to_bf16_bits(v);
+        sum += v;
+      }
+      mu = sum / C;
+      float var = 0.f;
+      for (int64_t c = 0; c < C; ++c) var += (buf[c] - mu) * (buf[c] - mu);
+      rs = 1.f / std::sqrt(var / C + eps);
+      for (int64_t c = 0; c < C; ++c)
+        y[o + c] = float_to_bf16_bits((buf[c] - mu) * rs * bf16_bits_to_float(gamma[c]) + bf16_bits_to_float(beta[c]));
+#endif
+      mean[n] = mu;
+      rstd[n] = rs;
+    }
+  });
+}
+
+void dal_backward_u16(const uint16_t* dy, const uint16_t* dr, const uint16_t* r, const uint16_t* gamma,
+                      const float* mean, const float* rstd, uint16_t* dx, uint16_t* dh, float* dgamma, float* dbeta,
+                      int64_t N, int64_t C, uint64_t seed, uint64_t thr, float scale) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N));
+  std::vector<float> acc(parts * 2 * C, 0.f);
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      float* dga = acc.data() + part * 2 * C;
+      float* dba = dga + C;
+      for (int64_t n = part * N / parts; n < (part + 1) * N / parts; ++n) {
+        const int64_t o = n * C;
+        const float mu = mean[n], rs = rstd[n];
+#ifdef FPM_DAL_AVX512
+        const __m512 m = _mm512_set1_ps(mu), rsv = _mm512_set1_ps(rs), sv = _mm512_set1_ps(scale);
+        __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c += 16) {
+          const __mmask16 k = tail_mask(C - c);
+          const __m512 d = load_bf16(dy + o + c, k);
+          const __m512 xh = _mm512_maskz_mul_ps(k, _mm512_sub_ps(load_bf16(r + o + c, k), m), rsv);
+          const __m512 g = _mm512_mul_ps(d, load_bf16(gamma + c, k));
+          sa = _mm512_add_ps(sa, g);
+          sb = _mm512_fmadd_ps(g, xh, sb);
+          _mm512_mask_storeu_ps(dga + c, k, _mm512_fmadd_ps(d, xh, _mm512_maskz_loadu_ps(k, dga + c)));
+          _mm512_mask_storeu_ps(dba + c, k, _mm512_add_ps(d, _mm512_maskz_loadu_ps(k, dba + c)));
+        }
+        const __m512 a = _mm512_set1_ps(_mm512_reduce_add_ps(sa) / C), b = _mm512_set1_ps(_mm512_reduce_add_ps(sb) / C);
+        for (int64_t c = 0; c < C; c += 16) {
+          const __mmask16 k = tail_mask(C - c);
+          const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(r + o + c, k), m), rsv);
+          const __m512 g = _mm512_mul_ps(load_bf16(dy + o + c, k), load_bf16(gamma + c, k));
+          __m512 v = _mm512_mul_ps(rsv, _mm512_sub_ps(_mm512_sub_ps(g, a), _mm512_mul_ps(xh, b)));
+          if (dr != nullptr) v = _mm512_add_ps(v, load_bf16(dr + o + c, k));
+          v = round_bf16_ps(v);
+          store_bf16(dx + o + c, k, v);
+          store_bf16(dh + o + c, k, _mm512_maskz_mul_ps(keep16(seed, o + c, thr), v, sv));
+        }
+#else
+        float sa = 0.f, sb = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = bf16_bits_to_float(dy[o + c]);
+          const float xh = (bf16_bits_to_float(r[o + c]) - mu) * rs;
+          const float gc = d * bf16_bits_to_float(gamma[c]);
+          sa += gc;
+          sb += gc * xh;
+          dga[c] += d * xh;
+          dba[c] += d;
+        }
+        const float a = sa / C, b = sb / C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float xh = (bf16_bits_to_float(r[o + c]) - mu) * rs;
+          const float gc = bf16_bits_to_float(dy[o + c]) * bf16_bits_to_float(gamma[c]);
+          float v = rs * (gc - a - xh * b);
+          if (dr != nullptr) v += bf16_bits_to_float(dr[o + c]);
+          const uint16_t vb = float_to_bf16_bits(v);
+          dx[o + c] = vb;
+          dh[o + c] = (thr == 0 || kept(seed, o + c, thr)) ? float_to_bf16_bits(bf16_bits_to_float(vb) * scale) : 0;
+        }
+#endif
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    float ga = 0.f, ba = 0.f;
+    for (int64_t part = 0; part < parts; ++part) {
+      ga += acc[part * 2 * C + c];
+      ba += acc[part * 2 * C + C + c];
+    }
+    dgamma[c] = ga;
+    dbeta[c] = ba;
+  }
+}
+
 }  // namespace
 
 double sumsq16(const std::vector<torch::Tensor>& xs) {
@@ -307,11 +486,92 @@ torch::Tensor dropout_mask(const torch::Tensor& like, int64_t seed, int64_t thr,
   return out;
 }
 
+std::vector<torch::Tensor> to_heads(const torch::Tensor& rows, const torch::Tensor& row_of, int64_t batch, int64_t seq,
+                                    int64_t groups, int64_t heads) {
+  TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && row_of.scalar_type() == at::kLong &&
+              row_of.numel() == batch * seq && rows.size(1) % (groups * heads) == 0, "to_heads: bad arguments");
+  const auto src = rows.contiguous();
+  const auto ro = row_of.contiguous();
+  const int64_t d = src.size(1) / (groups * heads);
+  std::vector<torch::Tensor> outs;
+  std::vector<char*> ptrs;
+  for (int64_t g = 0; g < groups; ++g) {
+    outs.push_back(torch::empty({batch, heads, seq, d}, src.options()));
+    ptrs.push_back(static_cast<char*>(outs.back().data_ptr()));
+  }
+  to_heads_impl(static_cast<const char*>(src.data_ptr()), ro.data_ptr<int64_t>(), ptrs, batch, seq, groups, heads, d,
+                src.element_size());
+  return outs;
+}
+
+torch::Tensor to_rows(const std::vector<torch::Tensor>& heads, const torch::Tensor& index) {
+  TORCH_CHECK(!heads.empty() && index.scalar_type() == at::kLong, "to_rows: bad arguments");
+  const int64_t batch = heads[0].size(0), h = heads[0].size(1), seq = heads[0].size(2), d = heads[0].size(3);
+  std::vector<torch::Tensor> keep;  // contiguous copies where needed, alive until the copy is done
+  std::vector<const char*> ptrs;
+  for (const auto& x : heads) {
+    TORCH_CHECK(x.sizes() == heads[0].sizes() && x.scalar_type() == heads[0].scalar_type() && x.device().is_cpu(),
+                "to_rows: heads of one shape and dtype");
+    keep.push_back(x.contiguous());
+    ptrs.push_back(static_cast<const char*>(keep.back().data_ptr()));
+  }
+  const auto idx = index.contiguous();
+  const int64_t n = idx.numel(), groups = static_cast<int64_t>(heads.size());
+  auto out = torch::empty({n, groups * h * d}, heads[0].options().memory_format(at::MemoryFormat::Contiguous));
+  to_rows_impl(ptrs, idx.data_ptr<int64_t>(), static_cast<char*>(out.data_ptr()), n, seq, groups, h, d,
+               heads[0].element_size());
+  (void)batch;
+  return out;
+}
+
+namespace {
+const uint16_t* u16(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* u16m(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+void check_bf16(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), what,
+              ": contiguous bf16 CPU tensors");
+}
+}  // namespace
+
+std::vector<torch::Tensor> dropout_add_ln_forward(const torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& gamma,
+                                                  const torch::Tensor& beta, int64_t seed, int64_t thr, double scale,
+                                                  double eps) {
+  for (const auto* t : {&h, &x, &gamma, &beta}) check_bf16(*t, "dropout_add_ln_forward");
+  const int64_t c = gamma.numel(), n = h.numel() / c;
+  TORCH_CHECK(h.sizes() == x.sizes() && h.size(-1) == c && beta.numel() == c, "dropout_add_ln_forward: shapes");
+  auto r = torch::empty_like(h), y = torch::empty_like(h);
+  auto mean = torch::empty({n}, h.options().dtype(at::kFloat)), rstd = torch::empty({n}, h.options().dtype(at::kFloat));
+  const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));  // the mask's bf16 value
+  dal_forward_u16(u16(h), u16(x), u16(gamma), u16(beta), u16m(r), u16m(y), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                  n, c, static_cast<uint64_t>(seed), static_cast<uint64_t>(thr), s, static_cast<float>(eps));
+  return {r, y, mean, rstd};
+}
+
+std::vector<torch::Tensor> dropout_add_ln_backward(const torch::Tensor& dy, const c10::optional<torch::Tensor>& dr,
+                                                   const torch::Tensor& r, const torch::Tensor& gamma,
+                                                   const torch::Tensor& mean, const torch::Tensor& rstd, int64_t seed,
+                                                   int64_t thr, double scale) {
+  for (const auto* t : {&dy, &r, &gamma}) check_bf16(*t, "dropout_add_ln_backward");
+  if (dr.has_value()) check_bf16(*dr, "dropout_add_ln_backward");
+  const int64_t c = gamma.numel(), n = r.numel() / c;
+  auto dx = torch::empty_like(r), dh = torch::empty_like(r);
+  auto dgamma = torch::empty({c}, r.options().dtype(at::kFloat)), dbeta = torch::empty({c}, r.options().dtype(at::kFloat));
+  const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));
+  dal_backward_u16(u16(dy), dr.has_value() ? u16(*dr) : nullptr, u16(r), u16(gamma), mean.data_ptr<float>(),
+                   rstd.data_ptr<float>(), u16m(dx), u16m(dh), dgamma.data_ptr<float>(), dbeta.data_ptr<float>(), n, c,
+                   static_cast<uint64_t>(seed), static_cast<uint64_t>(thr), s);
+  return {dx, dh, dgamma, dbeta};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask", &dropout_mask, "SplitMix64 dropout mask (scale where kept, 0 where dropped)");
   m.def("dropout_apply", &dropout_apply, "x times its SplitMix64 dropout mask, without writing the mask (bf16)");
   m.def("transpose16", &transpose16, "contiguous transpose of a 2-D 16-bit tensor (optionally a row of ones below)",
         py::arg("x"), py::arg("ones_row") = false);
   m.def("sumsq16", &sumsq16, "sum of squares of bf16 tensors (float accumulation)");
+  m.def("to_heads", &to_heads, "rows of kept positions -> zero-padded (batch, heads, seq, d) tensors");
+  m.def("to_rows", &to_rows, "(batch, heads, seq, d) tensors -> rows of the positions in index");
+  m.def("dropout_add_ln_forward", &dropout_add_ln_forward, "r = x + dropout(h), y = layer_norm(r) (bf16)");
+  m.def("dropout_add_ln_backward", &dropout_add_ln_backward, "gradients of dropout_add_ln_forward (bf16)");
   m.def("adamw16", &adamw16, "AdamW on flat fp32 master weights from bf16 gradients, bf16 weights written back");
 }

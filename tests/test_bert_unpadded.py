@@ -1,0 +1,108 @@
+"""The padding-free BERT forward gives the stock encoder's loss and gradients, skipping the padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fpm.config import load_recipe
+from fpm.models import bert, bert_unpadded, build_model, kernels
+
+
+def model_and_batch(*sets: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    recipe = load_recipe("bert-e-l", preset="tiny", overrides=list(sets))
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    b, t = 4, 24
+    ids = torch.randint(5, recipe.tokenizer.vocab_size, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((24, 17, 9, 20)):  # rows of different lengths, padded on the right
+        mask[row, length:] = 0
+    labels = torch.full((b, t), -100)
+    for row, col in ((0, 3), (0, 22), (1, 1), (1, 16), (2, 5), (3, 7), (3, 19)):
+        labels[row, col] = ids[row, col]
+    labels[2, 12] = ids[2, 12]  # a label on a padding position is scored, as the stock model scores it
+    batch = {"input_ids": ids, "token_type_ids": (torch.arange(t) >= 6).long().expand(b, t).clone(),
+             "attention_mask": mask, "labels": labels, "sop_labels": torch.tensor([0, 1, 1, 0])}
+    return model, batch
+
+
+def loss_and_grads(model, batch, unpadded: bool, monkeypatch):
+    monkeypatch.setattr(bert_unpadded, "applies", lambda _: unpadded)
+    model.zero_grad()
+    loss = bert.pretraining_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_unpadded_matches_the_stock_forward_in_fp32(monkeypatch):
+    model, batch = model_and_batch("model.dropout=0.0", "model.attention_dropout=0.0")
+    model.train()
+    assert bert_unpadded.applies(model.bert)
+    stock, g_stock = loss_and_grads(model, batch, False, monkeypatch)
+    fast, g_fast = loss_and_grads(model, batch, True, monkeypatch)
+    assert torch.allclose(stock, fast, rtol=1e-6, atol=1e-6), (stock, fast)
+    assert g_stock.keys() == g_fast.keys()
+    for name in g_stock:
+        assert torch.allclose(g_stock[name], g_fast[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_unpadded_runs_fewer_rows_than_the_batch_has_positions(monkeypatch):
+    model, batch = model_and_batch()
+    keep = batch["attention_mask"].bool() | (batch["labels"] != -100)
+    keep[:, 0] = True
+    monkeypatch.setattr(bert_unpadded, "ROW_MULTIPLE", 1)
+    hidden, u = bert_unpadded.encode(model.bert, batch["input_ids"], batch["token_type_ids"],
+                                     batch["attention_mask"], keep)
+    assert hidden.shape == (24 + 17 + 9 + 20 + 1, model.config.hidden_size) == (u.tokens, hidden.shape[1])
+    # rows 0-3 start at positions 0, 24, 48, 72; row 2's label on padding (position 12) follows its 9 tokens
+    assert torch.equal(u.rows(torch.tensor([0, 24, 48, 60, 72])), torch.tensor([0, 24, 41, 50, 51]))
+    assert int(u.row_of[24 + 17]) == -1  # row 1's first padding position is not computed
+    # rounded up to a multiple with the first padding positions (row 1, positions 17 on)
+    u8 = bert_unpadded.Unpadded(keep, multiple=8)
+    assert u8.tokens == 72 and int(u8.row_of[24 + 17]) == 41 and int(u8.row_of[24 + 18]) == -1
+
+
+def test_unpadded_training_with_dropout_is_deterministic_per_seed_and_learns(monkeypatch):
+    model, batch = model_and_batch(dtype=torch.bfloat16)
+    model.train()
+    monkeypatch.setattr(bert_unpadded, "applies", lambda _: True)
+    torch.manual_seed(5)
+    a = bert.pretraining_loss(model, batch)
+    torch.manual_seed(5)
+    b = bert.pretraining_loss(model, batch)
+    assert torch.equal(a, b)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = bert.pretraining_loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_add_layer_norm_matches_its_definition(dtype):
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(40).to(dtype)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    h = torch.randn(33, 40, dtype=dtype, requires_grad=True)
+    x = torch.randn(33, 40, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    r, y = kernels.dropout_add_layer_norm(h, x, ln, 0.25)
+    torch.manual_seed(3)
+    mask = kernels.keep_mask(h.shape, 0.25, dtype)
+    r_want = x + h * mask
+    y_want = torch.nn.functional.layer_norm(r_want, (40,), ln.weight, ln.bias, ln.eps)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(r, r_want, atol=tol) and torch.allclose(y, y_want, atol=tol)
+    dy, dr = torch.randn_like(y), torch.randn_like(r)
+    grads = torch.autograd.grad((y * dy).sum() + (r * dr).sum(), (h, x, ln.weight, ln.bias))
+    want = torch.autograd.grad((y_want * dy).sum() + (r_want * dr).sum(), (h, x, ln.weight, ln.bias))
+    for got, exp in zip(grads, want):
+        assert torch.allclose(got.float(), exp.float(), atol=tol * 4, rtol=tol), (got - exp).abs().max()

@@ -224,7 +224,8 @@ def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
 
 
 @pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16", "to_heads", "to_rows",
-                                    "dropout_add_ln_forward", "dropout_add_ln_backward"])
+                                    "dropout_add_ln_forward", "dropout_add_ln_backward", "softmax_dropout_forward",
+                                    "softmax_dropout_backward"])
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
     module = kernels.extension()
     wrong = {  # each a plausible bug: a no-op transpose, clipping ignored, the scale ignored, no squares
@@ -238,6 +239,9 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
         "dropout_add_ln_forward": lambda h, x, g, b, seed, thr, scale, eps: module.dropout_add_ln_forward(
             h, x, g, b, seed, 0, 1.0, eps),
         "dropout_add_ln_backward": lambda dy, dr, *a: module.dropout_add_ln_backward(dy, None, *a),
+        # the key mask ignored; the softmax's own backward term (the row sum) left out
+        "softmax_dropout_forward": lambda scores, mask, *a: module.softmax_dropout_forward(scores, None, *a),
+        "softmax_dropout_backward": lambda grad, probs, *a: module.softmax_dropout_backward(grad, probs, *a) + probs * grad,
     }
 
     class Broken:  # the real extension with one function replaced
@@ -246,3 +250,32 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
 
     assert kernels._probe(module)
     assert not kernels._probe(Broken())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fused_softmax_dropout_attention_matches_matmuls_softmax_and_dropout(p):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    key_mask = torch.zeros(2, 1, 1, 10, dtype=torch.bfloat16)
+    key_mask[1, ..., 6:] = torch.finfo(torch.bfloat16).min  # the second sequence has 6 real tokens
+    torch.manual_seed(7)
+    out = kernels.attention(q, k, v, key_mask, dropout_p=p)
+    torch.manual_seed(7)
+    mask = kernels.keep_mask((2, 3, 10, 10), p, torch.bfloat16) if p else 1.0
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    probs = torch.softmax(qf @ kf.transpose(-1, -2) / 8 ** 0.5 + key_mask.float(), dim=-1)
+    want = (probs * mask) @ vf
+    assert torch.allclose(out.float(), want, atol=3e-2), (out.float() - want).abs().max()
+    g = torch.randn_like(want)
+    got = torch.autograd.grad((out.float() * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * g).sum(), (qf, kf, vf))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a.float(), b, atol=5e-2 * b.abs().max().item() + 1e-2), (a.float() - b).abs().max()
+
+
+def test_the_extension_is_probed_and_used_when_first_asked_for_without_gradients(monkeypatch):
+    # the first call may come from inside an autograd Function's forward (no grad mode): the probes'
+    # autograd references must still run (regression: the extension was silently dropped there)
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    with torch.no_grad():
+        assert kernels.extension() is not None

@@ -96,6 +96,11 @@ def _probe(module) -> bool:
 
 
 def _probe_unpadded(module) -> bool:
+    with torch.enable_grad():  # the references use autograd; the first call may come from a no-grad context
+        return _probe_unpadded_kernels(module)
+
+
+def _probe_unpadded_kernels(module) -> bool:
     """The padding-free BERT kernels against torch: rows <-> zero-padded heads (exact), and dropout +
     residual add + LayerNorm forward and backward (r exact, the rest to bf16 rounding)."""
     keep = torch.tensor([True, True, False, True, False, True])  # batch 2 x seq 3
@@ -121,8 +126,26 @@ def _probe_unpadded(module) -> bool:
     dx_want = rf.grad + dr.float()
     dx, dh, dg, db = module.dropout_add_ln_backward(dy, dr, r, gamma, mean, rstd, 3, 6554, 1.25)
     xhat = (rf.detach() - mean[:, None]) * rstd[:, None]
+    ok = ok and _probe_softmax(module, seed)
     return (ok and torch.allclose(dx.float(), dx_want, atol=3e-2) and torch.allclose(dh.float(), dx_want * mask.float(), atol=5e-2)
             and torch.allclose(dg, (dy.float() * xhat).sum(0), atol=3e-2) and torch.allclose(db, dy.float().sum(0)))
+
+
+def _probe_softmax(module, seed: torch.Tensor) -> bool:
+    """softmax_dropout_forward/backward against softmax, the dropout mask and autograd."""
+    scores = (((torch.arange(2 * 3 * 20) % 11) - 5) / 2).view(2, 3, 20).to(torch.bfloat16)
+    key_mask = torch.zeros(2, 20, dtype=torch.bfloat16)
+    key_mask[1, 15:] = torch.finfo(torch.bfloat16).min
+    probs, dropped = module.softmax_dropout_forward(scores, key_mask, 3, 6554, 1.25)
+    sf = scores.float().requires_grad_()
+    want = torch.softmax(sf + key_mask.float()[:, None, :], dim=-1)
+    mask = _mask(probs, seed, 6554, 1.25)
+    ok = (torch.allclose(probs.float(), want, atol=4e-3) and torch.equal(dropped, probs * mask)
+          and bool((probs[1, :, 15:] == 0).all()))
+    grad = (((torch.arange(2 * 3 * 20) % 7) - 3) / 2).view(2, 3, 20).to(torch.bfloat16)
+    (want * (grad * mask).float()).sum().backward()
+    got = module.softmax_dropout_backward(grad, probs, dropped, 1.25)
+    return ok and torch.allclose(got.float(), sf.grad, atol=2e-2)
 
 
 def extension():
@@ -285,6 +308,39 @@ def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return _SplitHeads.apply(qkv)
 
 
+class _SoftmaxDropout(torch.autograd.Function):
+    """bf16 ``dropout(softmax(scores + key_mask))`` in one pass each way (C++): forward reads the
+    scores once and writes the probabilities (kept for backward) and their dropped-out copy; backward
+    reads the incoming gradient, the probabilities and the dropped-out copy (which marks the kept
+    elements, so the seed is not hashed again). The mask is :func:`dropout`'s for the same seed; the
+    key mask is additive, [batch, keys]."""
+
+    @staticmethod
+    def forward(ctx, scores, key_mask, seed: int, thr: int, scale: float):
+        probs, dropped = extension().softmax_dropout_forward(scores.contiguous(), key_mask, seed, thr, scale)
+        ctx.dropout = thr > 0
+        ctx.save_for_backward(probs, dropped)  # dropped: also saved by the product with v that follows
+        ctx.scale = scale
+        return dropped
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, dropped = ctx.saved_tensors
+        return (extension().softmax_dropout_backward(grad.contiguous(), probs, dropped if ctx.dropout else None,
+                                                     ctx.scale), None, None, None, None)
+
+
+def _key_mask(mask: torch.Tensor | None, scores: torch.Tensor):
+    """An additive mask that only depends on (batch, key) as a contiguous [batch, keys] bf16 tensor,
+    ``None`` for no mask, ``False`` for any other mask (the fused softmax does not take it)."""
+    if mask is None:
+        return None
+    b, t = scores.shape[0], scores.shape[-1]
+    if mask.dim() == scores.dim() and mask.shape[0] == b and mask.shape[-1] == t and all(n == 1 for n in mask.shape[1:-1]):
+        return mask.reshape(b, t).to(torch.bfloat16).contiguous()
+    return False
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` for (batch, heads, seq, d_head) inputs; ``mask`` is additive.
@@ -298,6 +354,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if scale != 1.0:  # callers may fold the scale into q's projection
         scores = scores.mul_(scale)
+    key_mask = _key_mask(mask, scores)
+    if not is_causal and key_mask is not False and scores.dtype == torch.bfloat16 and extension() is not None:
+        on = dropout_p > 0.0
+        seed = int(new_seed()) if on else 0  # the draw dropout() makes
+        probs = _SoftmaxDropout.apply(scores, key_mask, seed, threshold(dropout_p) if on else 0,
+                                      1.0 / (1.0 - dropout_p) if on else 1.0)
+        return torch.matmul(probs, v)
     if is_causal:
         t, s = scores.shape[-2:]
         causal = torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(s - t + 1)

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -402,6 +403,121 @@ void dal_backward_u16(const uint16_t* dy, const uint16_t* dr, const uint16_t* r,
   }
 }
 
+
+// softmax over the last dimension of attention scores plus an additive key mask, then dropout
+// (fpm.models.kernels.attention): the probabilities P (kept for backward) and P times the dropout
+// mask (dropout_apply's mask for P's flat index) in one pass; backward dS = P * (dPd*mask - sum(P*dPd*mask)).
+#ifdef FPM_DAL_AVX512
+inline __m512 exp512(__m512 x) {  // e^x for x <= 0 (relative error ~2e-7), exactly 0 below -87
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n * 2^f, f in [0, 1)
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+#endif
+
+void softmax_dropout_fwd_u16(const uint16_t* scores, const uint16_t* mask, uint16_t* probs, uint16_t* dropped,
+                             int64_t rows, int64_t rows_per_batch, int64_t T, uint64_t seed, uint64_t thr, float scale) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(T);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * T;
+      const uint16_t* m = mask != nullptr ? mask + (r / rows_per_batch) * T : nullptr;
+#ifdef FPM_DAL_AVX512
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t c = 0; c < T; c += 16) {
+        const __mmask16 k = tail_mask(T - c);
+        __m512 v = load_bf16(scores + o + c, k);
+        if (m != nullptr) v = _mm512_add_ps(v, load_bf16(m + c, k));
+        _mm512_mask_storeu_ps(buf.data() + c, k, v);
+        mx = _mm512_mask_max_ps(mx, k, mx, v);
+      }
+      const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < T; c += 16) {
+        const __mmask16 k = tail_mask(T - c);
+        const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), top)));
+        _mm512_mask_storeu_ps(buf.data() + c, k, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum)), sv = _mm512_set1_ps(scale);
+      for (int64_t c = 0; c < T; c += 16) {
+        const __mmask16 k = tail_mask(T - c);
+        const __m512 p = round_bf16_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), inv));
+        store_bf16(probs + o + c, k, p);
+        if (dropped != nullptr) store_bf16(dropped + o + c, k, _mm512_maskz_mul_ps(keep16(seed, o + c, thr), p, sv));
+      }
+#else
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < T; ++c) {
+        buf[c] = bf16_bits_to_float(scores[o + c]) + (m != nullptr ? bf16_bits_to_float(m[c]) : 0.f);
+        top = std::max(top, buf[c]);
+      }
+      float sum = 0.f;
+      for (int64_t c = 0; c < T; ++c) {
+        buf[c] = std::exp(buf[c] - top);
+        sum += buf[c];
+      }
+      for (int64_t c = 0; c < T; ++c) {
+        const uint16_t p = float_to_bf16_bits(buf[c] / sum);
+        probs[o + c] = p;
+        if (dropped != nullptr)
+          dropped[o + c] = (thr == 0 || kept(seed, o + c, thr)) ? float_to_bf16_bits(bf16_bits_to_float(p) * scale) : 0;
+      }
+#endif
+    }
+  });
+}
+
+// `dropped` (the forward's output) stands in for the dropout mask: where P > 0, P*scale > 0 in bf16,
+// so dropped != 0 exactly where kept; where P == 0 the gradient is P * (...) = 0 either way. Reading
+// it is cheaper here than hashing the seed again.
+void softmax_dropout_bwd_u16(const uint16_t* grad, const uint16_t* probs, const uint16_t* dropped, uint16_t* out,
+                             int64_t rows, int64_t T, float scale) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(T);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * T;
+#ifdef FPM_DAL_AVX512
+      const __m512 sv = _mm512_set1_ps(scale);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < T; c += 16) {
+        const __mmask16 k = tail_mask(T - c);
+        // the dropout backward rounds to bf16, as the separate dropout kernel's output is bf16
+        const __mmask16 keep = dropped == nullptr ? k : _mm512_mask_test_epi16_mask(
+            k, _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(k, dropped + o + c)),
+            _mm512_castsi256_si512(_mm256_set1_epi16(0x7FFF)));
+        const __m512 g = round_bf16_ps(_mm512_maskz_mul_ps(keep, load_bf16(grad + o + c, k), sv));
+        _mm512_mask_storeu_ps(buf.data() + c, k, g);
+        acc = _mm512_fmadd_ps(g, load_bf16(probs + o + c, k), acc);
+      }
+      const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+      for (int64_t c = 0; c < T; c += 16) {
+        const __mmask16 k = tail_mask(T - c);
+        store_bf16(out + o + c, k, _mm512_mul_ps(load_bf16(probs + o + c, k),
+                                                 _mm512_sub_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), dot)));
+      }
+#else
+      float dot = 0.f;
+      for (int64_t c = 0; c < T; ++c) {
+        const bool keep = dropped == nullptr || (dropped[o + c] & 0x7FFF) != 0;
+        buf[c] = keep ? round_bf16(bf16_bits_to_float(grad[o + c]) * scale) : 0.f;
+        dot += buf[c] * bf16_bits_to_float(probs[o + c]);
+      }
+      for (int64_t c = 0; c < T; ++c) out[o + c] = float_to_bf16_bits(bf16_bits_to_float(probs[o + c]) * (buf[c] - dot));
+#endif
+    }
+  });
+}
+
 }  // namespace
 
 double sumsq16(const std::vector<torch::Tensor>& xs) {
@@ -563,6 +679,43 @@ std::vector<torch::Tensor> dropout_add_ln_backward(const torch::Tensor& dy, cons
   return {dx, dh, dgamma, dbeta};
 }
 
+// scores [..., Tq, T] (bf16, contiguous), mask: an additive bf16 key mask [batch, T] or None, where
+// batch = scores.size(0); returns (P, P with dropout) — the same tensor twice when thr == 0.
+std::vector<torch::Tensor> softmax_dropout_forward(const torch::Tensor& scores, const c10::optional<torch::Tensor>& mask,
+                                                   int64_t seed, int64_t thr, double scale) {
+  check_bf16(scores, "softmax_dropout_forward");
+  const int64_t T = scores.size(-1), rows = scores.numel() / T;
+  if (mask.has_value()) {
+    check_bf16(*mask, "softmax_dropout_forward");
+    TORCH_CHECK(mask->numel() == scores.size(0) * T, "softmax_dropout_forward: mask must be [batch, keys]");
+  }
+  auto probs = torch::empty_like(scores);
+  auto dropped = thr == 0 ? probs : torch::empty_like(scores);
+  const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));
+  softmax_dropout_fwd_u16(u16(scores), mask.has_value() ? u16(*mask) : nullptr, u16m(probs),
+                          thr == 0 ? nullptr : u16m(dropped), rows, rows / scores.size(0), T,
+                          static_cast<uint64_t>(seed), static_cast<uint64_t>(thr), s);
+  return {probs, dropped};
+}
+
+// dropped: softmax_dropout_forward's second output, or None when there was no dropout
+torch::Tensor softmax_dropout_backward(const torch::Tensor& grad, const torch::Tensor& probs,
+                                       const c10::optional<torch::Tensor>& dropped, double scale) {
+  check_bf16(grad, "softmax_dropout_backward");
+  check_bf16(probs, "softmax_dropout_backward");
+  TORCH_CHECK(grad.sizes() == probs.sizes(), "softmax_dropout_backward: shapes");
+  if (dropped.has_value()) {
+    check_bf16(*dropped, "softmax_dropout_backward");
+    TORCH_CHECK(dropped->sizes() == probs.sizes(), "softmax_dropout_backward: shapes");
+  }
+  auto out = torch::empty_like(probs);
+  const int64_t T = probs.size(-1);
+  const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));
+  softmax_dropout_bwd_u16(u16(grad), u16(probs), dropped.has_value() ? u16(*dropped) : nullptr, u16m(out),
+                          probs.numel() / T, T, s);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask", &dropout_mask, "SplitMix64 dropout mask (scale where kept, 0 where dropped)");
   m.def("dropout_apply", &dropout_apply, "x times its SplitMix64 dropout mask, without writing the mask (bf16)");
@@ -573,5 +726,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("to_rows", &to_rows, "(batch, heads, seq, d) tensors -> rows of the positions in index");
   m.def("dropout_add_ln_forward", &dropout_add_ln_forward, "r = x + dropout(h), y = layer_norm(r) (bf16)");
   m.def("dropout_add_ln_backward", &dropout_add_ln_backward, "gradients of dropout_add_ln_forward (bf16)");
+  m.def("softmax_dropout_forward", &softmax_dropout_forward, "softmax(scores + key mask) and its dropout (bf16)");
+  m.def("softmax_dropout_backward", &softmax_dropout_backward, "gradient of softmax_dropout_forward's dropped output (bf16)");
   m.def("adamw16", &adamw16, "AdamW on flat fp32 master weights from bf16 gradients, bf16 weights written back");
 }

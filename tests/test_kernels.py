@@ -225,7 +225,7 @@ def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
 
 @pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16", "to_heads", "to_rows",
                                     "dropout_add_ln_forward", "dropout_add_ln_backward", "softmax_dropout_forward",
-                                    "softmax_dropout_backward"])
+                                    "softmax_dropout_backward", "xent_grad16"])
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
     module = kernels.extension()
     wrong = {  # each a plausible bug: a no-op transpose, clipping ignored, the scale ignored, no squares
@@ -242,6 +242,7 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
         # the key mask ignored; the softmax's own backward term (the row sum) left out
         "softmax_dropout_forward": lambda scores, mask, *a: module.softmax_dropout_forward(scores, None, *a),
         "softmax_dropout_backward": lambda grad, probs, *a: module.softmax_dropout_backward(grad, probs, *a) + probs * grad,
+        "xent_grad16": lambda logits, target, scale, bias: module.xent_grad16(logits, target, scale, None),  # no bias
     }
 
     class Broken:  # the real extension with one function replaced

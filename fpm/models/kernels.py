@@ -126,7 +126,7 @@ def _probe_unpadded_kernels(module) -> bool:
     dx_want = rf.grad + dr.float()
     dx, dh, dg, db = module.dropout_add_ln_backward(dy, dr, r, gamma, mean, rstd, 3, 6554, 1.25)
     xhat = (rf.detach() - mean[:, None]) * rstd[:, None]
-    ok = ok and _probe_softmax(module, seed)
+    ok = ok and _probe_softmax(module, seed) and _probe_xent(module)
     return (ok and torch.allclose(dx.float(), dx_want, atol=3e-2) and torch.allclose(dh.float(), dx_want * mask.float(), atol=5e-2)
             and torch.allclose(dg, (dy.float() * xhat).sum(0), atol=3e-2) and torch.allclose(db, dy.float().sum(0)))
 
@@ -146,6 +146,19 @@ def _probe_softmax(module, seed: torch.Tensor) -> bool:
     (want * (grad * mask).float()).sum().backward()
     got = module.softmax_dropout_backward(grad, probs, dropped, 1.25)
     return ok and torch.allclose(got.float(), sf.grad, atol=2e-2)
+
+
+def _probe_xent(module) -> bool:
+    """xent_grad16 against the cross-entropy gradient (softmax - onehot) and loss, with a bias."""
+    logits = (((torch.arange(3 * 37) % 17) - 8) / 4).view(3, 37).to(torch.bfloat16)
+    bias = torch.linspace(-1, 1, 37)
+    target, scale = torch.tensor([0, 36, 5]), torch.tensor([0.5, 0.0, 0.25])
+    x = logits.float() + bias
+    want_loss = float(F.cross_entropy(x[[0, 2]], target[[0, 2]], reduction="sum"))
+    want = (torch.softmax(x, -1) - F.one_hot(target, 37)) * scale[:, None]
+    got = logits.clone()
+    loss = module.xent_grad16(got, target, scale, bias)
+    return abs(loss - want_loss) < 1e-4 * abs(want_loss) + 1e-5 and torch.allclose(got.float(), want, atol=4e-3)
 
 
 def extension():

@@ -518,6 +518,67 @@ void softmax_dropout_bwd_u16(const uint16_t* grad, const uint16_t* probs, const 
   });
 }
 
+
+// cross-entropy over rows of bf16 logits (fpm.models.losses): overwrites each row with
+// (softmax(x) - onehot(target)) * scale[row], x = logits (+ bias), and returns the summed loss
+// lse(x) - x[target] over rows with scale > 0. Float math, one row (<= a few hundred KB) at a time.
+double xent_grad_u16(uint16_t* logits, const int64_t* target, const float* scale, const float* bias, int64_t rows,
+                     int64_t V) {
+  return at::parallel_reduce(0, rows, 1, 0.0, [&](int64_t begin, int64_t end, double acc) {
+    std::vector<float> buf(V);
+    for (int64_t r = begin; r < end; ++r) {
+      uint16_t* row = logits + r * V;
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t c = 0;
+#ifdef FPM_DAL_AVX512
+      __m512 mx = _mm512_set1_ps(top);
+      for (; c < V; c += 16) {
+        const __mmask16 k = tail_mask(V - c);
+        __m512 v = load_bf16(row + c, k);
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + c));
+        _mm512_mask_storeu_ps(buf.data() + c, k, v);
+        mx = _mm512_mask_max_ps(mx, k, mx, v);
+      }
+      top = _mm512_reduce_max_ps(mx);
+      const __m512 tv = _mm512_set1_ps(top);
+      __m512 sv = _mm512_setzero_ps();
+      for (c = 0; c < V; c += 16) {
+        const __mmask16 k = tail_mask(V - c);
+        const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), tv)));
+        _mm512_mask_storeu_ps(buf.data() + c, k, e);
+        sv = _mm512_add_ps(sv, e);
+      }
+      const float sum = _mm512_reduce_add_ps(sv);
+#else
+      for (; c < V; ++c) {
+        buf[c] = bf16_bits_to_float(row[c]) + (bias != nullptr ? bias[c] : 0.f);
+        top = std::max(top, buf[c]);
+      }
+      float sum = 0.f;
+      for (c = 0; c < V; ++c) {
+        buf[c] = std::exp(buf[c] - top);
+        sum += buf[c];
+      }
+#endif
+      const int64_t t = target[r];
+      const float picked = bf16_bits_to_float(row[t]) + (bias != nullptr ? bias[t] : 0.f);
+      if (scale[r] > 0.f) acc += static_cast<double>(top + std::log(sum) - picked);
+      const float f = scale[r] / sum;
+#ifdef FPM_DAL_AVX512
+      const __m512 fv = _mm512_set1_ps(f);
+      for (c = 0; c < V; c += 16) {
+        const __mmask16 k = tail_mask(V - c);
+        store_bf16(row + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, buf.data() + c), fv));
+      }
+#else
+      for (c = 0; c < V; ++c) row[c] = float_to_bf16_bits(buf[c] * f);
+#endif
+      row[t] = float_to_bf16_bits(buf[t] * f - scale[r]);
+    }
+    return acc;
+  }, std::plus<double>());
+}
+
 }  // namespace
 
 double sumsq16(const std::vector<torch::Tensor>& xs) {
@@ -716,6 +777,23 @@ torch::Tensor softmax_dropout_backward(const torch::Tensor& grad, const torch::T
   return out;
 }
 
+// logits [rows, V] bf16 (overwritten with the gradient), target [rows] int64 in [0, V), scale [rows]
+// float32, bias [V] float32 or None; returns the summed loss of the rows with scale > 0
+double xent_grad16(torch::Tensor logits, const torch::Tensor& target, const torch::Tensor& scale,
+                   const c10::optional<torch::Tensor>& bias) {
+  check_bf16(logits, "xent_grad16");
+  TORCH_CHECK(logits.dim() == 2 && target.scalar_type() == at::kLong && target.is_contiguous() &&
+              target.numel() == logits.size(0) && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              scale.numel() == logits.size(0), "xent_grad16: target int64 [rows], scale float32 [rows]");
+  const int64_t V = logits.size(1);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == V, "xent_grad16: bias float32 [V]");
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < target.numel(); ++r) TORCH_CHECK(t[r] >= 0 && t[r] < V, "xent_grad16: target out of range");
+  return xent_grad_u16(u16m(logits), t, scale.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                       logits.size(0), V);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_mask", &dropout_mask, "SplitMix64 dropout mask (scale where kept, 0 where dropped)");
   m.def("dropout_apply", &dropout_apply, "x times its SplitMix64 dropout mask, without writing the mask (bf16)");
@@ -728,5 +806,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_add_ln_backward", &dropout_add_ln_backward, "gradients of dropout_add_ln_forward (bf16)");
   m.def("softmax_dropout_forward", &softmax_dropout_forward, "softmax(scores + key mask) and its dropout (bf16)");
   m.def("softmax_dropout_backward", &softmax_dropout_backward, "gradient of softmax_dropout_forward's dropped output (bf16)");
+  m.def("xent_grad16", &xent_grad16, "cross-entropy gradient of bf16 logits in place; returns the summed loss");
   m.def("adamw16", &adamw16, "AdamW on flat fp32 master weights from bf16 gradients, bf16 weights written back");
 }

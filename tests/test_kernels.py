@@ -22,19 +22,20 @@ def test_keep_mask_drops_p_of_the_elements_and_rescales_the_rest(p):
     assert kernels.dropout(torch.ones(512, 1024), p).mean().item() == pytest.approx(1.0, abs=0.005)
 
 
-def _splitmix64_low16(seed: int, i: int) -> int:
-    """SplitMix64's output function, written from its definition (Steele, Lea & Flood 2014)."""
+def _splitmix64_field(seed: int, i: int) -> int:
+    """16-bit field i % 4 of SplitMix64's output for counter i // 4, written from its definition
+    (Steele, Lea & Flood 2014)."""
     m = (1 << 64) - 1
-    z = (seed + i * 0x9E3779B97F4A7C15) & m
+    z = (seed + (i // 4) * 0x9E3779B97F4A7C15) & m
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return (z ^ (z >> 31)) & 0xFFFF
+    return ((z ^ (z >> 31)) >> (16 * (i % 4))) & 0xFFFF
 
 
-def test_keep_bits_are_splitmix64_of_seed_and_index():
+def test_keep_bits_are_splitmix64_fields_of_seed_and_index():
     seed = (1 << 62) + 12345
     bits = kernels.keep_bits(torch.tensor(seed), (3, 7))
-    assert bits.flatten().tolist() == [_splitmix64_low16(seed, i) for i in range(21)]
+    assert bits.flatten().tolist() == [_splitmix64_field(seed, i) for i in range(21)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -2,8 +2,8 @@
 // threads torch uses; each is checked against a torch reference before use and in
 // tests/test_kernels.py).
 //
-// dropout_mask: element i of the mask is kept when the low 16 bits of SplitMix64's output for
-// (seed + i * 0x9E3779B97F4A7C15) are >= thr. One pass, parallel over the elements, no generator
+// dropout_mask: element i of the mask is kept when 16-bit field i % 4 of SplitMix64's output for
+// (seed + (i / 4) * 0x9E3779B97F4A7C15) is >= thr. One pass, parallel over the elements, no generator
 // state beyond the seed: the same (seed, shape) always gives the same mask. Reference
 // implementation in Python: fpm.models.kernels.keep_bits. dropout_apply multiplies by that mask
 // without writing it (bf16, AVX-512): forward and backward each one pass, nothing saved but the seed.
@@ -35,22 +35,33 @@ namespace {
 
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull, kMix1 = 0xBF58476D1CE4E5B9ull, kMix2 = 0x94D049BB133111EBull;
 
-// SplitMix64's output for element i of the mask seeded with `seed`: kept when its low 16 bits >= thr
-inline bool kept(uint64_t seed, int64_t i, uint64_t thr) {
-  uint64_t z = seed + static_cast<uint64_t>(i) * kGamma;
+inline uint64_t splitmix64(uint64_t seed, uint64_t counter) {
+  uint64_t z = seed + counter * kGamma;
   z = (z ^ (z >> 30)) * kMix1;
   z = (z ^ (z >> 27)) * kMix2;
-  z ^= z >> 31;
-  return (z & 0xFFFFull) >= thr;
+  return z ^ (z >> 31);
 }
 
-// Writes `keep` (the bit pattern of the scale in the output dtype) or 0 per element, as plain
-// integers so that the compiler vectorises the loop.
+// Element i of the mask seeded with `seed` is kept when 16-bit field i % 4 of SplitMix64's output
+// for counter i / 4 is >= thr: four elements per hash (as Philox on GPUs gives four per call).
+inline bool kept(uint64_t seed, int64_t i, uint64_t thr) {
+  return ((splitmix64(seed, static_cast<uint64_t>(i) >> 2) >> (16 * (i & 3))) & 0xFFFFull) >= thr;
+}
+
+// Writes `keep` (the bit pattern of the scale in the output dtype) or 0 per element, one hash per
+// four elements.
 template <typename bits_t>
 void fill(bits_t* out, int64_t n, uint64_t seed, uint64_t thr, bits_t keep) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      out[i] = static_cast<bits_t>(keep & static_cast<bits_t>(0 - static_cast<bits_t>(kept(seed, i, thr))));
+    for (int64_t g = begin >> 2; g <= (end - 1) >> 2; ++g) {
+      const uint64_t z = splitmix64(seed, static_cast<uint64_t>(g));
+      for (int64_t f = 0; f < 4; ++f) {
+        const int64_t i = 4 * g + f;
+        if (i < begin || i >= end) continue;
+        const bool k = ((z >> (16 * f)) & 0xFFFFull) >= thr;
+        out[i] = static_cast<bits_t>(keep & static_cast<bits_t>(0 - static_cast<bits_t>(k)));
+      }
+    }
   });
 }
 
@@ -139,15 +150,22 @@ inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) {
 #endif
 
 #if defined(FPM_AVX512) && defined(__AVX512DQ__)
-// kept() for elements i .. i+7 at once (8 lanes of 64 bits)
-inline __mmask8 keep8(uint64_t seed, int64_t i, uint64_t thr) {
-  const auto c = [](uint64_t k) { return _mm512_set1_epi64(static_cast<int64_t>(k)); };
-  const __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  __m512i z = _mm512_add_epi64(c(seed), _mm512_mullo_epi64(idx, c(kGamma)));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), c(kMix1));
-  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), c(kMix2));
-  z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
-  return _mm512_cmpge_epu64_mask(_mm512_and_si512(z, c(0xFFFF)), c(thr));
+// kept() for elements i .. i+15 at once: four 64-bit hashes whose 16-bit fields, in memory order,
+// are the 16 elements' (i a multiple of 4; otherwise element by element)
+inline __mmask16 keep16(uint64_t seed, int64_t i, uint64_t thr) {
+  if (thr == 0) return static_cast<__mmask16>(0xFFFF);
+  if (i & 3) {
+    unsigned m = 0;
+    for (int j = 0; j < 16; ++j) m |= static_cast<unsigned>(kept(seed, i + j, thr)) << j;
+    return static_cast<__mmask16>(m);
+  }
+  const auto c = [](uint64_t k) { return _mm256_set1_epi64x(static_cast<long long>(k)); };
+  const __m256i ctr = _mm256_add_epi64(_mm256_set1_epi64x(i >> 2), _mm256_set_epi64x(3, 2, 1, 0));
+  __m256i z = _mm256_add_epi64(c(seed), _mm256_mullo_epi64(ctr, c(kGamma)));
+  z = _mm256_mullo_epi64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), c(kMix1));
+  z = _mm256_mullo_epi64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), c(kMix2));
+  z = _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+  return _mm256_cmpge_epu16_mask(z, _mm256_set1_epi16(static_cast<short>(thr)));
 }
 #endif
 
@@ -157,11 +175,11 @@ void dropout_apply_u16(const uint16_t* x, uint16_t* y, int64_t n, uint64_t seed,
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
 #if defined(FPM_AVX512) && defined(__AVX512DQ__)
+    for (; i < end && (i & 3); ++i) y[i] = kept(seed, i, thr) ? float_to_bf16_bits(bf16_bits_to_float(x[i]) * scale) : 0;
     const __m512 s = _mm512_set1_ps(scale);
     for (; i < end; i += 16) {
       const __mmask16 k = tail_mask(end - i);
-      const __mmask16 keep = static_cast<__mmask16>(keep8(seed, i, thr) | (static_cast<unsigned>(keep8(seed, i + 8, thr)) << 8));
-      store_bf16(y + i, k, _mm512_maskz_mul_ps(keep, load_bf16(x + i, k), s));
+      store_bf16(y + i, k, _mm512_maskz_mul_ps(keep16(seed, i, thr), load_bf16(x + i, k), s));
     }
 #endif
     for (; i < end; ++i) y[i] = kept(seed, i, thr) ? float_to_bf16_bits(bf16_bits_to_float(x[i]) * scale) : 0;
@@ -268,10 +286,6 @@ inline __m512 round_bf16_ps(__m512 v) {  // to the nearest bf16 value, kept in f
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-inline __mmask16 keep16(uint64_t seed, int64_t i, uint64_t thr) {
-  if (thr == 0) return static_cast<__mmask16>(0xFFFF);
-  return static_cast<__mmask16>(keep8(seed, i, thr) | (static_cast<unsigned>(keep8(seed, i + 8, thr)) << 8));
 }
 #endif
 

@@ -107,3 +107,20 @@ def test_dropout_add_layer_norm_matches_its_definition(dtype, width):
     want = torch.autograd.grad((y_want * dy).sum() + (r_want * dr).sum(), (h, x, ln.weight, ln.bias))
     for got, exp in zip(grads, want):
         assert torch.allclose(got.float(), exp.float(), atol=tol * 4, rtol=tol), (got - exp).abs().max()
+
+
+def test_activation_checkpointing_recomputes_the_same_layers(monkeypatch):
+    # dropout on: recomputation must redraw the same masks (the layer's RNG state is restored)
+    from fpm.engine.trainer import enable_activation_checkpointing
+
+    model, batch = model_and_batch(dtype=torch.bfloat16)
+    model.train()
+    torch.manual_seed(11)
+    plain, g_plain = loss_and_grads(model, batch, True, monkeypatch)
+    enable_activation_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
+    torch.manual_seed(11)
+    ckpt, g_ckpt = loss_and_grads(model, batch, True, monkeypatch)
+    assert torch.equal(plain, ckpt)
+    for name in g_plain:
+        assert torch.equal(g_plain[name], g_ckpt[name]), name

@@ -224,7 +224,7 @@ def test_split_heads_gives_permuted_views_and_gathers_their_gradients():
     assert torch.equal(grad, want_grad) and grad.is_contiguous()
 
 
-@pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16", "to_heads", "to_rows",
+@pytest.mark.parametrize("broken", ["transpose16", "adamw16", "dropout_apply", "sumsq16", "to_heads", "to_heads_bias", "to_rows",
                                     "dropout_add_ln_forward", "dropout_add_ln_backward", "softmax_dropout_forward",
                                     "softmax_dropout_backward", "xent_grad16"])
 def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
@@ -236,9 +236,10 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
         "sumsq16": lambda xs: float(sum(x.float().abs().sum() for x in xs)),
         # padding not zeroed; rows in the wrong order; dropout left out; the residual gradient dropped
         "to_heads": lambda rows, row_of, *a: module.to_heads(rows, row_of.abs(), *a),
+        "to_heads_bias": lambda rows, row_of, *a: module.to_heads(rows, row_of, *a[:4]),  # the bias ignored
         "to_rows": lambda heads, index: module.to_rows(heads, index.flip(0)),
-        "dropout_add_ln_forward": lambda h, x, g, b, seed, thr, scale, eps: module.dropout_add_ln_forward(
-            h, x, g, b, seed, 0, 1.0, eps),
+        "dropout_add_ln_forward": lambda h, hb, x, g, b, seed, thr, scale, eps: module.dropout_add_ln_forward(
+            h, hb, x, g, b, seed, 0, 1.0, eps),
         "dropout_add_ln_backward": lambda dy, dr, *a: module.dropout_add_ln_backward(dy, None, *a),
         # the key mask ignored; the softmax's own backward term (the row sum) left out
         "softmax_dropout_forward": lambda scores, mask, *a: module.softmax_dropout_forward(scores, None, *a),
@@ -246,9 +247,11 @@ def test_a_kernel_that_disagrees_with_its_reference_is_not_used(broken):
         "xent_grad16": lambda logits, target, scale, bias: module.xent_grad16(logits, target, scale, None),  # no bias
     }
 
+    target = "to_heads" if broken == "to_heads_bias" else broken
+
     class Broken:  # the real extension with one function replaced
         def __getattr__(self, name):
-            return wrong[name] if name == broken else getattr(module, name)
+            return wrong[broken] if name == target else getattr(module, name)
 
     assert kernels._probe(module)
     assert not kernels._probe(Broken())

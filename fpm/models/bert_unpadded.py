@@ -75,15 +75,15 @@ class _ToHeads(torch.autograd.Function):
     contiguous (C++: one pass, no zero-filled intermediate); backward gathers the rows back."""
 
     @staticmethod
-    def forward(ctx, rows, u: Unpadded, groups: int, heads: int):
+    def forward(ctx, rows, u: Unpadded, groups: int, heads: int, bias):
         ctx.u = u
-        return tuple(kernels.extension().to_heads(rows, u.row_of, u.batch, u.seq, groups, heads))
+        return tuple(kernels.extension().to_heads(rows, u.row_of, u.batch, u.seq, groups, heads, bias))
 
     @staticmethod
     def backward(ctx, *grads):
         like = next(g for g in grads if g is not None)
         full = [torch.zeros_like(like) if g is None else g for g in grads]
-        return kernels.extension().to_rows(full, ctx.u.index), None, None, None
+        return kernels.extension().to_rows(full, ctx.u.index), None, None, None, None
 
 
 class _ToRows(torch.autograd.Function):
@@ -104,9 +104,29 @@ def _fast(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and kernels.extension() is not None
 
 
-def to_heads(rows: torch.Tensor, u: Unpadded, groups: int, heads: int) -> tuple[torch.Tensor, ...]:
-    if _fast(rows):
-        return _ToHeads.apply(rows, u, groups, heads)
+def _fused(x: torch.Tensor) -> bool:
+    """bf16 on CPU with fpm's kernels: biases are added by the fused kernels after the matmuls."""
+    return x.dtype == torch.bfloat16 and _fast(x)
+
+
+def _dense_then_residual(dense: nn.Linear, a: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm, p: float,
+                         training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dropout_add_layer_norm(dense(a), x, ln)``, the bias added inside the fused kernel where it runs."""
+    if dense.bias is not None and _fused(a) and kernels.fused_residual(a, x, ln) and not hasattr(dense.weight, "ds_id"):
+        return kernels.dropout_add_layer_norm(kernels.linear_bias_later(a, dense.weight, dense.bias), x, ln, p,
+                                              training, h_bias=dense.bias)
+    return kernels.dropout_add_layer_norm(dense(a), x, ln, p, training)
+
+
+def to_heads(rows: torch.Tensor, u: Unpadded, groups: int, heads: int,
+             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``groups`` zero-padded (batch, heads, seq, d) tensors from [tokens, groups * heads * d] rows;
+    ``bias`` (optional) is added to every row without a gradient (see kernels.linear_bias_later)."""
+    bias = None if bias is None else bias.detach()
+    if _fast(rows) and (bias is None or rows.dtype == bias.dtype == torch.bfloat16):
+        return _ToHeads.apply(rows, u, groups, heads, bias)
+    if bias is not None:
+        rows = rows + bias
     d = rows.shape[1] // (groups * heads)
     padded = u.pad(rows).view(u.batch, u.seq, groups, heads, d)
     return tuple(padded.permute(2, 0, 3, 1, 4).unbind(0))
@@ -124,7 +144,10 @@ def _attention(module: nn.Module, y: torch.Tensor, u: Unpadded, key_mask: torch.
     s = d ** -0.5  # the softmax scale folded into the query projection, as SdpaSelfAttention does
     w = torch.cat([module.query.weight * s, module.key.weight, module.value.weight])
     b = torch.cat([module.query.bias * s, module.key.bias, module.value.bias])
-    q, k, v = to_heads(kernels.linear(y, w, b), u, 3, heads)
+    if _fused(y):  # the bias is added while the rows are copied into the heads layout
+        q, k, v = to_heads(kernels.linear_bias_later(y, w, b), u, 3, heads, bias=b)
+    else:
+        q, k, v = to_heads(kernels.linear(y, w, b), u, 3, heads)
     p = module.dropout.p if module.training else 0.0
     return to_rows(kernels.attention(q, k, v, key_mask, dropout_p=p, scale=1.0), u)
 
@@ -135,10 +158,10 @@ def _layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, next_ln: nn.Layer
     output is already normalised by ``next_ln`` (the next layer's attention LayerNorm, or the
     encoder's final one)."""
     att = layer.attention
-    h = att.output.dense(_attention(att.self, y, u, key_mask))
-    x, y = kernels.dropout_add_layer_norm(h, x, layer.ln, att.output.dropout.p, layer.training)
-    f = layer.output.dense(layer.intermediate(y))
-    return kernels.dropout_add_layer_norm(f, x, next_ln, layer.output.dropout.p, layer.training)
+    x, y = _dense_then_residual(att.output.dense, _attention(att.self, y, u, key_mask), x, layer.ln,
+                                att.output.dropout.p, layer.training)
+    return _dense_then_residual(layer.output.dense, layer.intermediate(y), x, next_ln, layer.output.dropout.p,
+                                layer.training)
 
 
 def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -114,13 +114,18 @@ def _probe_unpadded_kernels(module) -> bool:
     want = rows.new_zeros(6, 12).index_copy(0, index, rows).view(2, 3, 2, 2, 3).permute(2, 0, 3, 1, 4)
     heads = module.to_heads(rows, row_of, 2, 3, 2, 2)
     ok = all(torch.equal(a, b) for a, b in zip(heads, want.unbind(0)))
+    bias = (torch.arange(12) - 6).to(torch.bfloat16)  # small integers: the sums are exact in bf16
+    want_b = rows.new_zeros(6, 12).index_copy(0, index, rows + bias).view(2, 3, 2, 2, 3).permute(2, 0, 3, 1, 4)
+    ok = ok and all(torch.equal(a, b) for a, b in zip(module.to_heads(rows, row_of, 2, 3, 2, 2, bias), want_b.unbind(0)))
     ok = ok and torch.equal(module.to_rows(heads, index), rows)
     seed, n, c = torch.tensor(3, dtype=torch.int64), 5, 40  # 40: one 16-wide tail
     h = (((torch.arange(n * c) % 13) - 6) / 4).view(n, c).to(torch.bfloat16)
     x = (((torch.arange(n * c) % 7) - 3) / 2).view(n, c).to(torch.bfloat16)
     gamma, beta = torch.linspace(0.5, 1.5, c).to(torch.bfloat16), torch.linspace(-0.5, 0.5, c).to(torch.bfloat16)
     mask = _mask(h, seed, 6554, 1.25)
-    r, y, mean, rstd = module.dropout_add_ln_forward(h, x, gamma, beta, 3, 6554, 1.25, 1e-5)
+    r, y, mean, rstd = module.dropout_add_ln_forward(h, None, x, gamma, beta, 3, 6554, 1.25, 1e-5)
+    hb = ((torch.arange(c) % 3) - 1).to(torch.bfloat16)  # h - hb + hb == h exactly in bf16 here
+    ok = ok and torch.equal(module.dropout_add_ln_forward(h - hb, hb, x, gamma, beta, 3, 6554, 1.25, 1e-5)[1], y)
     rf = (x + h * mask).float().requires_grad_()
     yf = F.layer_norm(rf, (c,), gamma.float(), beta.float(), 1e-5)
     ok = ok and torch.equal(r, (x + h * mask)) and torch.allclose(y.float(), yf, atol=3e-2)
@@ -266,9 +271,10 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
     passes of dropout, add, LayerNorm, their backwards and the gradient sum."""
 
     @staticmethod
-    def forward(ctx, h, x, weight, bias, seed: int, thr: int, scale: float, eps: float):
-        r, y, mean, rstd = extension().dropout_add_ln_forward(h.contiguous(), x.contiguous(), weight.contiguous(),
-                                                              bias.contiguous(), seed, thr, scale, eps)
+    def forward(ctx, h, x, weight, bias, seed: int, thr: int, scale: float, eps: float, h_bias=None):
+        r, y, mean, rstd = extension().dropout_add_ln_forward(
+            h.contiguous(), None if h_bias is None else h_bias.contiguous(), x.contiguous(), weight.contiguous(),
+            bias.contiguous(), seed, thr, scale, eps)
         ctx.save_for_backward(r, weight, mean, rstd)
         ctx.args = (seed, thr, scale)
         return r, y
@@ -279,23 +285,30 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dx, dh, dw, db = extension().dropout_add_ln_backward(dy, None if dr is None else dr.contiguous(), r,
                                                              weight.contiguous(), mean, rstd, *ctx.args)
-        return dh, dx, dw.to(weight.dtype), db.to(weight.dtype), None, None, None, None
+        return dh, dx, dw.to(weight.dtype), db.to(weight.dtype), None, None, None, None, None
 
 
 def dropout_add_layer_norm(h: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm, p: float,
-                           training: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pre-LN residual step: ``r = x + dropout(h)`` and ``layer_norm(r)`` with ``ln``'s parameters.
-    One fused C++ pass each way for bf16 on CPU (the dropout mask is :func:`dropout`'s for the same
-    seed); stock operations elsewhere."""
-    fused = (h.device.type == "cpu" and h.dtype == x.dtype == ln.weight.dtype == torch.bfloat16
-             and ln.bias is not None and not hasattr(ln.weight, "ds_id") and extension() is not None)
-    if not fused:
-        r = x + dropout(h, p, training)
+                           training: bool = True, h_bias: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-LN residual step: ``r = x + dropout(h + h_bias)`` and ``layer_norm(r)`` with ``ln``'s
+    parameters. ``h_bias`` (optional) is added without a gradient: for ``h`` from
+    :func:`linear_bias_later`, which gives the bias its gradient. One fused C++ pass each way for
+    bf16 on CPU (the dropout mask is :func:`dropout`'s for the same seed); stock operations elsewhere."""
+    h_bias = None if h_bias is None else h_bias.detach()
+    if not fused_residual(h, x, ln):
+        r = x + dropout(h if h_bias is None else h + h_bias, p, training)
         return r, F.layer_norm(r, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     on = training and p > 0.0
     seed = int(new_seed()) if on else 0  # the draw dropout() makes, so both paths consume the same stream
     return _DropoutAddLayerNorm.apply(h, x, ln.weight, ln.bias, seed, threshold(p) if on else 0,
-                                      1.0 / (1.0 - p) if on else 1.0, ln.eps)
+                                      1.0 / (1.0 - p) if on else 1.0, ln.eps, h_bias)
+
+
+def fused_residual(h: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm) -> bool:
+    """Whether :func:`dropout_add_layer_norm` runs its C++ kernel for these inputs."""
+    return (h.device.type == "cpu" and h.dtype == x.dtype == ln.weight.dtype == torch.bfloat16
+            and ln.bias is not None and not hasattr(ln.weight, "ds_id") and extension() is not None)
 
 
 class _SplitHeads(torch.autograd.Function):
@@ -408,30 +421,65 @@ class _LinearTransposedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        out_f, in_f = weight.shape
-        g = grad.reshape(-1, out_f)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ weight).view(x.shape)
-        want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, in_f)
-            if out_f <= in_f:
-                dw = transpose(g) @ x2
-            else:  # dWᵀ = xᵀg; a row of ones under xᵀ gives the bias gradient (g's column sums) as well
-                dwt = transpose(x2, ones_row=want_db) @ g
-                dw = transpose(dwt[:in_f])
-                if want_db:
-                    db = dwt[in_f].clone()
-        if want_db and db is None:
-            db = g.sum(0)  # bf16 sum, fp32 accumulation inside (as autograd's own addmm backward)
-        return dx, dw, db
+        return _linear_grads(x, weight, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                             ctx.has_bias and ctx.needs_input_grad[2])
+
+
+def _rectangular(weight: torch.Tensor) -> bool:
+    return max(weight.shape) >= 2 * min(weight.shape)
+
+
+def _linear_grads(x, weight, grad, want_dx: bool, want_dw: bool, want_db: bool):
+    """(dx, dW, db) of ``F.linear(x, weight, bias)`` for the output gradient ``grad``; for a
+    rectangular weight, dW from a contiguous transposed operand (see :class:`_LinearTransposedGrad`)."""
+    out_f, in_f = weight.shape
+    g = grad.reshape(-1, out_f)
+    dx = dw = db = None
+    if want_dx:
+        dx = (g @ weight).view(x.shape)
+    if want_dw:
+        x2 = x.reshape(-1, in_f)
+        if not _rectangular(weight):
+            dw = g.t() @ x2
+        elif out_f <= in_f:
+            dw = transpose(g) @ x2
+        else:  # dWᵀ = xᵀg; a row of ones under xᵀ gives the bias gradient (g's column sums) as well
+            dwt = transpose(x2, ones_row=want_db) @ g
+            dw = transpose(dwt[:in_f])
+            if want_db:
+                db = dwt[in_f].clone()
+    if want_db and db is None:
+        db = g.sum(0)  # bf16 sum, fp32 accumulation inside (as autograd's own addmm backward)
+    return dx, dw, db
+
+
+class _LinearBiasLater(torch.autograd.Function):
+    """``x Wᵀ`` without the bias, for a caller that adds the bias itself in a fused kernel, outside
+    autograd (:func:`dropout_add_layer_norm`'s ``h_bias``, the padding-free BERT's q/k/v layout
+    change): a bias in the matmul is first copied into its whole output. The bias still gets its
+    gradient here — the column sums of the output gradient, as for ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return _linear_grads(x, weight, grad, *ctx.needs_input_grad)
+
+
+def linear_bias_later(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias) - bias``, with ``bias``'s gradient: see :class:`_LinearBiasLater`.
+    The caller must add ``bias.detach()`` to the result."""
+    return _LinearBiasLater.apply(x, weight, bias)
 
 
 def _fast_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
             and x.dtype == weight.dtype and weight.element_size() == 2
-            and max(weight.shape) >= 2 * min(weight.shape)
+            and _rectangular(weight)
             and not hasattr(weight, "ds_id")  # a ZeRO-3 partition is gathered only inside F.linear
             and not torch.compiler.is_compiling() and extension() is not None)
 

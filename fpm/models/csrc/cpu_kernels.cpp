@@ -246,16 +246,33 @@ void adamw_u16(const AdamW& a, float* w, float* m, float* v, const uint16_t* g, 
 // ---- padding-free BERT (fpm.models.bert_unpadded) ----------------------------------------------
 // to_heads: rows [N, G*H*D] of the kept positions -> G tensors [B, H, T, D], zeros at positions not
 // kept (row_of[b*T + t] < 0). to_rows: the inverse gather. Plain row copies of D elements, any dtype.
+// With `bias` (bf16 only, [G*H*D]), kept rows get row + bias (rounded to bf16): the projection's
+// bias added here instead of by the matmul, which copies it into its whole output first.
 void to_heads_impl(const char* src, const int64_t* row_of, std::vector<char*>& out, int64_t B, int64_t T,
-                   int64_t G, int64_t H, int64_t D, size_t es) {
+                   int64_t G, int64_t H, int64_t D, size_t es, const uint16_t* bias) {
   at::parallel_for(0, G * B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / (B * H), b = (i / H) % B, h = i % H;
       char* dst = out[g] + (b * H + h) * T * D * es;
+      const uint16_t* bh = bias != nullptr ? bias + (g * H + h) * D : nullptr;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t r = row_of[b * T + t];
-        if (r >= 0) std::memcpy(dst + t * D * es, src + ((r * G + g) * H + h) * D * es, D * es);
-        else std::memset(dst + t * D * es, 0, D * es);
+        if (r < 0) {
+          std::memset(dst + t * D * es, 0, D * es);
+        } else if (bh == nullptr) {
+          std::memcpy(dst + t * D * es, src + ((r * G + g) * H + h) * D * es, D * es);
+        } else {
+          const uint16_t* x = reinterpret_cast<const uint16_t*>(src) + ((r * G + g) * H + h) * D;
+          uint16_t* y = reinterpret_cast<uint16_t*>(dst) + t * D;
+          int64_t c = 0;
+#ifdef FPM_AVX512
+          for (; c < D; c += 16) {
+            const __mmask16 k = tail_mask(D - c);
+            store_bf16(y + c, k, _mm512_add_ps(load_bf16(x + c, k), load_bf16(bh + c, k)));
+          }
+#endif
+          for (; c < D; ++c) y[c] = float_to_bf16_bits(bf16_bits_to_float(x[c]) + bf16_bits_to_float(bh[c]));
+        }
       }
     }
   });
@@ -289,7 +306,7 @@ inline __m512 round_bf16_ps(__m512 v) {  // to the nearest bf16 value, kept in f
 }
 #endif
 
-void dal_forward_u16(const uint16_t* h, const uint16_t* x, const uint16_t* gamma, const uint16_t* beta,
+void dal_forward_u16(const uint16_t* h, const uint16_t* hb, const uint16_t* x, const uint16_t* gamma, const uint16_t* beta,
                      uint16_t* r, uint16_t* y, float* mean, float* rstd, int64_t N, int64_t C,
                      uint64_t seed, uint64_t thr, float scale, float eps) {
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
@@ -302,7 +319,9 @@ void dal_forward_u16(const uint16_t* h, const uint16_t* x, const uint16_t* gamma
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; c += 16) {
         const __mmask16 k = tail_mask(C - c);
-        const __m512 hd = round_bf16_ps(_mm512_maskz_mul_ps(keep16(seed, o + c, thr), load_bf16(h + o + c, k), sv));
+        __m512 hv = load_bf16(h + o + c, k);
+        if (hb != nullptr) hv = round_bf16_ps(_mm512_add_ps(hv, load_bf16(hb + c, k)));  // h's bias, added here
+        const __m512 hd = round_bf16_ps(_mm512_maskz_mul_ps(keep16(seed, o + c, thr), hv, sv));
         const __m512 v = round_bf16_ps(_mm512_add_ps(load_bf16(x + o + c, k), hd));
         _mm512_mask_storeu_ps(buf.data() + c, k, v);
         store_bf16(r + o + c, k, v);
@@ -326,7 +345,9 @@ void dal_forward_u16(const uint16_t* h, const uint16_t* x, const uint16_t* gamma
 #else
       float sum = 0.f;
       for (int64_t c = 0; c < C; ++c) {
-        const float hd = (thr == 0 || kept(seed, o + c, thr)) ? round_bf16(bf16_bits_to_float(h[o + c]) * scale) : 0.f;
+        const float hv = hb != nullptr ? round_bf16(bf16_bits_to_float(h[o + c]) + bf16_bits_to_float(hb[c]))
+                                       : bf16_bits_to_float(h[o + c]);
+        const float hd = (thr == 0 || kept(seed, o + c, thr)) ? round_bf16(hv * scale) : 0.f;
         const float v = round_bf16(bf16_bits_to_float(x[o + c]) + hd);
         buf[c] = v;
         r[o + c] = float_to_bf16_bits(v);
@@ -678,7 +699,7 @@ torch::Tensor dropout_mask(const torch::Tensor& like, int64_t seed, int64_t thr,
 }
 
 std::vector<torch::Tensor> to_heads(const torch::Tensor& rows, const torch::Tensor& row_of, int64_t batch, int64_t seq,
-                                    int64_t groups, int64_t heads) {
+                                    int64_t groups, int64_t heads, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(rows.dim() == 2 && rows.device().is_cpu() && row_of.scalar_type() == at::kLong &&
               row_of.numel() == batch * seq && rows.size(1) % (groups * heads) == 0, "to_heads: bad arguments");
   const auto src = rows.contiguous();
@@ -690,8 +711,11 @@ std::vector<torch::Tensor> to_heads(const torch::Tensor& rows, const torch::Tens
     outs.push_back(torch::empty({batch, heads, seq, d}, src.options()));
     ptrs.push_back(static_cast<char*>(outs.back().data_ptr()));
   }
+  if (bias.has_value())
+    TORCH_CHECK(src.scalar_type() == at::kBFloat16 && bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                bias->numel() == src.size(1), "to_heads: a bias needs bf16 rows and a bf16 [groups * heads * d] bias");
   to_heads_impl(static_cast<const char*>(src.data_ptr()), ro.data_ptr<int64_t>(), ptrs, batch, seq, groups, heads, d,
-                src.element_size());
+                src.element_size(), bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr()) : nullptr);
   return outs;
 }
 
@@ -724,16 +748,22 @@ void check_bf16(const torch::Tensor& t, const char* what) {
 }
 }  // namespace
 
-std::vector<torch::Tensor> dropout_add_ln_forward(const torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& gamma,
+// h_bias: None, or a bf16 [C] bias added to h first (h is then a matmul's output without its bias)
+std::vector<torch::Tensor> dropout_add_ln_forward(const torch::Tensor& h, const c10::optional<torch::Tensor>& h_bias,
+                                                  const torch::Tensor& x, const torch::Tensor& gamma,
                                                   const torch::Tensor& beta, int64_t seed, int64_t thr, double scale,
                                                   double eps) {
   for (const auto* t : {&h, &x, &gamma, &beta}) check_bf16(*t, "dropout_add_ln_forward");
+  if (h_bias.has_value()) {
+    check_bf16(*h_bias, "dropout_add_ln_forward");
+    TORCH_CHECK(h_bias->numel() == gamma.numel(), "dropout_add_ln_forward: h_bias shape");
+  }
   const int64_t c = gamma.numel(), n = h.numel() / c;
   TORCH_CHECK(h.sizes() == x.sizes() && h.size(-1) == c && beta.numel() == c, "dropout_add_ln_forward: shapes");
   auto r = torch::empty_like(h), y = torch::empty_like(h);
   auto mean = torch::empty({n}, h.options().dtype(at::kFloat)), rstd = torch::empty({n}, h.options().dtype(at::kFloat));
   const float s = static_cast<float>(c10::BFloat16(static_cast<float>(scale)));  // the mask's bf16 value
-  dal_forward_u16(u16(h), u16(x), u16(gamma), u16(beta), u16m(r), u16m(y), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+  dal_forward_u16(u16(h), h_bias.has_value() ? u16(*h_bias) : nullptr, u16(x), u16(gamma), u16(beta), u16m(r), u16m(y), mean.data_ptr<float>(), rstd.data_ptr<float>(),
                   n, c, static_cast<uint64_t>(seed), static_cast<uint64_t>(thr), s, static_cast<float>(eps));
   return {r, y, mean, rstd};
 }
@@ -814,9 +844,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose16", &transpose16, "contiguous transpose of a 2-D 16-bit tensor (optionally a row of ones below)",
         py::arg("x"), py::arg("ones_row") = false);
   m.def("sumsq16", &sumsq16, "sum of squares of bf16 tensors (float accumulation)");
-  m.def("to_heads", &to_heads, "rows of kept positions -> zero-padded (batch, heads, seq, d) tensors");
+  m.def("to_heads", &to_heads, "rows of kept positions (+ bias) -> zero-padded (batch, heads, seq, d) tensors",
+        py::arg("rows"), py::arg("row_of"), py::arg("batch"), py::arg("seq"), py::arg("groups"), py::arg("heads"),
+        py::arg("bias") = py::none());
   m.def("to_rows", &to_rows, "(batch, heads, seq, d) tensors -> rows of the positions in index");
-  m.def("dropout_add_ln_forward", &dropout_add_ln_forward, "r = x + dropout(h), y = layer_norm(r) (bf16)");
+  m.def("dropout_add_ln_forward", &dropout_add_ln_forward, "r = x + dropout(h + h_bias), y = layer_norm(r) (bf16)");
   m.def("dropout_add_ln_backward", &dropout_add_ln_backward, "gradients of dropout_add_ln_forward (bf16)");
   m.def("softmax_dropout_forward", &softmax_dropout_forward, "softmax(scores + key mask) and its dropout (bf16)");
   m.def("softmax_dropout_backward", &softmax_dropout_backward, "gradient of softmax_dropout_forward's dropped output (bf16)");

@@ -170,7 +170,7 @@ def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tenso
     is true, as a [tokens, hidden] matrix, and the :class:`Unpadded` map of those positions.
     ``keep`` must include every position that is attended to (``attention_mask``)."""
     u = Unpadded(keep)
-    batch, seq = input_ids.shape
+    seq = input_ids.shape[1]
     emb = bert.embeddings
     positions = u.index % seq
     x = emb.word_embeddings(input_ids.reshape(-1)[u.index]) + emb.token_type_embeddings(

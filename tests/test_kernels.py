@@ -284,3 +284,10 @@ def test_the_extension_is_probed_and_used_when_first_asked_for_without_gradients
     monkeypatch.setattr(kernels, "_MODULE", None)
     with torch.no_grad():
         assert kernels.extension() is not None
+
+
+def test_fused_dropout_rejects_a_probability_outside_0_1():
+    ln = torch.nn.LayerNorm(8).to(torch.bfloat16)
+    h = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
+        kernels.dropout_add_layer_norm(h, h, ln, 1.0)

@@ -112,7 +112,7 @@ def _fused(x: torch.Tensor) -> bool:
 def _dense_then_residual(dense: nn.Linear, a: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm, p: float,
                          training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``dropout_add_layer_norm(dense(a), x, ln)``, the bias added inside the fused kernel where it runs."""
-    if dense.bias is not None and _fused(a) and kernels.fused_residual(a, x, ln) and not hasattr(dense.weight, "ds_id"):
+    if dense.bias is not None and kernels.fused_residual(a, x, ln) and not hasattr(dense.weight, "ds_id"):
         return kernels.dropout_add_layer_norm(kernels.linear_bias_later(a, dense.weight, dense.bias), x, ln, p,
                                               training, h_bias=dense.bias)
     return kernels.dropout_add_layer_norm(dense(a), x, ln, p, training)

@@ -94,17 +94,13 @@ def _probe(module) -> bool:
     module.adamw16(w, m, v, [g], [p16], 0.1, 0.9, 0.99, 1e-8, 0.01, 1, 0.5)
     g32 = g.float() * 0.5
     want = torch.linspace(-1, 1, g.numel()) * (1 - 0.1 * 0.01) - 0.1 * g32 / (g32.abs() + 1e-8)
-    return (ok and torch.allclose(w, want, atol=1e-5) and torch.allclose(m, 0.1 * g32)
-            and torch.allclose(v, 0.01 * g32 * g32) and torch.equal(p16, w.to(torch.bfloat16))
-            and _probe_unpadded(module))
+    ok = (ok and torch.allclose(w, want, atol=1e-5) and torch.allclose(m, 0.1 * g32)
+          and torch.allclose(v, 0.01 * g32 * g32) and torch.equal(p16, w.to(torch.bfloat16)))
+    with torch.enable_grad():  # the references use autograd; the first call may come from a no-grad context
+        return ok and _probe_unpadded(module) and _probe_softmax(module) and _probe_xent(module)
 
 
 def _probe_unpadded(module) -> bool:
-    with torch.enable_grad():  # the references use autograd; the first call may come from a no-grad context
-        return _probe_unpadded_kernels(module)
-
-
-def _probe_unpadded_kernels(module) -> bool:
     """The padding-free BERT kernels against torch: rows <-> zero-padded heads (exact), and dropout +
     residual add + LayerNorm forward and backward (r exact, the rest to bf16 rounding)."""
     keep = torch.tensor([True, True, False, True, False, True])  # batch 2 x seq 3
@@ -135,13 +131,13 @@ def _probe_unpadded_kernels(module) -> bool:
     dx_want = rf.grad + dr.float()
     dx, dh, dg, db = module.dropout_add_ln_backward(dy, dr, r, gamma, mean, rstd, 3, 6554, 1.25)
     xhat = (rf.detach() - mean[:, None]) * rstd[:, None]
-    ok = ok and _probe_softmax(module, seed) and _probe_xent(module)
     return (ok and torch.allclose(dx.float(), dx_want, atol=3e-2) and torch.allclose(dh.float(), dx_want * mask.float(), atol=5e-2)
             and torch.allclose(dg, (dy.float() * xhat).sum(0), atol=3e-2) and torch.allclose(db, dy.float().sum(0)))
 
 
-def _probe_softmax(module, seed: torch.Tensor) -> bool:
+def _probe_softmax(module) -> bool:
     """softmax_dropout_forward/backward against softmax, the dropout mask and autograd."""
+    seed = torch.tensor(3, dtype=torch.int64)
     scores = (((torch.arange(2 * 3 * 20) % 11) - 5) / 2).view(2, 3, 20).to(torch.bfloat16)
     key_mask = torch.zeros(2, 20, dtype=torch.bfloat16)
     key_mask[1, 15:] = torch.finfo(torch.bfloat16).min
@@ -244,17 +240,28 @@ class _Dropout16(torch.autograd.Function):
         return extension().dropout_apply(grad, *ctx.args), None, None, None
 
 
+def _hash_dropout_args(p: float, on: bool) -> tuple[int, int, float]:
+    """(seed, threshold, scale) for the fused kernels' dropout: a fresh seed (the draw
+    :func:`dropout` makes, so every path consumes the same random stream) when ``on``; otherwise
+    no draw and a keep-everything mask."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not on or p == 0.0:
+        return 0, 0, 1.0
+    return int(new_seed()), threshold(p), 1.0 / (1.0 - p)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0.0:
         return x
     kernel = _kernel() if x.device.type == "cpu" and p < 1.0 else None
     if kernel is None:
         return F.dropout(x, p, training)
-    seed = int(new_seed())
+    args = _hash_dropout_args(p, True)
     if x.dtype == torch.bfloat16:
-        return _Dropout16.apply(x, seed, threshold(p), 1.0 / (1.0 - p))
+        return _Dropout16.apply(x, *args)
     # x * mask: autograd keeps the mask for backward
-    return x * kernel(x, seed, threshold(p), 1.0 / (1.0 - p))
+    return x * kernel(x, *args)
 
 
 class Dropout(nn.Dropout):
@@ -299,10 +306,7 @@ def dropout_add_layer_norm(h: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm, p
     if not fused_residual(h, x, ln):
         r = x + dropout(h if h_bias is None else h + h_bias, p, training)
         return r, F.layer_norm(r, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    on = training and p > 0.0
-    seed = int(new_seed()) if on else 0  # the draw dropout() makes, so both paths consume the same stream
-    return _DropoutAddLayerNorm.apply(h, x, ln.weight, ln.bias, seed, threshold(p) if on else 0,
-                                      1.0 / (1.0 - p) if on else 1.0, ln.eps, h_bias)
+    return _DropoutAddLayerNorm.apply(h, x, ln.weight, ln.bias, *_hash_dropout_args(p, training), ln.eps, h_bias)
 
 
 def fused_residual(h: torch.Tensor, x: torch.Tensor, ln: nn.LayerNorm) -> bool:
@@ -384,12 +388,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if scale != 1.0:  # callers may fold the scale into q's projection
         scores = scores.mul_(scale)
-    key_mask = _key_mask(mask, scores)
-    if not is_causal and key_mask is not False and scores.dtype == torch.bfloat16 and extension() is not None:
-        on = dropout_p > 0.0
-        seed = int(new_seed()) if on else 0  # the draw dropout() makes
-        probs = _SoftmaxDropout.apply(scores, key_mask, seed, threshold(dropout_p) if on else 0,
-                                      1.0 / (1.0 - dropout_p) if on else 1.0)
+    key_mask = _key_mask(mask, scores) if scores.dtype == torch.bfloat16 and not is_causal else False
+    if key_mask is not False and extension() is not None:
+        probs = _SoftmaxDropout.apply(scores, key_mask, *_hash_dropout_args(dropout_p, True))
         return torch.matmul(probs, v)
     if is_causal:
         t, s = scores.shape[-2:]

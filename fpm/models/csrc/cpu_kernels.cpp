@@ -297,7 +297,7 @@ void to_rows_impl(const std::vector<const char*>& heads, const int64_t* index, c
 inline float round_bf16(float f) { return bf16_bits_to_float(float_to_bf16_bits(f)); }
 
 #if defined(FPM_AVX512) && defined(__AVX512DQ__)
-#define FPM_DAL_AVX512 1
+#define FPM_AVX512DQ 1
 inline __m512 round_bf16_ps(__m512 v) {  // to the nearest bf16 value, kept in float
   const __m512i b = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
@@ -314,7 +314,7 @@ void dal_forward_u16(const uint16_t* h, const uint16_t* hb, const uint16_t* x, c
     for (int64_t n = begin; n < end; ++n) {
       const int64_t o = n * C;
       float mu, rs;
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
       const __m512 sv = _mm512_set1_ps(scale);
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; c += 16) {
@@ -378,7 +378,7 @@ void dal_backward_u16(const uint16_t* dy, const uint16_t* dr, const uint16_t* r,
       for (int64_t n = part * N / parts; n < (part + 1) * N / parts; ++n) {
         const int64_t o = n * C;
         const float mu = mean[n], rs = rstd[n];
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
         const __m512 m = _mm512_set1_ps(mu), rsv = _mm512_set1_ps(rs), sv = _mm512_set1_ps(scale);
         __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
         for (int64_t c = 0; c < C; c += 16) {
@@ -442,7 +442,7 @@ void dal_backward_u16(const uint16_t* dy, const uint16_t* dr, const uint16_t* r,
 // softmax over the last dimension of attention scores plus an additive key mask, then dropout
 // (fpm.models.kernels.attention): the probabilities P (kept for backward) and P times the dropout
 // mask (dropout_apply's mask for P's flat index) in one pass; backward dS = P * (dPd*mask - sum(P*dPd*mask)).
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
 inline __m512 exp512(__m512 x) {  // e^x for x <= 0 (relative error ~2e-7), exactly 0 below -87
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
@@ -466,7 +466,7 @@ void softmax_dropout_fwd_u16(const uint16_t* scores, const uint16_t* mask, uint1
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * T;
       const uint16_t* m = mask != nullptr ? mask + (r / rows_per_batch) * T : nullptr;
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
       __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       for (int64_t c = 0; c < T; c += 16) {
         const __mmask16 k = tail_mask(T - c);
@@ -521,7 +521,7 @@ void softmax_dropout_bwd_u16(const uint16_t* grad, const uint16_t* probs, const 
     std::vector<float> buf(T);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * T;
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
       const __m512 sv = _mm512_set1_ps(scale);
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < T; c += 16) {
@@ -565,7 +565,7 @@ double xent_grad_u16(uint16_t* logits, const int64_t* target, const float* scale
       uint16_t* row = logits + r * V;
       float top = -std::numeric_limits<float>::infinity();
       int64_t c = 0;
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
       __m512 mx = _mm512_set1_ps(top);
       for (; c < V; c += 16) {
         const __mmask16 k = tail_mask(V - c);
@@ -599,7 +599,7 @@ double xent_grad_u16(uint16_t* logits, const int64_t* target, const float* scale
       const float picked = bf16_bits_to_float(row[t]) + (bias != nullptr ? bias[t] : 0.f);
       if (scale[r] > 0.f) acc += static_cast<double>(top + std::log(sum) - picked);
       const float f = scale[r] / sum;
-#ifdef FPM_DAL_AVX512
+#ifdef FPM_AVX512DQ
       const __m512 fv = _mm512_set1_ps(f);
       for (c = 0; c < V; c += 16) {
         const __mmask16 k = tail_mask(V - c);
@@ -721,7 +721,7 @@ std::vector<torch::Tensor> to_heads(const torch::Tensor& rows, const torch::Tens
 
 torch::Tensor to_rows(const std::vector<torch::Tensor>& heads, const torch::Tensor& index) {
   TORCH_CHECK(!heads.empty() && index.scalar_type() == at::kLong, "to_rows: bad arguments");
-  const int64_t batch = heads[0].size(0), h = heads[0].size(1), seq = heads[0].size(2), d = heads[0].size(3);
+  const int64_t h = heads[0].size(1), seq = heads[0].size(2), d = heads[0].size(3);
   std::vector<torch::Tensor> keep;  // contiguous copies where needed, alive until the copy is done
   std::vector<const char*> ptrs;
   for (const auto& x : heads) {
@@ -735,7 +735,6 @@ torch::Tensor to_rows(const std::vector<torch::Tensor>& heads, const torch::Tens
   auto out = torch::empty({n, groups * h * d}, heads[0].options().memory_format(at::MemoryFormat::Contiguous));
   to_rows_impl(ptrs, idx.data_ptr<int64_t>(), static_cast<char*>(out.data_ptr()), n, seq, groups, h, d,
                heads[0].element_size());
-  (void)batch;
   return out;
 }
 

@@ -66,7 +66,7 @@ from fpm.data.datasets import build_dataset  # noqa: E402
 from fpm.data.prepare import PrepareOptions, prepare  # noqa: E402
 from fpm.data.shards import ShardSet  # noqa: E402
 from fpm.engine.flops import train_flops_per_token  # noqa: E402
-from fpm.engine.metrics import measure_peak_tflops  # noqa: E402
+from fpm.engine.peak import measure_tflops  # noqa: E402
 
 SHAPE = ["model.n_layers=6", "model.d_model=512", "model.n_heads=8", "model.d_head=64", "model.d_ff=2048",
          "model.max_positions=512", "data.seq_len=128", "train.global_batch=32", "train.micro_batch=32",
@@ -124,22 +124,23 @@ def sample_stats(recipe, data: Path, n: int = 2000) -> tuple[float, float]:
 def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.distributed import resolve_env
     from fpm.engine.trainer import Trainer, seed_everything
-    from fpm.models import build_model, loss_fn
+    from fpm.models import FAMILIES, build_model
+    from fpm.models.objective import Objective
     from fpm.pretrain import build_spec
 
     ds = build_dataset(recipe, data)
     seed_everything(0)
     model = build_model(recipe.model, recipe.tokenizer.vocab_size)
-    spec = build_spec(recipe, 1, recipe.data.seq_len, 0.0)
+    spec = build_spec(recipe, 1, 0.0)
     times = StepTimes()
-    lf = loss_fn(recipe.model.family)
+    loss = FAMILIES[recipe.model.family].pretraining_loss
 
-    def timed_loss(engine, batch):
+    def timed_loss(model, batch):
         if not times.t:
             times.mark()
-        return lf(engine, batch)
+        return loss(model, batch)
 
-    trainer = Trainer(spec, model, timed_loss, ds, out, resolve_env(), resume=False, quiet=True,
+    trainer = Trainer(spec, Objective(model, timed_loss), ds, out, resolve_env(), resume=False, quiet=True,
                       on_step=lambda step: times.mark(), on_step_every=1)
     trainer.fit()
     return times.t
@@ -218,7 +219,7 @@ def main() -> None:
     corpus = [args.data / "corpus" / "en" / f for f in ("wikitext2-valid.tokens.txt", "wikitext2-test.tokens.txt",
                                                         "tinyshakespeare.txt")]
     tmp = Path(tempfile.mkdtemp(prefix="fpm-tput-"))
-    peaks = [measure_peak_tflops(torch.bfloat16, seconds=1.0)]
+    peaks = [measure_tflops(torch.bfloat16, seconds=1.0)]
     print(f"threads {torch.get_num_threads()}, {allocator.in_use()} malloc (both sides), measured bf16 matmul peak {peaks[0]:.3f} TFLOP/s; "
           f"{args.rounds} rounds x {args.windows} windows of {args.window} steps after {args.warmup} warm-up steps")
     ratios = {}
@@ -242,11 +243,11 @@ def main() -> None:
             w_fpm, w_hf = [], []
             kind_peaks = []
             for r in range(args.rounds):
-                kind_peaks.append(measure_peak_tflops(torch.bfloat16, seconds=1.0))
+                kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
                 w_fpm += windows(run_fpm(recipe, data, tmp / f"fpm-{kind}-{r}", steps), args.warmup, args.window)
-                kind_peaks.append(measure_peak_tflops(torch.bfloat16, seconds=1.0))
+                kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
                 w_hf += windows(run_hf(kind, recipe, data, tmp / f"hf-{kind}-{r}", steps), args.warmup, args.window)
-            kind_peaks.append(measure_peak_tflops(torch.bfloat16, seconds=1.0))
+            kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
             peaks += kind_peaks
             peak = max(kind_peaks)
             print(f"{kind}: bf16 matmul peak measured {len(kind_peaks)} times around the runs: "

@@ -21,12 +21,19 @@ from fpm.config import load_resolved
 from fpm.console import info, warn
 from fpm.engine import checkpoint as ckpt
 from fpm.errors import FpmError
+from fpm.models.objective import strip_prefix
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of one checkpoint folder (``.../checkpoints/step-N``)."""
+    bf16_files = list(folder.glob("bf16_zero_pp_rank_*_optim_states.pt"))
     zero_files = list(folder.glob("*zero_pp_rank_*_optim_states.pt"))
-    if zero_files:
+    if bf16_files:
+        state = _from_bf16_optimizer(folder, bf16_files)
+    elif zero_files:
+        from fpm.engine.distributed import select_accelerator
+
+        select_accelerator()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
@@ -35,7 +42,31 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         if not model_file.is_file():
             raise FpmError(f"{folder}: no DeepSpeed model states found")
         state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.float() for k, v in strip_prefix(state).items()}
+
+
+def _from_bf16_optimizer(folder: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint written by DeepSpeed's BF16_Optimizer (bf16 at ZeRO-1 with fp32
+    gradient accumulation), which DeepSpeed's ``zero_to_fp32`` does not read: each rank holds an
+    equal slice of every parameter group's flat fp32 master copy (the group's parameters in order,
+    padding at the end); ``param_shapes`` in the model states names them."""
+    def rank(f: Path) -> int:
+        return int(f.name.split("pp_rank_")[1].split("_")[0])
+
+    model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             ["single_partition_of_fp32_groups"] for f in sorted(files, key=rank)]
+    state = dict(model["module"])  # buffers, and the names of tied parameters
+    for g, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([p[g] for p in parts])
+        offset = 0
+        for name, shape in shapes.items():
+            n = shape.numel()
+            state[name] = flat[offset:offset + n].view(shape).clone()
+            offset += n
+    for name, source in (model.get("shared_params") or {}).items():
+        state[name] = state[source]
+    return state
 
 
 def load_run_model(run_dir: Path, tag: str | None = None):

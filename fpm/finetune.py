@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,18 +95,30 @@ def classification_loss(model, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model, features: dict[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for every row (the model is put in eval mode and back)."""
+    """Class probabilities for every row, in batches on the model's device (the model is put in eval
+    mode and back). Under torch.distributed every rank scores a contiguous share of the rows and
+    all ranks return all of them, finishing together."""
+    import torch.distributed as td
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    n = len(features["input_ids"])
+    rank, world = (td.get_rank(), td.get_world_size()) if td.is_initialized() else (0, 1)
+    lo, hi = n * rank // world, n * (rank + 1) // world
     out = []
-    for i in range(0, len(features["input_ids"]), batch_size):
-        batch = {k: torch.as_tensor(v[i:i + batch_size], device=device) for k, v in features.items()}
+    for i in range(lo, hi, batch_size):
+        batch = {k: torch.as_tensor(v[i:min(hi, i + batch_size)], device=device) for k, v in features.items()}
         logits = model(**batch).logits.float()
         out.append(torch.softmax(logits, dim=-1).cpu().numpy())
     if was_training:
         model.train()
-    return np.concatenate(out) if out else np.zeros((0, 2))
+    mine = np.concatenate(out) if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+    if world == 1:
+        return mine
+    shares: list = [None] * world
+    td.all_gather_object(shares, mine)
+    return np.concatenate(shares)
 
 
 # ------------------------------------------------------------------ models
@@ -329,8 +342,9 @@ def _report_bad(split: Split) -> None:
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
               with_floors: bool = True) -> int:
     from fpm.engine.distributed import barrier
-    from fpm.engine.ds_config import Precision
+    from fpm.engine.ds_config import Precision, ZeroSettings
     from fpm.engine.trainer import Trainer, TrainSpec, seed_everything
+    from fpm.models.objective import Objective
 
     t = recipe.train
     rank0 = dist.rank == 0
@@ -354,12 +368,17 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(train.examples) / t.batch_size))
     if t.batch_size % dist.world_size:
         raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {dist.world_size} processes")
+    ds = recipe.deepspeed
     spec = TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // dist.world_size,
                      grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps), schedule="linear",
                      weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8, grad_clip=t.grad_clip,
-                     precision=Precision(t.precision), zero_stage=recipe.deepspeed.zero_stage,
+                     precision=Precision(t.precision),
+                     zero=ZeroSettings(stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
+                                       overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
+                                       reduce_bucket_size=ds.reduce_bucket_size,
+                                       allgather_bucket_size=ds.allgather_bucket_size),
                      log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
-                     tokens_per_sample=t.max_seq_len, num_workers=0, activation_checkpointing=False)
+                     num_workers=0, activation_checkpointing=False)
     task = recipe.task
     positive = task.labels.index(task.positive_label) if task.positive_label is not None else None
     dev = splits["dev"]
@@ -368,19 +387,19 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     state = {"trainer": None}
 
     def evaluate(step: int) -> dict:
-        engine = state["trainer"].engine
-        probs = predict(engine.module, feats["dev"])
+        model = state["trainer"].model  # the engine's module's model: on the training device
+        probs = predict(model, feats["dev"])
         m = classification_metrics(dev_y, probs.argmax(1).tolist(), task.num_labels, positive)
         value = m["macro_f1"] if task.metric == "macro_f1" else m[task.metric]
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
         if rank0 and (best is None or value > best["value"]):
-            save_model(engine.module, out / "best", init)
+            save_model(model, out / "best", init)
             best_file.write_text(json.dumps({"step": step, "metric": task.metric, "value": value}))
         barrier()
         return {"eval_step": step, f"dev_{task.metric}": value, "dev_accuracy": m["accuracy"], "dev_f1": m["f1"]}
 
-    trainer = Trainer(spec, init.model, classification_loss, dataset, out, dist, resume=resume == "auto",
-                      on_step=evaluate, on_step_every=t.eval_every)
+    trainer = Trainer(spec, Objective(init.model, classification_loss), dataset, out, dist,
+                      resume=resume == "auto", on_step=evaluate, on_step_every=t.eval_every)
     state["trainer"] = trainer
     if rank0:
         info(f"fine-tuning {init.source} on {task.name} ({len(train.examples):,} train, {len(dev.examples):,} dev"
@@ -393,15 +412,20 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     if best is None or best["step"] != result.step and result.step % t.eval_every:
         evaluate(result.step)  # the last step is a candidate too
         best = json.loads(best_file.read_text())
-    if rank0:
-        from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(out / "best")).eval()
+    from fpm.engine.distributed import device_for
+
+    # the best model scores dev and test on the training device, every rank a share of the rows
+    model = AutoModelForSequenceClassification.from_pretrained(str(out / "best")).to(device_for(dist.local_rank))
+    dev_probs = predict(model.eval(), feats["dev"])
+    test_probs = predict(model, feats["test"]) if splits["test"] is not None else None
+    if rank0:
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
         extra = {"model": str(out / "best"), "init": init.source, "best_step": best["step"], "steps": result.step}
-        results = write_results(out, recipe, dev, predict(model, feats["dev"]), extra, names)
-        if splits["test"] is not None:
-            write_results(out, recipe, splits["test"], predict(model, feats["test"]), extra, names)
+        results = write_results(out, recipe, dev, dev_probs, extra, names)
+        if test_probs is not None:
+            write_results(out, recipe, splits["test"], test_probs, extra, names)
             info(f"test: wrote the submission file in {out} (test labels are not public: no score)")
         from fpm.audit import audit_splits
         from fpm.baseline import floors as compute_floors
@@ -433,7 +457,10 @@ def evaluate_command(task: str, *, model_path: Path, data_dir: Path | None, spli
     _report_bad(data)
     out = Path(out) if out else model_path.parent / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
-    probs = predict(init.model, init.encoder.encode(data.examples))
+    from fpm.engine.distributed import device_for, select_accelerator
+
+    select_accelerator()
+    probs = predict(init.model.to(device_for(int(os.environ.get("LOCAL_RANK", "0")))), init.encoder.encode(data.examples))
     names = tnews_label_names(Path(data_dir)) if recipe.task.name == "tnews" else {}
     results = write_results(out, recipe, data, probs, {"model": str(model_path)}, names)
     if results is None:

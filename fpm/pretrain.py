@@ -19,13 +19,14 @@ import yaml
 from fpm import allocator
 from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import Recipe, derive_batch
-from fpm.console import info, is_rank0
+from fpm.console import info
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError
 
 # recipe keys that may change between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
-                     ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("data", "path"),
+                     ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("train", "peak_tflops"),
+                     ("data", "path"),
                      ("data", "num_workers"), ("description",), ("cluster",)}
 TINY_DOCS = 4000
 
@@ -70,32 +71,17 @@ def tiny_data(recipe: Recipe, out: Path) -> Path:
     return data
 
 
-def peak_for(run_dir: Path, precision: str, recipe: Recipe) -> float:
-    """The MFU denominator: the GPU's datasheet peak, or this CPU's measured matmul peak (cached)."""
+def _device_name() -> str:
     import torch
 
-    if torch.cuda.is_available():
-        return recipe.cluster.gpu_peak_tflops
-    cache = run_dir / "peak.json"
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("precision") == precision and data.get("threads") == torch.get_num_threads():
-            return float(data["tflops"])
-    from fpm.engine.metrics import measure_peak_tflops
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    tflops = measure_peak_tflops(dtype)
-    if is_rank0():
-        cache.write_text(json.dumps({"precision": precision, "threads": torch.get_num_threads(), "tflops": tflops,
-                                     "how": "measured: square matmuls of 2048 in this process"}))
-    return tflops
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
 
 
-def build_spec(recipe: Recipe, world_size: int, seq_tokens: int, flops_per_token: float):
-    from fpm.engine.ds_config import Precision
+def build_spec(recipe: Recipe, world_size: int, flops_per_token: float):
+    from fpm.engine.ds_config import Precision, ZeroSettings
     from fpm.engine.trainer import TrainSpec
 
-    t = recipe.train
+    t, ds = recipe.train, recipe.deepspeed
     try:
         g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
     except ValueError as exc:
@@ -107,10 +93,13 @@ def build_spec(recipe: Recipe, world_size: int, seq_tokens: int, flops_per_token
         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
         precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
                             ls.min_loss_scale),
-        zero_stage=recipe.deepspeed.zero_stage, offload_optimizer=recipe.deepspeed.offload_optimizer,
-        offload_params=recipe.deepspeed.offload_params, log_every=t.log_every, save_every=t.save_every,
+        zero=ZeroSettings(stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
+                          offload_params=ds.offload_params, overlap_comm=ds.overlap_comm,
+                          contiguous_gradients=ds.contiguous_gradients, reduce_bucket_size=ds.reduce_bucket_size,
+                          allgather_bucket_size=ds.allgather_bucket_size),
+        log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
-        tokens_per_sample=seq_tokens, flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
+        flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 
 
@@ -142,8 +131,9 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
 
     from fpm.data.datasets import build_dataset
     from fpm.engine.flops import train_flops_per_token
-    from fpm.engine.trainer import Trainer, seed_everything
-    from fpm.models import build_model, loss_fn
+    from fpm.engine.peak import resolve as resolve_peak
+    from fpm.engine.trainer import Trainer, model_init_context, seed_everything
+    from fpm.models import build_model, objective
 
     rank0 = dist.rank == 0
     if rank0:
@@ -164,18 +154,23 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     if rank0:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
     seed_everything(recipe.train.seed)
-    model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)
-    spec = build_spec(recipe, dist.world_size, seq,
+    spec = build_spec(recipe, dist.world_size,
                       train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
-    trainer = Trainer(spec, model, loss_fn(recipe.model.family), dataset, out, dist,
-                      peak_tflops=peak_for(out, recipe.train.precision, recipe), resume=resume == "auto")
+    with model_init_context(spec):  # ZeRO-3: partitioned as it is built
+        model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,
+                            seed=recipe.train.seed)
+    peak = resolve_peak(recipe.train.precision, given=recipe.train.peak_tflops, cache=out / "peak.json")
+    trainer = Trainer(spec, objective(recipe.model, model), dataset, out, dist, peak_tflops=peak.tflops,
+                      resume=resume == "auto")
     if rank0:  # the trainer writes ds_config.json when it builds the engine
-        info(f"{recipe.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {dist.world_size} "
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        info(f"{recipe.name}: {n_params:,} parameters, {dist.world_size} "
              f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
-             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero_stage}, {torch.get_num_threads()} threads, "
-             f"{allocator.in_use()} malloc; run dir {out}")
+             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero.stage}, "
+             f"{torch.get_num_threads()} threads, {allocator.in_use()} malloc, MFU against {peak.tflops:,.1f} "
+             f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
     t0 = time.time()
     result = trainer.fit()
     if rank0:
@@ -183,7 +178,8 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
                   "step": result.step, "max_steps": spec.max_steps, "world_size": dist.world_size,
                   "data": str(data_dir), "wall_s": time.time() - t0, "torch": torch.__version__,
                   "python": platform.python_version(), "host": platform.node(),
-                  "threads": torch.get_num_threads(), "allocator": allocator.in_use(),
+                  "threads": torch.get_num_threads(), "allocator": allocator.in_use(), "peak": peak.as_dict(),
+                  "device": _device_name(),
                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         (out / "run.json").write_text(json.dumps(status, indent=1))
         if result.reason == "done":

@@ -286,6 +286,21 @@ def test_the_extension_is_probed_and_used_when_first_asked_for_without_gradients
         assert kernels.extension() is not None
 
 
+def test_the_extension_first_asked_for_inside_a_checkpointed_layer_leaves_its_recomputation_alone(monkeypatch):
+    # regression: BERT in fp32 first asked for the kernels inside its first checkpointed layer; the
+    # probes' autograd tensors were saved in the forward pass but not in the recomputation, and
+    # backward failed ("A different number of tensors was saved")
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def layer(x):
+        return (x * 2).tanh() * (kernels.extension() is not None)
+
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.sum().backward()
+    assert kernels._MODULE and torch.allclose(x.grad, 2 * (1 - (2 * x.detach()).tanh() ** 2), atol=1e-6)
+
+
 def test_fused_dropout_rejects_a_probability_outside_0_1():
     ln = torch.nn.LayerNorm(8).to(torch.bfloat16)
     h = torch.zeros(2, 8, dtype=torch.bfloat16)

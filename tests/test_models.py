@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.models import build_model, kernels, loss_fn, residual_projections
+from fpm.models import build_model, kernels, objective, residual_projections
 from fpm.models.bert import use_sdpa
 
 B, T = 3, 16
@@ -54,7 +54,7 @@ def test_tiny_model_forward_backward_shapes(name):
         out = model(input_ids=batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"])
         assert out.logits.shape == (B, 5, vocab)
         assert len(model.encoder.block) == cfg.n_encoder_layers and len(model.decoder.block) == cfg.n_decoder_layers
-    loss = loss_fn(cfg.family)(model, batch)
+    loss = objective(cfg, model)(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     # untrained: loss close to log(vocab) (+ log 2 for BERT's SOP head)
     expected = math.log(vocab) + (math.log(2) if cfg.family == "bert" else 0.0)

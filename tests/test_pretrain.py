@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fpm.engine.checkpoint import complete_tags
-from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
 from fpm.engine.metrics import read_metrics
 from fpm.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -228,7 +228,7 @@ def test_fp16_is_refused_on_cpu_with_advice(tmp_path, bert_data):
 
 def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
     cfg = deepspeed_config(global_batch=1024, micro_batch=16, grad_accum=8, grad_clip=1.0,
-                           precision=Precision("fp16", 12, 500, 3, 0.5), zero_stage=1)
+                           precision=Precision("fp16", 12, 500, 3, 0.5), zero=ZeroSettings(stage=1))
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
                            "hysteresis": 3, "min_loss_scale": 0.5}
     assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0

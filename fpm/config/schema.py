@@ -142,6 +142,7 @@ class TrainCfg(Section):
     keep_last: int = Field(3, ge=1)
     max_nonfinite_steps: int = Field(20, ge=1)
     seed: int = 1234
+    peak_tflops: float | None = Field(None, gt=0)  # MFU's denominator per device; None: detected or measured
 
     @model_validator(mode="after")
     def _check(self) -> TrainCfg:

@@ -535,9 +535,14 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
     ``[unusedN]`` tokens (as BERT's own vocabulary does) and their number is returned, so callers
     can report it. Returns (tokenizer, reserved_count).
 
-    ``tokenizers``' WordPiece and Unigram trainers break ties between equally frequent pieces in
-    hash order, so two trainings on the same corpus can differ slightly. fpm therefore trains once
-    per prepared data folder and every later step (training, resume, sweeps) reuses that copy.
+    Deterministic: the same corpus gives the same files in every process. ``tokenizers``' own
+    WordPiece trainer is not (it numbers the ``##x`` continuation pieces in hash order, and its BPE
+    core breaks ties between equally frequent merges by those numbers, so two trainings differ in
+    ids and, where ties meet the size cut-off, in pieces): fpm trains WordPiece as plain BPE over
+    words whose non-initial characters are spelled as private-use stand-ins (:class:`_Continuations`),
+    which the BPE core numbers in code-point order, then converts merges back to ``##`` pieces, as
+    ``WordPieceTrainer`` does internally. The Unigram trainer orders equally scored pieces in hash
+    order; fpm sorts them by (score, piece) (:func:`_canonical_unigram`).
     """
     from tokenizers import Tokenizer as TkTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -556,9 +561,14 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
                                                    strip_accents=lowercase, lowercase=lowercase)
         tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tk.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
-                                            show_progress=False)
-        stream = corpus()
+        spelling = _Continuations()  # see the docstring: BPE over words spelled with stand-ins
+        bpe = TkTokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
+                                      show_progress=False)
+        bpe.train_from_iterator(spelling.words(corpus(), tk.normalizer, tk.pre_tokenizer), trainer=trainer)
+        tk.model = models.WordPiece(vocab=spelling.vocab(bpe), unk_token="[UNK]", max_input_chars_per_word=100)
+        stream = None
     elif kind == "bpe":
         specials = list(BPE_SPECIALS)
         tk = TkTokenizer(models.BPE())
@@ -578,7 +588,10 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
         stream = (_cpm_pre(line) for line in corpus())
     else:
         raise FpmError(f"unknown tokenizer kind {kind}")
-    tk.train_from_iterator(stream, trainer=trainer)
+    if stream is not None:
+        tk.train_from_iterator(stream, trainer=trainer)
+    if kind in ("unigram", "cpm2"):
+        tk.model = _canonical_unigram(tk, len(specials))
     got = tk.get_vocab_size(with_added_tokens=True)
     if got > vocab_size:
         raise FpmError(f"trained vocabulary has {got} entries, more than the {vocab_size} asked for")
@@ -589,3 +602,56 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
     assert tok.vocab_size == vocab_size, (tok.vocab_size, vocab_size)
     tok.save(out)
     return tok, reserved
+
+
+class _Continuations:
+    """WordPiece training as plain BPE: every character after a word's first is spelled as a
+    private-use stand-in ("walked" -> "w" + stand-ins of "alked"), so the BPE core numbers
+    continuation characters by code point like the others. Stand-ins: U+F0000 + code point for the
+    Basic Multilingual Plane, plane 16 (first seen first) for the rare others; private-use
+    characters of planes 15-16 in the corpus itself are dropped from the training text."""
+
+    BMP, ASTRAL = 0xF0000, 0x100000
+
+    def __init__(self):
+        self.astral: dict[str, str] = {}
+
+    def _spell(self, c: str) -> str:
+        if ord(c) < 0x10000:
+            return chr(self.BMP + ord(c))
+        return self.astral.setdefault(c, chr(self.ASTRAL + len(self.astral)))
+
+    def words(self, lines: Iterable[str], normalizer, pre_tokenizer) -> Iterable[str]:
+        """Each line as BERT normalises and splits it, words separated by spaces, spelled as above."""
+        for line in lines:
+            out = []
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+                word = "".join(c for c in word if ord(c) < self.BMP)
+                if word:
+                    out.append(word[0] + "".join(self._spell(c) for c in word[1:]))
+            yield " ".join(out)
+
+    def vocab(self, bpe_tokenizer) -> dict[str, int]:
+        """The trained BPE vocabulary spelled back: a piece that starts with a stand-in continues a
+        word (``##`` prefix), any other starts one. Ids are kept."""
+        astral = {v: k for k, v in self.astral.items()}
+
+        def back(c: str) -> str:
+            o = ord(c)
+            return c if o < self.BMP else chr(o - self.BMP) if o < self.ASTRAL else astral[c]
+
+        return {("##" if ord(piece[0]) >= self.BMP else "") + "".join(map(back, piece)): i
+                for piece, i in bpe_tokenizer.get_vocab(with_added_tokens=True).items()}
+
+
+def _canonical_unigram(tk, n_specials: int):
+    """The trained Unigram model with pieces of equal score in (score, piece) order (the trainer
+    leaves them in hash order); special tokens stay first."""
+    from tokenizers import models
+
+    model = json.loads(tk.to_str())["model"]
+    vocab = [tuple(v) for v in model["vocab"]]
+    head, rest = vocab[:n_specials], sorted(vocab[n_specials:], key=lambda v: (-v[1], v[0]))
+    pieces = head + rest
+    unk = [p for p, _ in pieces].index(vocab[model["unk_id"]][0])
+    return models.Unigram(pieces, unk_id=unk, byte_fallback=bool(model.get("byte_fallback", False)))

@@ -70,10 +70,29 @@ def resolve_env() -> Dist:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         raise FpmError("MASTER_PORT is not set (torchrun and srun runs need a rendezvous port)")
+    backend = "nccl" if select_accelerator() == "cuda" else "gloo"
+    return Dist(rank, world, local, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), backend)
+
+
+def select_accelerator() -> str:
+    """``cuda`` when PyTorch sees a GPU, else ``cpu``; also DeepSpeed's choice (``DS_ACCELERATOR``,
+    unless already set), made before anything imports DeepSpeed. Asking PyTorch, not looking for
+    ``/dev/nvidia0`` or ``CUDA_VISIBLE_DEVICES``: a container may be given a GPU with neither."""
     import torch
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return Dist(rank, world, local, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), backend)
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", name)
+    return name
+
+
+def device_for(local_rank: int):
+    """The device a process trains and evaluates on: GPU ``local_rank % device_count()`` (ranks
+    beyond the node's GPU count share them round-robin), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def cpu_threads(local_world_size: int) -> int:
@@ -96,7 +115,7 @@ def init(dist: Dist) -> None:
     if dist.backend == "gloo":
         torch.set_num_threads(cpu_threads(dist.local_world_size))
     else:
-        torch.cuda.set_device(dist.local_rank)
+        torch.cuda.set_device(device_for(dist.local_rank))
     deepspeed.init_distributed(dist_backend=dist.backend, verbose=False)
 
 

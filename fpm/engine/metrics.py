@@ -1,26 +1,9 @@
-"""Run metrics: ``metrics.jsonl`` (one object per logged step), TensorBoard events, MFU."""
+"""Run metrics: ``metrics.jsonl`` (one object per logged step) and TensorBoard events."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-
-import torch
-
-
-def measure_peak_tflops(dtype: torch.dtype = torch.bfloat16, seconds: float = 0.5, n: int = 2048) -> float:
-    """This machine's matmul throughput (TFLOP/s) in ``dtype`` with the current thread count:
-    the denominator of MFU on a CPU, where no datasheet peak applies."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 class MetricsLogger:

@@ -23,12 +23,13 @@ def lr_factor(step: int, *, lr: float, min_lr: float, warmup: int, max_steps: in
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases and normalisation weights."""
+    """AdamW groups: weight decay on matrices, none on biases and normalisation weights (a ZeRO-3
+    partition is a flat slice: its full shape is ``ds_shape``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or ".ln" in name:
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or name.endswith(".bias") or "norm" in name.lower() or ".ln" in name:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -9,12 +9,14 @@ function of the step (see :mod:`fpm.data.datasets`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,11 +25,14 @@ from fpm.console import Progress, info, warn
 from fpm.data.datasets import StreamSampler
 from fpm.engine import checkpoint as ckpt
 from fpm.engine.distributed import Dist
-from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.schedule import lr_factor, param_groups
 from fpm.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from fpm.errors import FpmError
+
+if TYPE_CHECKING:
+    from fpm.models.objective import Objective
 
 
 @dataclass
@@ -45,20 +50,16 @@ class TrainSpec:
     eps: float
     grad_clip: float
     precision: Precision
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero: ZeroSettings = field(default_factory=ZeroSettings)
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
     max_nonfinite_steps: int = 20
     seed: int = 1234
-    tokens_per_sample: int = 0
     flops_per_token: float = 0.0
     num_workers: int = 1
     activation_checkpointing: bool = True
     compile: bool = False
-    ds_extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -73,11 +74,13 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Trainer:
-    def __init__(self, spec: TrainSpec, model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: Path,
+    def __init__(self, spec: TrainSpec, objective: Objective, dataset, run_dir: Path,
                  dist: Dist, *, peak_tflops: float | None = None, resume: bool = True,
                  on_step: Callable[[int], dict | None] | None = None, on_step_every: int = 0,
                  quiet: bool = False):
-        self.spec, self.model, self.loss_fn, self.dataset = spec, model, loss_fn, dataset
+        """``objective(batch)`` is the loss (:class:`fpm.models.objective.Objective`); the loop
+        calls it through the DeepSpeed engine, ``engine(batch)``, one micro-batch at a time."""
+        self.spec, self.objective, self.model, self.dataset = spec, objective, objective.model, dataset
         self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
         self.on_step, self.on_step_every, self.quiet = on_step, on_step_every, quiet
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -90,13 +93,13 @@ class Trainer:
         """bf16 without ZeRO on a CPU-only machine: fpm's flat fp32 master weights
         (:mod:`fpm.engine.master`) instead of DeepSpeed's per-tensor bf16 optimizer wrapper."""
         s = self.spec
-        return self._flat_master and s.precision.kind == "bf16" and s.zero_stage == 0 and not torch.cuda.is_available()
+        return self._flat_master and s.precision.kind == "bf16" and s.zero.stage == 0 and not torch.cuda.is_available()
 
     def _optimizer(self):
         s = self.spec
         groups = param_groups(self.model, s.weight_decay)
         on_gpu = torch.cuda.is_available()
-        if s.offload_optimizer or not on_gpu:
+        if s.zero.offload_optimizer or not on_gpu:
             # optimizer states in host memory (ZeRO-Offload, or a CPU-only run): DeepSpeed's fused
             # AVX-512 AdamW makes one pass over them; PyTorch's foreach AdamW falls back to a loop of
             # per-tensor kernels on CPU (1.0 s vs 1.3 s per step on the bench's BERT shape)
@@ -110,7 +113,7 @@ class Trainer:
                     return MasterWeightCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, max_grad_norm=s.grad_clip)
                 return DeepSpeedCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, adamw_mode=True)
             except Exception as e:  # the op is JIT-built: no compiler, no build
-                if s.offload_optimizer:
+                if s.zero.offload_optimizer:
                     raise FpmError(f"ZeRO-Offload needs DeepSpeed's CPU Adam, which failed to build: {e}") from e
                 self._flat_master = False
                 if not self.quiet:
@@ -120,25 +123,17 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, **kwargs)
 
     def ds_config(self) -> dict:
-        s = self.spec
-        flat = self.flat_master()
-        cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
-                               grad_clip=0.0 if flat else s.grad_clip,
-                               precision=Precision("fp32") if flat else s.precision, zero_stage=s.zero_stage,
-                               offload_optimizer=s.offload_optimizer, offload_params=s.offload_params)
-        if flat:
-            cfg["fpm_master_weights"] = ("bf16 model weights with fp32 master weights in fpm.engine.master "
-                                         f"(flat buffers, clipping at {s.grad_clip}); DeepSpeed's bf16 wrapper is off")
-        cfg.update(s.ds_extra)
-        return cfg
+        return spec_ds_config(self.spec, flat_master=self.flat_master())
 
     def setup(self) -> int:
         """Build the DeepSpeed engine and restore the newest intact checkpoint; returns the start step."""
         import deepspeed
 
+        from deepspeed.accelerator import get_accelerator
+
         s = self.spec
-        if s.precision.kind == "fp16" and not torch.cuda.is_available():
-            raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on CPU. Use "
+        if s.precision.kind == "fp16" and not get_accelerator().is_fp16_supported():
+            raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on this device. Use "
                            "--set train.precision=bf16 (or fp32) on this machine")
         if s.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -153,8 +148,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "ds_config.json").write_text(json.dumps(config, indent=1))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-        if self.dist.world_size == 1 and s.zero_stage == 0:
+            model=self.objective, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if self.dist.world_size == 1 and s.zero.stage == 0:
             # nobody to average gradients with: DeepSpeed would still flatten them all into one
             # buffer, "all-reduce" it over a group of one and copy it back (~60 ms a step on the
             # bench's BERT shape)
@@ -164,7 +159,7 @@ class Trainer:
             found = ckpt.find_resumable(self.ckpt_dir)
             if found is not None:
                 folder, seal = found
-                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero_stage)
+                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero.stage)
                 start = int(client["step"])
                 if not self.quiet:
                     info(f"resumed from {folder} (step {start})")
@@ -191,8 +186,9 @@ class Trainer:
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     def _manual_grad_norm(self) -> float:
-        sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+        """The norm of the (unscaled) gradients in the parameters, before the optimizer step."""
+        sq = [p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) / self._loss_scale() if sq else 0.0
 
     def _loss_scale(self) -> float:
         opt = self.engine.optimizer
@@ -210,6 +206,14 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return float(t.item())
+
+    def _all_sum(self, value: torch.Tensor) -> float:
+        import torch.distributed as td
+
+        value = value.detach().clone().double()
+        if self.dist.world_size > 1:
+            td.all_reduce(value, op=td.ReduceOp.SUM)
+        return float(value.item())
 
     def _all_mean(self, value: torch.Tensor) -> float:
         import torch.distributed as td
@@ -245,11 +249,11 @@ class Trainer:
         stop = StopFlag().install()
         device = self.engine.device
         loader = iter(self._loader(start))
-        tokens_per_step = s.global_batch * s.tokens_per_sample
         check_every = max(1, min(s.log_every, s.max_nonfinite_steps))
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         loss_n = 0
+        tokens = torch.zeros((), dtype=torch.int64, device=device)  # real (non-padding) tokens this window
         t_window = time.perf_counter()
         steps_window = 0
         t_start = time.perf_counter()
@@ -265,11 +269,12 @@ class Trainer:
                     step_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for micro in range(s.grad_accum):
                         batch = _to_device(next(loader), device)
-                        loss = self.loss_fn(self.engine, batch)
+                        loss = self.engine(batch)
                         self.engine.backward(loss)
                         step_loss += loss.detach().float()
+                        tokens += self.objective.tokens(batch)
                         manual_norm = None
-                        if (micro == s.grad_accum - 1 and s.zero_stage == 0 and not flat
+                        if (micro == s.grad_accum - 1 and s.zero.stage == 0 and not flat
                                 and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
                         self.engine.step()
@@ -291,7 +296,7 @@ class Trainer:
                     if step % s.log_every == 0 or step == s.max_steps:
                         now = time.perf_counter()
                         dt = now - t_window
-                        tok_s = tokens_per_step * steps_window / dt if dt > 0 else 0.0
+                        tok_s = self._all_sum(tokens) / dt if dt > 0 else 0.0
                         mean_loss = self._all_mean(loss_sum / max(1, loss_n))
                         norm = self._grad_norm()
                         if norm is None:
@@ -306,12 +311,14 @@ class Trainer:
                         metrics.log(record)
                         bar.update(0, loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                         loss_sum.zero_()
+                        tokens.zero_()
                         loss_n = 0
                         t_window, steps_window = time.perf_counter(), 0
                     if self.on_step is not None and self.on_step_every and step % self.on_step_every == 0:
                         extra = self.on_step(step)
                         if extra:
                             metrics.log({"step": step, **extra})
+                        tokens.zero_()
                         t_window, steps_window = time.perf_counter(), 0
                     preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
@@ -334,6 +341,30 @@ class Trainer:
 
         before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
         return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def spec_ds_config(spec: TrainSpec, flat_master: bool = False) -> dict:
+    """DeepSpeed's configuration for ``spec``. With ``flat_master`` (bf16 without ZeRO on a CPU:
+    :mod:`fpm.engine.master`), DeepSpeed runs in fp32 without clipping and fpm's optimizer does both."""
+    s = spec
+    cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
+                           grad_clip=0.0 if flat_master else s.grad_clip,
+                           precision=Precision("fp32") if flat_master else s.precision, zero=s.zero)
+    if flat_master:
+        cfg["fpm_master_weights"] = ("bf16 model weights with fp32 master weights in fpm.engine.master "
+                                     f"(flat buffers, clipping at {s.grad_clip}); DeepSpeed's bf16 wrapper is off")
+    return cfg
+
+
+def model_init_context(spec: TrainSpec):
+    """Where to build the model: under ZeRO-3, ``deepspeed.zero.Init`` with the run's configuration,
+    so every parameter is partitioned across the ranks as soon as its module is built (no rank ever
+    holds the whole model: ~41 GB of fp32 per rank for CPM-X-L otherwise); elsewhere nothing."""
+    if spec.zero.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=spec_ds_config(spec))
 
 
 def compile_layers(model: torch.nn.Module) -> int:

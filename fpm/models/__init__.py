@@ -1,12 +1,12 @@
 """Model builders for the three families, configured by a recipe.
 
 ``build_model`` makes the ``transformers`` model and applies the paper's initialisation;
-``count_params`` builds on the meta device, so a 10B model is counted without allocating it.
+``objective`` pairs it with its family's pretraining loss as one module (the training loop calls
+it through the DeepSpeed engine); ``count_params`` builds on the meta device, so a 10B model is
+counted without allocating it.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from fpm.config.schema import ModelCfg, Recipe
 from fpm.models import bert, gpt, kernels, t5
 from fpm.models.init import init_weights, scale_residual_projections
+from fpm.models.objective import Objective
 
 FAMILIES = {"bert": bert, "gpt": gpt, "t5": t5}
 
@@ -25,24 +26,43 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
 
 
 def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
-                eos_id: int | None = None) -> nn.Module:
+                eos_id: int | None = None, seed: int | None = None) -> nn.Module:
     """The family's pretraining model, initialised as in §4.1 unless ``init=False``; its dropout
     layers draw their masks with :func:`fpm.models.kernels.dropout` and its linear layers (and GPT-2's
     ``Conv1D``) compute weight gradients as :class:`fpm.models.kernels.Linear` does (both fast on
-    CPU, stock on GPU)."""
-    model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
+    CPU, stock on GPU).
+
+    The modules are constructed without ``transformers``' (and torch's) own initialisation: fpm's
+    covers every parameter, and under ``deepspeed.zero.Init`` (ZeRO-3) transformers' would index
+    tensors that are already partitioned. With ``seed``, the initial weights depend on the seed
+    alone, whatever else drew from the generator before.
+    """
+    with _no_init_weights():
+        model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
+    model.tie_weights()  # skipped with the initialisation
     kernels.use_fast_dropout(model)
     kernels.use_fast_linear(model)
     kernels.use_fast_conv1d(model)  # GPT-2's projections
     if init and next(model.parameters()).device.type != "meta":
+        if seed is not None:
+            torch.manual_seed(seed)
         init_weights(model, cfg.init_std)
         if cfg.scale_residual_init:
             scale_residual_projections(residual_projections(model, cfg), cfg.init_std)
     return model
 
 
-def loss_fn(family: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
-    return FAMILIES[family].pretraining_loss
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def objective(cfg: ModelCfg, model: nn.Module) -> Objective:
+    """``model`` with its family's pretraining loss: ``objective(batch)`` is the loss."""
+    return Objective(model, FAMILIES[cfg.family].pretraining_loss)
 
 
 def count_params(recipe: Recipe) -> int:

@@ -99,24 +99,23 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     every position and ignoring the rest (HF's MegatronBertForPreTraining), at a fraction of the
     cost of the largest matrix multiply and of the softmax over 30k entries.
     """
-    core = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
     labels = batch["labels"].reshape(-1)
     picked = labels != -100
-    head = core.cls.predictions
-    if bert_unpadded.applies(core.bert):  # the padding-free forward: same result, no work on padding
+    head = model.cls.predictions
+    if bert_unpadded.applies(model.bert):  # the padding-free forward: same result, no work on padding
         keep = batch["attention_mask"].bool() | (batch["labels"] != -100)
         keep[:, 0] = True  # the pooler's [CLS]
-        hidden, u = bert_unpadded.encode(core.bert, batch["input_ids"], batch["token_type_ids"],
+        hidden, u = bert_unpadded.encode(model.bert, batch["input_ids"], batch["token_type_ids"],
                                          batch["attention_mask"], keep)
         at = picked.nonzero().squeeze(1)
         masked = hidden[u.rows(at)]
         first = hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
-        pooled = core.bert.pooler.activation(core.bert.pooler.dense(first))
+        pooled = model.bert.pooler.activation(model.bert.pooler.dense(first))
     else:
-        hidden, pooled = core.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                                   attention_mask=batch["attention_mask"], return_dict=False)[:2]
+        hidden, pooled = model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                    attention_mask=batch["attention_mask"], return_dict=False)[:2]
         masked = hidden.reshape(-1, hidden.shape[-1])[picked]
     h = head.transform(masked)
     mlm = linear_cross_entropy(h, head.decoder, labels[picked])  # fused projection + loss: no fp32 logits
-    sop = F.cross_entropy(core.cls.seq_relationship(pooled).float(), batch["sop_labels"])
+    sop = F.cross_entropy(model.cls.seq_relationship(pooled).float(), batch["sop_labels"])
     return mlm + sop

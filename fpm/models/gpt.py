@@ -54,6 +54,5 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     The LM head and the loss are fused and chunked (:mod:`fpm.models.losses`): the full
     batch × sequence × vocabulary logits are never materialised.
     """
-    core = model.module if hasattr(model, "module") else model  # the DeepSpeed engine wraps the model
-    hidden = core.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), core.lm_head, batch["labels"].reshape(-1))
+    hidden = model.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head, batch["labels"].reshape(-1))

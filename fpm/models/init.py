@@ -3,9 +3,16 @@
 "First initialize weights with a simple normal distribution. Then scale the weights immediately
 before the residual layer [by 1/√(2N)], where N is the number of transformer layers" (§4.1, after
 GPT-2 and Megatron). N is the number of layers in the stack the projection belongs to.
+
+A model built under ``deepspeed.zero.Init`` (ZeRO-3) holds only its partition of each tensor: every
+module's parameters are gathered, drawn on rank 0 and partitioned again (one module at a time, so
+no rank ever holds the whole model). The draws are the same, in the same order, as for a model
+built whole, so both start from identical weights.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -20,25 +27,42 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORMS) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
+def gathered(params: list[nn.Parameter]):
+    """A context in which ZeRO-3 partitioned ``params`` are whole (changes made on rank 0 are kept);
+    a no-op for ordinary tensors."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float) -> None:
     """normal(0, std) for every Linear/Conv1D/Embedding weight, zero biases, unit norms."""
     for module in model.modules():
-        if isinstance(module, (nn.Linear, Conv1D)):
-            module.weight.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
-        elif _is_norm(module):
-            if getattr(module, "weight", None) is not None:
-                module.weight.fill_(1.0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+        with gathered(list(module.parameters(recurse=False))):
+            _init_module(module, std)
     # heads with a standalone bias parameter (BERT's LM head decoder bias)
     for name, param in model.named_parameters():
         if name.endswith("predictions.bias"):
-            param.zero_()
+            with gathered([param]):
+                param.zero_()
+
+
+def _init_module(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, Conv1D)):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+    elif _is_norm(module):
+        if getattr(module, "weight", None) is not None:
+            module.weight.fill_(1.0)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
 
 
 @torch.no_grad()
@@ -47,4 +71,5 @@ def scale_residual_projections(projections: dict[int, list[nn.Module]], std: flo
     for n_layers, modules in projections.items():
         scaled = residual_init_std(std, n_layers)
         for module in modules:
-            module.weight.normal_(0.0, scaled)
+            with gathered([module.weight]):
+                module.weight.normal_(0.0, scaled)

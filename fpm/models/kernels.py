@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -166,6 +167,28 @@ def _probe_xent(module) -> bool:
     return abs(loss - want_loss) < 1e-4 * abs(want_loss) + 1e-5 and torch.allclose(got.float(), want, atol=4e-3)
 
 
+def _probe_isolated(module) -> bool:
+    """:func:`_probe` on a thread of its own. The first call to :func:`extension` may come from
+    anywhere — inside an activation-checkpointed layer (whose saved-tensor hooks would record the
+    probe's autograd tensors in the forward pass but not in the recomputation: "a different number
+    of tensors was saved"), a no-grad or an autocast region. PyTorch keeps that state per thread,
+    so a fresh thread sees none of it."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["ok"] = _probe(module)
+        except Exception as e:  # noqa: BLE001 - reported to the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="fpm-kernel-probe")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return bool(result["ok"])
+
+
 def extension():
     """fpm's C++ kernels (``csrc/cpu_kernels.cpp``, JIT-built once into ``TORCH_EXTENSIONS_DIR`` like
     DeepSpeed's ops) with each function checked against its torch reference (:func:`_probe`), or
@@ -182,7 +205,7 @@ def extension():
                 # kernel ran on one thread, 5.4 ms vs 2.7 ms per 8.4M elements)
                 module = load("fpm_cpu_kernels", [str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
-                if _probe(module):
+                if _probe_isolated(module):
                     _MODULE = module
                 else:
                     warnings.warn(f"fpm's C++ CPU kernels disagree with their torch references on this CPU; "

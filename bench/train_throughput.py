@@ -64,7 +64,6 @@ import torch  # noqa: E402
 from fpm.config import load_recipe  # noqa: E402
 from fpm.data.datasets import build_dataset  # noqa: E402
 from fpm.data.prepare import PrepareOptions, prepare  # noqa: E402
-from fpm.data.shards import ShardSet  # noqa: E402
 from fpm.engine.flops import train_flops_per_token  # noqa: E402
 from fpm.engine.peak import measure_tflops  # noqa: E402
 
@@ -146,43 +145,12 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     return times.t
 
 
-class TokenWindows(torch.utils.data.Dataset):
-    """Contiguous windows of seq_len tokens from the shards (the HF examples' group_texts)."""
-
-    def __init__(self, data: Path, seq_len: int):
-        self.tokens = np.concatenate([np.asarray(s.tokens) for s in ShardSet(data).shards]).astype(np.int64)
-        self.seq = seq_len
-        self.n = len(self.tokens) // seq_len
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"input_ids": torch.from_numpy(self.tokens[i * self.seq:(i + 1) * self.seq])}
-
-
 def run_hf(kind: str, recipe, data: Path, out: Path, steps: int) -> list[float]:
-    from transformers import (DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from fpm.data.datasets import tokenizer_of
-    from fpm.models import bert, gpt
+    from hf_baseline import TokenWindows, model_and_collator
 
-    tok = tokenizer_of(ShardSet(data))
-    if kind == "bert":
-        from transformers import MegatronBertForMaskedLM
-
-        model = MegatronBertForMaskedLM(bert.hf_config(recipe.model, recipe.tokenizer.vocab_size))
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, mask_token="[MASK]", pad_token="[PAD]",
-                                       unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
-        collator = DataCollatorForLanguageModeling(fast, mlm=True, mlm_probability=0.15)
-    else:
-        from transformers import GPT2LMHeadModel
-
-        model = GPT2LMHeadModel(gpt.hf_config(recipe.model, recipe.tokenizer.vocab_size))
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
-        collator = DataCollatorForLanguageModeling(fast, mlm=False)
+    model, collator = model_and_collator(kind, recipe, data)
     times = StepTimes()
 
     class Clock(TrainerCallback):

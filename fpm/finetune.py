@@ -343,11 +343,12 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
               with_floors: bool = True) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.ds_config import Precision, ZeroSettings
-    from fpm.engine.trainer import Trainer, TrainSpec, seed_everything
+    from fpm.engine.trainer import Trainer, TrainSpec, check_precision, seed_everything
     from fpm.models.objective import Objective
 
     t = recipe.train
     rank0 = dist.rank == 0
+    check_precision(t.precision)
     if recipe.deepspeed.zero_stage == 3:
         raise FpmError("fine-tuning supports ZeRO stages 0-2 (the best model is saved from whole weights)")
     splits = {name: load_split(recipe.task, data_dir, name, required=name != "test")
@@ -422,7 +423,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     test_probs = predict(model, feats["test"]) if splits["test"] is not None else None
     if rank0:
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
-        extra = {"model": str(out / "best"), "init": init.source, "best_step": best["step"], "steps": result.step}
+        extra = {"model": str(out / "best"), "init": init.source, "best_step": best["step"], "steps": result.step,
+                 "device": str(next(model.parameters()).device)}
         results = write_results(out, recipe, dev, dev_probs, extra, names)
         if test_probs is not None:
             write_results(out, recipe, splits["test"], test_probs, extra, names)

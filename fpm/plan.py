@@ -17,7 +17,8 @@ stage  on the GPU                   with CPU offload
 accounting (Korthikanti et al. 2022, no tensor parallelism): s·h·(34 + 5·a·s/h) bytes per layer
 kept for the backward pass; with activation checkpointing after every layer only each layer's
 input (2·s·h bytes) is kept, plus one layer's activations while it is recomputed; plus the fp32
-logits (4·s·V). A fixed reserve covers the CUDA context and allocator fragmentation.
+logits (4·s·V). Communication buckets (:func:`bucket_bytes`) come from the recipe's ``deepspeed:``
+section. A fixed reserve covers the CUDA context and allocator fragmentation.
 FLOPs: :mod:`fpm.engine.flops` (6·N per token + attention).
 """
 
@@ -68,6 +69,24 @@ def state_bytes(P: int, L: int, n_gpus: int, stage: int, offload: str = "none") 
     return 4.0 * L + int(18 * P / n_gpus)
 
 
+ZERO0_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's allreduce_bucket_size default (elements)
+ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (elements)
+
+
+def bucket_bytes(P: int, stage: int, ds) -> float:
+    """GPU bytes of DeepSpeed's communication buckets (16-bit elements; none larger than the model):
+    ZeRO-0 flattens gradients into all-reduce buffers of ``allreduce_bucket_size``; ZeRO-1/2 hold a
+    reduce bucket and an all-gather bucket, 4.5 times over with ``overlap_comm`` (DeepSpeed's own
+    figure: "5e8 requires 9GB footprint (5e8 x 2Bytes x 2 x 4.5)"); ZeRO-3 a reduce bucket (two
+    with ``overlap_comm``: one filling while the other is reduced) and its prefetch bucket."""
+    if stage == 0:
+        return 2.0 * min(ZERO0_ALLREDUCE_BUCKET, P)
+    reduce, gather = min(ds.reduce_bucket_size, P), min(ds.allgather_bucket_size, P)
+    if stage in (1, 2):
+        return 2.0 * (reduce + gather) * (4.5 if ds.overlap_comm else 1.0)
+    return 2.0 * (reduce * (2 if ds.overlap_comm else 1) + min(ZERO3_PREFETCH_BUCKET, P))
+
+
 def activation_bytes_per_sample(recipe: Recipe, checkpointing: bool) -> float:
     m = recipe.model
     s, h, a, V = recipe.data.seq_len, m.d_model, m.n_heads, recipe.tokenizer.vocab_size
@@ -105,6 +124,7 @@ class Option:
     stage: int
     offload: str
     states_gb: float
+    buckets_gb: float
     act_per_sample_gb: float
     max_micro_batch: int
     cpu_gb_per_node: float
@@ -148,11 +168,12 @@ def plan(recipe: Recipe, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float
     for stage, offload in ((0, "none"), (1, "none"), (2, "none"), (3, "none"), (1, "optimizer"), (2, "optimizer"),
                            (3, "optimizer"), (3, "params")):
         states = state_bytes(P, L, n, stage, offload)
-        b = int(max(0.0, budget - states) // act)
+        buckets = bucket_bytes(P, stage, recipe.deepspeed)
+        b = int(max(0.0, budget - states - buckets) // act)
         host = cpu_bytes(P, nodes, gpus_per_node, stage, offload) / GB
         if host > cpu_memory_gb:
             b = 0
-        options.append(Option(stage, offload, states / GB, act / GB, b, host, b >= 1))
+        options.append(Option(stage, offload, states / GB, buckets / GB, act / GB, b, host, b >= 1))
     G = recipe.train.global_batch
     rec, why = None, None
     if G is None:
@@ -169,13 +190,14 @@ def plan(recipe: Recipe, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float
                 mb = max(fitting)
                 rec = {"zero_stage": o.stage, "offload": o.offload, "micro_batch": mb, "grad_accum": per_gpu // mb,
                        "global_batch": G, "activation_checkpointing": ckpt,
-                       "memory_gb": o.states_gb + mb * o.act_per_sample_gb + RESERVE_GB}
+                       "memory_gb": o.states_gb + o.buckets_gb + mb * o.act_per_sample_gb + RESERVE_GB}
                 break
         if rec is None:
             smallest = min(options, key=lambda o: o.states_gb)
-            need = smallest.states_gb + smallest.act_per_sample_gb + RESERVE_GB
+            need = smallest.states_gb + smallest.buckets_gb + smallest.act_per_sample_gb + RESERVE_GB
             why = (f"nothing fits in {gpu_memory_gb:g} GB: even ZeRO-3 with parameters and optimizer offloaded "
                    f"needs {need:.1f} GB per GPU for one sample ({smallest.states_gb:.1f} GB states, "
+                   f"{smallest.buckets_gb:.1f} GB communication buckets, "
                    f"{smallest.act_per_sample_gb:.1f} GB activations, {RESERVE_GB:g} GB reserve) and "
                    f"{smallest.cpu_gb_per_node:,.0f} GB of host memory per node (of {cpu_memory_gb:g}); use more "
                    f"GPUs, larger GPUs, a shorter sequence or tensor parallelism")
@@ -202,11 +224,11 @@ def show(p: Plan, as_json: bool) -> None:
             f"{p.nodes} x {p.gpus_per_node} GPUs of {p.gpu_memory_gb:g} GB, global batch {p.global_batch} x "
             f"{p.seq_len} tokens, activation checkpointing {'on' if p.checkpointing else 'off'}")
     t = Table(title="memory per GPU")
-    for col in ("ZeRO", "offload", "model states GB", "activations GB/sample", "host GB/node", "max micro batch",
-                "fits"):
+    for col in ("ZeRO", "offload", "model states GB", "buckets GB", "activations GB/sample", "host GB/node",
+                "max micro batch", "fits"):
         t.add_column(col, justify="right")
     for o in p.options:
-        t.add_row(str(o.stage), o.offload, f"{o.states_gb:.1f}", f"{o.act_per_sample_gb:.2f}",
+        t.add_row(str(o.stage), o.offload, f"{o.states_gb:.1f}", f"{o.buckets_gb:.1f}", f"{o.act_per_sample_gb:.2f}",
                   f"{o.cpu_gb_per_node:,.0f}" if o.cpu_gb_per_node else "-", str(o.max_micro_batch),
                   "yes" if o.fits else "no")
     c.print(t)

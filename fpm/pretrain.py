@@ -132,9 +132,10 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     from fpm.data.datasets import build_dataset
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.peak import resolve as resolve_peak
-    from fpm.engine.trainer import Trainer, model_init_context, seed_everything
+    from fpm.engine.trainer import Trainer, check_precision, model_init_context, seed_everything
     from fpm.models import build_model, objective
 
+    check_precision(recipe.train.precision)
     rank0 = dist.rank == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)

@@ -69,15 +69,30 @@ def test_the_matrix_covers_every_pair_of_settings():
     assert pairwise_covered([c for c in cells if not (c.zero == 0 and c.procs == 1)], FACTORS)
 
 
-def _launch(cells: list[Layout], procs: int, data: dict, out: Path, tmp: Path) -> None:
-    spec = tmp / f"cells-{procs}.json"
+# fp16 in float16 arithmetic on the CPU (tests/fp16_cpu_worker.py), against the fp32 reference:
+# ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer: fpm scales the loss and undoes its zero-gradient
+# initial step) and ZeRO-2; BERT's masked-LM head (few rows) and GPT's; an initial scale of 2^19
+# overflows for the first steps, which are skipped and counted
+FP16 = [Layout("gpt", 0, 4, precision="fp16"), Layout("gpt", 2, 4, precision="fp16"),
+        Layout("bert", 0, 4, precision="fp16"), Layout("gpt", 0, 4, precision="fp16", scale_power=19)]
+FP16_LOSS_RTOL = 1e-3
+FP16_NORM_RTOL = 2e-3
+
+
+def fp32_reference(cell: Layout) -> Layout:
+    return Layout(cell.family, 0, cell.accum * cell.procs, 1, False, "fp32")
+
+
+def _launch(cells: list[Layout], procs: int, data: dict, out: Path, tmp: Path, worker: str = "") -> None:
+    spec = tmp / f"cells-{procs}{worker}.json"
     spec.write_text(json.dumps({"steps": STEPS, "data": {k: str(v) for k, v in data.items()},
                                 "layouts": [c.__dict__ for c in cells]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if procs > 1 else dict(os.environ)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
                 if procs > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "fpm.engine.layouts", str(spec), str(out)], capture_output=True,
-                          text=True, env=env, timeout=1200)
+    target = [str(Path(__file__).with_name(worker))] if worker else ["-m", "fpm.engine.layouts"]
+    proc = subprocess.run([*launcher, *target, str(spec), str(out)], capture_output=True, text=True, env=env,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -86,10 +101,11 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     data = {family: prepared(tmp, family, 400)[1] for family in FAMILIES}
     cells = matrix() + EXTRA
-    refs = sorted({c.reference() for c in cells}, key=lambda c: c.name)
+    refs = sorted({c.reference() for c in cells} | {fp32_reference(c) for c in FP16}, key=lambda c: c.name)
     out = tmp / "out"
     _launch(refs + [c for c in cells if c.procs == 1], 1, data, out, tmp)
     _launch([c for c in cells if c.procs == 2], 2, data, out, tmp)
+    _launch(FP16, 1, data, out, tmp, worker="fp16_cpu_worker.py")
     return out
 
 
@@ -105,3 +121,52 @@ def test_bf16_layout_trains_the_bf16_reference_model(results, cell):
     got = compare(results, cell)
     assert got.loss_rel <= BF16_LOSS_RTOL, (cell.name, got)
     assert got.weight_rel <= BF16_WEIGHT_REL, (cell.name, got)
+
+
+def _metrics(out: Path, cell: Layout) -> list[dict]:
+    from fpm.engine.metrics import read_metrics
+
+    return read_metrics(out / cell.name)
+
+
+@pytest.mark.parametrize("cell", FP16[:3], ids=lambda c: c.name)
+def test_fp16_trains_the_fp32_model_with_a_real_loss_scale_and_an_unscaled_norm(results, cell):
+    ref = fp32_reference(cell)
+    got = compare(results, cell, ref)
+    assert got.loss_rel <= FP16_LOSS_RTOL, (cell.name, got)
+    ours, theirs = _metrics(results, cell), _metrics(results, ref)
+    assert all(m["loss_scale"] == 2.0 ** 16 and m["skipped_steps"] == 0 for m in ours)
+    for a, b in zip(ours, theirs):  # the logged norm is the gradient's, not the scaled gradient's
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= FP16_NORM_RTOL * b["grad_norm"], (a, b)
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_the_scale_lowered(results):
+    cell = FP16[3]
+    ms = _metrics(results, cell)
+    skipped = [m["skipped_steps"] for m in ms]
+    k = skipped[-1]
+    assert 1 <= k < STEPS and skipped == sorted(skipped)  # the first steps overflow, then it trains
+    assert [m["loss_scale"] for m in ms[:k]] == [2.0 ** (19 - i) for i in range(1, k + 1)]
+    assert all(m["grad_norm"] is None or m["grad_norm"] == float("inf") for m in ms[:k])
+    assert all(m["grad_norm"] is not None and m["grad_norm"] < 100 for m in ms[k:])
+    assert ms[-1]["loss"] < ms[k]["loss"]
+
+
+def test_cli_zero0_accumulation_equals_two_processes_zero3_accumulation(tmp_path):
+    # issue 16's reproduction, through the command line: one process ZeRO-0 micro 4 x accum 4
+    # against two processes ZeRO-3 micro 2 x accum 4 (fp32, dropout 0, global batch 16)
+    _, data, _ = prepared(tmp_path, "gpt", 400)
+    common = ["pretrain", "cpm-x-s", "--preset", "tiny", "--data", str(data), "--max-steps", "12",
+              "--save-every", "100", "--set", "train.log_every=1", "--set", "model.dropout=0",
+              "--set", "model.attention_dropout=0", "--set", "train.grad_accum=4"]
+    one = [sys.executable, "-m", "fpm", *common, "--out", str(tmp_path / "one"), "--set", "train.micro_batch=4"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fpm",
+           *common, "--out", str(tmp_path / "two"), "--set", "train.micro_batch=2", "--set", "deepspeed.zero_stage=3"]
+    for cmd, env in ((one, os.environ), (two, {**os.environ, "OMP_NUM_THREADS": "1"})):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    from fpm.engine.metrics import read_metrics
+
+    a, b = ([m["loss"] for m in read_metrics(tmp_path / r)] for r in ("one", "two"))
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) / y for x, y in zip(a, b)) <= 1e-4

@@ -8,7 +8,7 @@ import pytest
 
 from fpm.config import load_recipe
 from fpm.engine.flops import train_flops_per_token
-from fpm.plan import activation_bytes_per_sample, model_stats, paper_rows, plan, state_bytes
+from fpm.plan import activation_bytes_per_sample, bucket_bytes, model_stats, paper_rows, plan, state_bytes
 
 from conftest import run_fpm
 
@@ -50,6 +50,30 @@ def test_hand_computation_for_bert_e_l():
     assert p.gpu_hours == pytest.approx(p.flops_total / (312e12 * 0.40) / 3600)
     rec = p.recommendation
     assert rec["micro_batch"] * rec["grad_accum"] * 8 == 1024 and rec["memory_gb"] <= 40
+
+
+def test_communication_buckets_count_in_gpu_memory():
+    r = load_recipe("bert-e-l")
+    P, _ = model_stats(r)
+    # DeepSpeed's documentation: with overlap_comm, 5e8-element buckets "require 9GB footprint
+    # (5e8 x 2Bytes x 2 x 4.5)", and 2e8 "would require 3.6GB"
+    assert bucket_bytes(P, 2, r.deepspeed) == pytest.approx(9e9)
+    small = load_recipe("bert-e-l", overrides=["deepspeed.reduce_bucket_size=200000000",
+                                               "deepspeed.allgather_bucket_size=200000000"])
+    assert bucket_bytes(P, 1, small.deepspeed) == pytest.approx(3.6e9)
+    plain = load_recipe("bert-e-l", overrides=["deepspeed.overlap_comm=false"])
+    assert bucket_bytes(P, 2, plain.deepspeed) == pytest.approx(2 * (5e8 + 5e8))
+    assert bucket_bytes(P, 3, r.deepspeed) == pytest.approx(2 * (2 * 5e8 + 5e7))
+    assert bucket_bytes(P, 0, r.deepspeed) == pytest.approx(2 * 5e8)
+    assert bucket_bytes(1000, 2, r.deepspeed) == pytest.approx(2 * 2000 * 4.5)  # never larger than the model
+
+    def zero2(p):
+        return next(o for o in p.options if o.stage == 2 and o.offload == "none")
+
+    big, lean = (plan(x, nodes=1, gpus_per_node=8, gpu_memory_gb=40) for x in (r, small))
+    assert zero2(big).buckets_gb == pytest.approx(9.0) and zero2(lean).buckets_gb == pytest.approx(3.6)
+    room = (40 - 3 - zero2(big).states_gb - 9.0) / zero2(big).act_per_sample_gb
+    assert zero2(big).max_micro_batch == int(room) < zero2(lean).max_micro_batch
 
 
 def test_cpm_x_l_on_two_dgx_nodes_gets_a_configuration_that_fits():

@@ -536,13 +536,15 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
     can report it. Returns (tokenizer, reserved_count).
 
     Deterministic: the same corpus gives the same files in every process. ``tokenizers``' own
-    WordPiece trainer is not (it numbers the ``##x`` continuation pieces in hash order, and its BPE
-    core breaks ties between equally frequent merges by those numbers, so two trainings differ in
-    ids and, where ties meet the size cut-off, in pieces): fpm trains WordPiece as plain BPE over
-    words whose non-initial characters are spelled as private-use stand-ins (:class:`_Continuations`),
-    which the BPE core numbers in code-point order, then converts merges back to ``##`` pieces, as
-    ``WordPieceTrainer`` does internally. The Unigram trainer orders equally scored pieces in hash
-    order; fpm sorts them by (score, piece) (:func:`_canonical_unigram`).
+    trainers are not: WordPiece numbers its ``##x`` continuation pieces in hash order and its BPE
+    core breaks ties between equally frequent merges by those numbers (different ids, and different
+    pieces where ties meet the size cut-off); Unigram sums its EM statistics in hash order (scores
+    that differ by ~1e-4, hence the order of pieces). fpm trains WordPiece as plain BPE over words
+    whose non-initial characters are spelled as private-use stand-ins (:class:`_Continuations`),
+    which the BPE core numbers in code-point order, and converts the merges back to ``##`` pieces as
+    ``WordPieceTrainer`` does internally; Unigram with ``sentencepiece``'s trainer, the reference
+    implementation, on a fixed number of threads (:func:`_sentencepiece_unigram`). GPT-2's
+    byte-level BPE starts from a fixed 256-symbol alphabet and was deterministic already.
     """
     from tokenizers import Tokenizer as TkTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -568,7 +570,6 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
                                       show_progress=False)
         bpe.train_from_iterator(spelling.words(corpus(), tk.normalizer, tk.pre_tokenizer), trainer=trainer)
         tk.model = models.WordPiece(vocab=spelling.vocab(bpe), unk_token="[UNK]", max_input_chars_per_word=100)
-        stream = None
     elif kind == "bpe":
         specials = list(BPE_SPECIALS)
         tk = TkTokenizer(models.BPE())
@@ -576,22 +577,15 @@ def train_tokenizer(kind: str, files: Sequence[Path] | None, vocab_size: int, ou
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        stream = corpus()
+        tk.train_from_iterator(corpus(), trainer=trainer)
     elif kind in ("unigram", "cpm2"):
         specials = list(CPM_SPECIALS) + [f"<s_{i}>" for i in range(sentinels if kind == "cpm2" else 0)]
-        tk = TkTokenizer(models.Unigram())
+        tk = TkTokenizer(_sentencepiece_unigram((_cpm_pre(line) for line in corpus()), vocab_size, specials))
         tk.pre_tokenizer = pre_tokenizers.Metaspace()
         tk.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                                          initial_alphabet=[SPACE, NEWLINE], max_piece_length=8,
-                                          show_progress=False)
-        stream = (_cpm_pre(line) for line in corpus())
     else:
         raise FpmError(f"unknown tokenizer kind {kind}")
-    if stream is not None:
-        tk.train_from_iterator(stream, trainer=trainer)
-    if kind in ("unigram", "cpm2"):
-        tk.model = _canonical_unigram(tk, len(specials))
+    tk.add_special_tokens(specials)  # already in the vocabulary: never split, skipped when decoding
     got = tk.get_vocab_size(with_added_tokens=True)
     if got > vocab_size:
         raise FpmError(f"trained vocabulary has {got} entries, more than the {vocab_size} asked for")
@@ -644,14 +638,29 @@ class _Continuations:
                 for piece, i in bpe_tokenizer.get_vocab(with_added_tokens=True).items()}
 
 
-def _canonical_unigram(tk, n_specials: int):
-    """The trained Unigram model with pieces of equal score in (score, piece) order (the trainer
-    leaves them in hash order); special tokens stay first."""
+SPM_THREADS = 8  # sentencepiece's EM splits the corpus by thread: a fixed count, whatever the machine
+
+
+def _sentencepiece_unigram(lines: Iterable[str], vocab_size: int, specials: list[str]):
+    """A ``tokenizers`` Unigram model trained by ``sentencepiece`` on ``lines`` (space-separated
+    words): ``specials`` first (score 0), then sentencepiece's pieces with their scores, at most
+    ``vocab_size`` in all (a small corpus may give fewer; the caller fills the rest)."""
+    import io
+
+    import sentencepiece as spm
     from tokenizers import models
 
-    model = json.loads(tk.to_str())["model"]
-    vocab = [tuple(v) for v in model["vocab"]]
-    head, rest = vocab[:n_specials], sorted(vocab[n_specials:], key=lambda v: (-v[1], v[0]))
-    pieces = head + rest
-    unk = [p for p, _ in pieces].index(vocab[model["unk_id"]][0])
-    return models.Unigram(pieces, unk_id=unk, byte_fallback=bool(model.get("byte_fallback", False)))
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, model_type="unigram",
+            vocab_size=vocab_size - len(specials) + 1,  # + its own <unk>, replaced by ours
+            character_coverage=1.0, max_sentencepiece_length=8, split_by_whitespace=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=SPM_THREADS,
+            input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    except RuntimeError as exc:  # an empty corpus, for one
+        raise FpmError(f"sentencepiece could not train a vocabulary: {str(exc).splitlines()[-1][:200]}") from None
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size()) if not sp.is_unknown(i)]
+    return models.Unigram([(s, 0.0) for s in specials] + pieces, unk_id=specials.index("<unk>"), byte_fallback=False)

@@ -17,7 +17,8 @@ Run the layouts of one process count in one launch, each layout after the other:
     python -m fpm.engine.layouts cells.json OUT                    # one process
     torchrun --nproc_per_node 2 -m fpm.engine.layouts cells.json OUT
 
-``cells.json`` holds ``{"steps": N, "data": {family: prepared dir}, "layouts": [...]}``; each layout
+``cells.json`` holds ``{"steps": N, "data": {family: prepared dir}, "layouts": [...]}`` (and optionally
+``"recipes": {family: recipe}``, the tiny preset of which is trained; default :data:`FAMILY_RECIPE`); each layout
 leaves ``OUT/<name>/`` (a normal run directory) and ``OUT/<name>.json`` (losses) and
 ``OUT/<name>.pt`` (final weights, consolidated as ``fpm export`` does). The test suite runs it on
 CPU over gloo (``tests/test_equivalence.py``); ``bench/gpu_check.py`` on one GPU.
@@ -45,6 +46,7 @@ class Layout:
     checkpointing: bool = False
     precision: str = "fp32"
     offload: bool = False
+    scale_power: int = 16  # fp16: the initial dynamic loss scale is 2**scale_power
 
     @property
     def micro(self) -> int:
@@ -55,24 +57,26 @@ class Layout:
     @property
     def name(self) -> str:
         return (f"{self.family}-z{self.zero}-a{self.accum}-p{self.procs}-ckpt{int(self.checkpointing)}"
-                f"-{self.precision}{'-offload' if self.offload else ''}")
+                f"-{self.precision}{'-offload' if self.offload else ''}"
+                f"{f'-scale{self.scale_power}' if self.scale_power != 16 else ''}")
 
     def reference(self) -> Layout:
         """One process, ZeRO-0, the same micro-batch size and precision, no checkpointing."""
-        return Layout(self.family, 0, self.accum * self.procs, 1, False, self.precision)
+        return Layout(self.family, 0, self.accum * self.procs, 1, False, self.precision, scale_power=self.scale_power)
 
     def overrides(self, steps: int) -> list[str]:
         return ["model.dropout=0", "model.attention_dropout=0", f"deepspeed.zero_stage={self.zero}",
                 f"deepspeed.offload_optimizer={str(self.offload).lower()}", f"train.precision={self.precision}",
                 f"train.global_batch={GLOBAL_BATCH}", f"train.micro_batch={self.micro}",
-                f"train.grad_accum={self.accum}",
+                f"train.grad_accum={self.accum}", f"train.loss_scale.initial_scale_power={self.scale_power}",
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}", f"train.max_steps={steps}",
                 "train.log_every=1", f"train.save_every={steps}", "train.warmup_steps=2", "data.num_workers=0"]
 
 
-def train(layout: Layout, data: Path, out: Path, steps: int, dist) -> None:
-    """Train ``layout`` for ``steps`` through fpm's own trainer; rank 0 writes the losses and the
-    consolidated final weights beside the run directory."""
+def train(layout: Layout, data: Path, out: Path, steps: int, dist, recipe_name: str | None = None) -> None:
+    """Train ``layout`` for ``steps`` through fpm's own trainer (the tiny preset of ``recipe_name``,
+    by default the family's :data:`FAMILY_RECIPE`); rank 0 writes the losses and the consolidated
+    final weights beside the run directory."""
     from fpm.config import load_recipe
     from fpm.data.datasets import build_dataset
     from fpm.engine.distributed import barrier
@@ -83,7 +87,8 @@ def train(layout: Layout, data: Path, out: Path, steps: int, dist) -> None:
     from fpm.models import build_model, objective
     from fpm.pretrain import build_spec
 
-    recipe = load_recipe(FAMILY_RECIPE[layout.family], preset="tiny", overrides=layout.overrides(steps))
+    recipe = load_recipe(recipe_name or FAMILY_RECIPE[layout.family], preset="tiny",
+                         overrides=layout.overrides(steps))
     run = out / layout.name
     dataset = build_dataset(recipe, data)
     sp = dataset.tok.specials
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in cells["layouts"]:
             layout = Layout(**spec)
-            train(layout, Path(cells["data"][layout.family]), out, int(cells["steps"]), dist)
+            train(layout, Path(cells["data"][layout.family]), out, int(cells["steps"]), dist,
+                  cells.get("recipes", {}).get(layout.family))
     finally:
         teardown()
     return 0

@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 
 import torch
-from deepspeed.ops.adam import DeepSpeedCPUAdam
 from torch import nn
 
+from fpm.engine.cpu_adam import ResumableCPUAdam
 
-class MasterWeightCPUAdam(DeepSpeedCPUAdam):
+
+class MasterWeightCPUAdam(ResumableCPUAdam):
     """AdamW on flat fp32 master copies of low-precision model parameters.
 
     ``groups`` are the model's parameter groups (bf16 tensors; ``weight_decay`` per group). Each

@@ -14,9 +14,12 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the tensorboard package is absent (e.g. a bare GPU image): metrics.jsonl only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(run_dir / "tb"))
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint (they will be logged again)."""

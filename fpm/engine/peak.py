@@ -107,8 +107,9 @@ def resolve(precision: str, *, given: float | None = None, cache: Path | None = 
         data = json.loads(cache.read_text())
         if data.get("precision") == precision and data.get("threads") == threads and "tflops" in data:
             return Peak(float(data["tflops"]), "measured", data.get("detail", "cached"))
-    detail = f"this CPU, {threads} threads: {_dtype(precision)} matmuls of 2048"
-    peak = Peak(measure_tflops(_dtype(precision)), "measured", detail)
+    n = 512 if precision == "fp16" else 2048  # CPUs without fp16 units emulate it: 2048^3 takes minutes
+    detail = f"this CPU, {threads} threads: {_dtype(precision)} matmuls of {n}"
+    peak = Peak(measure_tflops(_dtype(precision), n=n), "measured", detail)
     if cache is not None:  # atomically: several ranks may write it
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"precision": precision, "threads": threads, "tflops": peak.tflops,

@@ -86,6 +86,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.engine = None
         self._flat_master = True
+        self._scale_loss = False  # fp16 without ZeRO: fpm applies the loss scale (see setup)
+        self._scale_used = 1.0
 
     # ------------------------------------------------------------------ set-up
 
@@ -104,14 +106,14 @@ class Trainer:
             # AVX-512 AdamW makes one pass over them; PyTorch's foreach AdamW falls back to a loop of
             # per-tensor kernels on CPU (1.0 s vs 1.3 s per step on the bench's BERT shape)
             try:
-                from deepspeed.ops.adam import DeepSpeedCPUAdam
+                from fpm.engine.cpu_adam import ResumableCPUAdam
 
                 if self.flat_master():
                     from fpm.engine.master import MasterWeightCPUAdam
 
                     self.model.to(torch.bfloat16)  # in place: the Parameters in `groups` are the same objects
                     return MasterWeightCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, max_grad_norm=s.grad_clip)
-                return DeepSpeedCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, adamw_mode=True)
+                return ResumableCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, adamw_mode=True)
             except Exception as e:  # the op is JIT-built: no compiler, no build
                 if s.zero.offload_optimizer:
                     raise FpmError(f"ZeRO-Offload needs DeepSpeed's CPU Adam, which failed to build: {e}") from e
@@ -129,12 +131,8 @@ class Trainer:
         """Build the DeepSpeed engine and restore the newest intact checkpoint; returns the start step."""
         import deepspeed
 
-        from deepspeed.accelerator import get_accelerator
-
         s = self.spec
-        if s.precision.kind == "fp16" and not get_accelerator().is_fp16_supported():
-            raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on this device. Use "
-                           "--set train.precision=bf16 (or fp32) on this machine")
+        check_precision(s.precision.kind)
         if s.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         if s.compile:
@@ -149,6 +147,15 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(config, indent=1))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.objective, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        # DeepSpeed 0.19.8's engine.backward applies the loss scale only for its ZeRO optimizers, while
+        # its fp16 optimizers without ZeRO (FP16_Optimizer, FP16_UnfusedOptimizer) divide the gradients
+        # by the scale in step() all the same: fp16 at ZeRO-0 trained on gradients 65,536 times too
+        # small (and underflowing). fpm scales the loss itself there (tests/test_equivalence.py).
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        self._scale_loss = s.precision.kind == "fp16" and not isinstance(self.engine.optimizer, ZeROOptimizer)
+        if self._scale_loss:
+            _undo_fp16_init_step(self.engine.optimizer)
         if self.dist.world_size == 1 and s.zero.stage == 0:
             # nobody to average gradients with: DeepSpeed would still flatten them all into one
             # buffer, "all-reduce" it over a group of one and copy it back (~60 ms a step on the
@@ -180,10 +187,13 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _grad_norm(self) -> float | None:
+        """The global gradient norm of the last step, unscaled (DeepSpeed's fp16 optimizers without
+        ZeRO report it times the loss scale)."""
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
-        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+        norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+        return norm / self._scale_used if self._scale_loss else norm
 
     def _manual_grad_norm(self) -> float:
         """The norm of the (unscaled) gradients in the parameters, before the optimizer step."""
@@ -270,7 +280,9 @@ class Trainer:
                     for micro in range(s.grad_accum):
                         batch = _to_device(next(loader), device)
                         loss = self.engine(batch)
-                        self.engine.backward(loss)
+                        if self._scale_loss:
+                            self._scale_used = self._loss_scale()
+                        self.engine.backward(loss * self._scale_used if self._scale_loss else loss)
                         step_loss += loss.detach().float()
                         tokens += self.objective.tokens(batch)
                         manual_norm = None
@@ -308,6 +320,8 @@ class Trainer:
                                   "mfu": mfu, "elapsed_s": elapsed_before + now - t_start,
                                   "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
                                   "samples": step * s.global_batch}
+                        if torch.device(device).type == "cuda":  # the highest allocation so far, this rank
+                            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                         metrics.log(record)
                         bar.update(0, loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
                         loss_sum.zero_()
@@ -341,6 +355,25 @@ class Trainer:
 
         before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
         return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def check_precision(kind: str) -> None:
+    """A one-line error, before any work, for a precision DeepSpeed refuses on this device."""
+    from deepspeed.accelerator import get_accelerator
+
+    if kind == "fp16" and not get_accelerator().is_fp16_supported():
+        raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on this device. Use "
+                       "--set train.precision=bf16 (or fp32) on this machine")
+
+
+def _undo_fp16_init_step(optimizer) -> None:
+    """DeepSpeed's fp16 optimizers without ZeRO (FP16_Optimizer, FP16_UnfusedOptimizer) create the
+    optimizer state by taking one step on zero gradients when they are built: AdamW's step count
+    then starts at 1 (the first real update is 0.73 lr instead of lr: bias correction off by one
+    step) and weight decay is applied once. Forget that state and restore the fp32 master weights
+    from the model's, which are unchanged (a checkpoint loaded afterwards restores its own state)."""
+    optimizer.optimizer.state.clear()
+    optimizer.refresh_fp32_params()
 
 
 def spec_ds_config(spec: TrainSpec, flat_master: bool = False) -> dict:

@@ -1,0 +1,98 @@
+"""Peak host memory of one rank while building a many-layer model for ZeRO-3: whole, then partitioned.
+
+Before, every rank built the whole fp32 model and DeepSpeed partitioned it afterwards (CPM-X-L:
+~41 GB per rank, eight ranks per node); now the model is built under ``deepspeed.zero.Init`` with
+the run's configuration (:func:`fpm.engine.trainer.model_init_context`), each module partitioned as
+soon as it exists and initialised one module at a time (:mod:`fpm.models.init`).
+
+    python bench/zero_init_memory.py [--ranks 2] [--layers 24] [--d-model 1024]
+
+Each case runs in fresh processes under torchrun (gloo, CPU); each rank reports its resident-set
+size after the imports and its peak (``ru_maxrss``) after building. Printed: the peak growth per
+rank in each case, the model's fp32 size, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(zero_init: bool, layers: int, d_model: int) -> dict:
+    """One rank: build the model (under zero.Init or not) and report memory."""
+    import torch
+
+    from fpm.config import load_recipe
+    from fpm.engine.distributed import init, resolve_env, teardown
+    from fpm.engine.trainer import model_init_context
+    from fpm.models import build_model
+    from fpm.pretrain import build_spec
+
+    dist = resolve_env()
+    init(dist)
+    recipe = load_recipe("epm-x-s", overrides=[f"model.n_layers={layers}", f"model.d_model={d_model}",
+                                               f"model.d_ff={4 * d_model}", "model.n_heads=16",
+                                               f"model.d_head={d_model // 16}", "deepspeed.zero_stage=3",
+                                               "train.precision=fp32"])
+    spec = build_spec(recipe, dist.world_size, 0.0)
+    before = rss_mb()
+    context = model_init_context(spec) if zero_init else torch.device("cpu")
+    with context:
+        model = build_model(recipe.model, recipe.tokenizer.vocab_size, seed=1)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(p.numel() for p in model.parameters())  # what this rank holds (its partition under zero.Init)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    teardown()
+    return {"rank": dist.rank, "zero_init": zero_init, "params": params, "held": held, "rss_before_mb": before,
+            "peak_mb": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--worker", choices=["plain", "zero-init"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(build(args.worker == "zero-init", args.layers, args.d_model)), flush=True)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    rows = {}
+    for mode in ("plain", "zero-init"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks),
+               __file__, "--worker", mode, "--layers", str(args.layers), "--d-model", str(args.d_model)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        rows[mode] = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+                      if "RESULT " in line]
+    params = rows["plain"][0]["params"]
+    print(f"GPT-2 shape, {args.layers} layers x d={args.d_model}: {params / 1e6:,.1f}M parameters "
+          f"({params * 4 / 2**20:,.0f} MiB in fp32); {args.ranks} ranks, ZeRO-3, CPU (gloo)")
+    growth = {}
+    for mode, rs in rows.items():
+        for r in sorted(rs, key=lambda r: r["rank"]):
+            print(f"{mode:10s} rank {r['rank']}: holds {r['held'] / 1e6:7.1f}M parameters, RSS after imports "
+                  f"{r['rss_before_mb']:7.0f} MiB, peak {r['peak_mb']:7.0f} MiB, growth "
+                  f"{r['peak_mb'] - r['rss_before_mb']:7.0f} MiB")
+        growth[mode] = max(r["peak_mb"] - r["rss_before_mb"] for r in rs)
+    print(f"peak growth per rank while building: {growth['plain']:,.0f} MiB whole vs {growth['zero-init']:,.0f} "
+          f"MiB under zero.Init; ratio {growth['plain'] / max(growth['zero-init'], 1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

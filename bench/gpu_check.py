@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "bench" / "wheels"
 DEPS = ROOT / "bench" / ".gpu_deps"
 # what fpm's training path imports beyond torch and transformers, by distribution name
-NEEDED = ["deepspeed", "hjson", "py-cpuinfo", "nvidia-ml-py", "einops", "msgpack", "ninja", "psutil", "pydantic",
+NEEDED = ["deepspeed", "hjson", "py-cpuinfo", "einops", "msgpack", "ninja", "psutil", "pydantic",
           "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "typer", "click", "rich",
           "shellingham", "markdown-it-py", "mdurl", "pygments", "accelerate"]
 PROBE_IMPORTS = ["deepspeed", "pydantic", "typer", "rich", "accelerate"]
@@ -224,7 +224,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def resume_stage(ctx) -> dict:
     data = prepare_data(ctx, "bert")
-    steps, every = 30, 10
+    steps, every = (20, 5) if ctx.cpu else (30, 10)
     args = ["pretrain", "bert-e-l", "--preset", "tiny", "--data", str(data), "--max-steps", str(steps),
             "--save-every", str(every), "--set", "train.log_every=1", "--set", f"train.precision={ctx.precision}"]
     full, again, killed = (ctx.work / n for n in ("resume-full", "resume-again", "resume-killed"))
@@ -438,7 +438,9 @@ def table(results: dict) -> str:
              f"{results['env'].get('transformers')} | deepspeed {results['env'].get('deepspeed')} | "
              f"{results['wall_s']:.0f} s"]
     for name, _ in STAGES[1:]:
-        r = results.get(name, {})
+        if name not in results:
+            continue
+        r = results[name]
         t = results["stage_s"].get(name)
         head = f"{name:12s} {'%5.0f s' % t if t is not None else '   -   '}  "
         if "error" in r:
@@ -485,6 +487,9 @@ def main() -> None:
     if args.hf_worker:
         hf_worker(json.loads(args.hf_worker))
         return
+    if boot.get("missing"):
+        sys.exit(f"gpu_check: cannot import {', '.join(boot['missing'])} ({boot.get('wheels', 'no ' + str(WHEELS))}); "
+                 "make the wheels with bench/gpu_wheels.sh and bring bench/wheels along")
     args.work = args.work or str(Path(args.out).resolve().parent / "gpu_check_work")
     ctx = Context(args, boot)
     wanted = set(args.only.split(",")) if args.only else {n for n, _ in STAGES}

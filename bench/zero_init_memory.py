@@ -8,8 +8,12 @@ soon as it exists and initialised one module at a time (:mod:`fpm.models.init`).
     python bench/zero_init_memory.py [--ranks 2] [--layers 24] [--d-model 1024]
 
 Each case runs in fresh processes under torchrun (gloo, CPU); each rank reports its resident-set
-size after the imports and its peak (``ru_maxrss``) after building. Printed: the peak growth per
-rank in each case, the model's fp32 size, and the ratio.
+size after the imports and its peak (``ru_maxrss``) after building. Printed per allocator: the
+largest peak growth of a rank, whole and under zero.Init, and the ratio. glibc keeps the freed
+full-size tensors of each module in its heap (its mmap threshold rises after the first large
+free), so its resident peak hides the saving; with a fixed mmap threshold or tcmalloc (which fpm's
+training commands preload where installed) the peak follows the live memory. On a GPU the
+partitions live in GPU memory and the host holds almost nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +58,7 @@ def build(zero_init: bool, layers: int, d_model: int) -> dict:
     with context:
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, seed=1)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    held = sum(p.numel() for p in model.parameters())  # what this rank holds (its partition under zero.Init)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     teardown()
     return {"rank": dist.rank, "zero_init": zero_init, "params": params, "held": held, "rss_before_mb": before,
@@ -66,32 +71,36 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--worker", choices=["plain", "zero-init"], help=argparse.SUPPRESS)
+    ap.add_argument("--results", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(build(args.worker == "zero-init", args.layers, args.d_model)), flush=True)
+        r = build(args.worker == "zero-init", args.layers, args.d_model)
+        (Path(args.results) / f"rank{r['rank']}.json").write_text(json.dumps(r))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    rows = {}
-    for mode in ("plain", "zero-init"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks),
-               __file__, "--worker", mode, "--layers", str(args.layers), "--d-model", str(args.d_model)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        rows[mode] = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
-                      if "RESULT " in line]
-    params = rows["plain"][0]["params"]
-    print(f"GPT-2 shape, {args.layers} layers x d={args.d_model}: {params / 1e6:,.1f}M parameters "
-          f"({params * 4 / 2**20:,.0f} MiB in fp32); {args.ranks} ranks, ZeRO-3, CPU (gloo)")
-    growth = {}
-    for mode, rs in rows.items():
-        for r in sorted(rs, key=lambda r: r["rank"]):
-            print(f"{mode:10s} rank {r['rank']}: holds {r['held'] / 1e6:7.1f}M parameters, RSS after imports "
-                  f"{r['rss_before_mb']:7.0f} MiB, peak {r['peak_mb']:7.0f} MiB, growth "
-                  f"{r['peak_mb'] - r['rss_before_mb']:7.0f} MiB")
-        growth[mode] = max(r["peak_mb"] - r["rss_before_mb"] for r in rs)
-    print(f"peak growth per rank while building: {growth['plain']:,.0f} MiB whole vs {growth['zero-init']:,.0f} "
-          f"MiB under zero.Init; ratio {growth['plain'] / max(growth['zero-init'], 1):.2f}x")
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    base.pop("LD_PRELOAD", None)
+    allocators = {"glibc": {}, "glibc, MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+    tcmalloc = Path(f"/usr/lib/{os.uname().machine}-linux-gnu/libtcmalloc_minimal.so.4")
+    if tcmalloc.is_file():
+        allocators["tcmalloc"] = {"LD_PRELOAD": str(tcmalloc)}
+    print(f"GPT-2 shape, {args.layers} layers x d={args.d_model}, {args.ranks} ranks, ZeRO-3, CPU (gloo); peak "
+          "resident memory per rank while building, above the RSS after imports")
+    for name, extra in allocators.items():
+        rows = {}
+        for mode in ("plain", "zero-init"):
+            with tempfile.TemporaryDirectory() as results:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                       str(args.ranks), __file__, "--worker", mode, "--layers", str(args.layers), "--d-model",
+                       str(args.d_model), "--results", results]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**base, **extra})
+                if proc.returncode:
+                    sys.exit(proc.stderr[-3000:])
+                rows[mode] = [json.loads(f.read_text()) for f in sorted(Path(results).glob("rank*.json"))]
+        params, held = rows["plain"][0]["params"], rows["zero-init"][0]["held"]
+        growth = {mode: max(r["peak_mb"] - r["rss_before_mb"] for r in rs) for mode, rs in rows.items()}
+        print(f"{name:38s} whole {growth['plain']:6,.0f} MiB ({params / 1e6:.1f}M parameters, "
+              f"{params * 4 / 2**20:,.0f} MiB fp32)  zero.Init {growth['zero-init']:6,.0f} MiB (partition "
+              f"{held / 1e6:.1f}M, {held * 4 / 2**20:,.0f} MiB)  ratio {growth['plain'] / growth['zero-init']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from fpm.models.objective import strip_prefix
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of one checkpoint folder (``.../checkpoints/step-N``)."""
-    bf16_files = list(folder.glob("bf16_zero_pp_rank_*_optim_states.pt"))
     zero_files = list(folder.glob("*zero_pp_rank_*_optim_states.pt"))
-    if bf16_files:
-        state = _from_bf16_optimizer(folder, bf16_files)
+    if zero_files and _written_by_bf16_optimizer(zero_files[0]):
+        state = _from_bf16_optimizer(folder, zero_files)
     elif zero_files:
         from fpm.engine.distributed import select_accelerator
 
@@ -43,6 +42,12 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             raise FpmError(f"{folder}: no DeepSpeed model states found")
         state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in strip_prefix(state).items()}
+
+
+def _written_by_bf16_optimizer(optim_file: Path) -> bool:
+    """DeepSpeed's ZeRO optimizers record their stage; its BF16_Optimizer does not."""
+    state = torch.load(optim_file, map_location="cpu", weights_only=False, mmap=True)
+    return "zero_stage" not in state["optimizer_state_dict"]
 
 
 def _from_bf16_optimizer(folder: Path, files: list[Path]) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 In order: a peak given in the recipe (``train.peak_tflops``); on a GPU, the dense (no sparsity)
 datasheet figure of the detected model for the run's precision (fp32 counts as TF32 when PyTorch
-lets matmuls use it); otherwise (an unlisted GPU, or a CPU) a short measured matmul probe. The
+lets fp32 matmuls use it: ``torch.set_float32_matmul_precision``); otherwise (an unlisted GPU, or a CPU) a short measured matmul probe. The
 value and where it came from go into ``run.json``.
 """
 
@@ -53,7 +53,7 @@ def matmul_precision(precision: str) -> str:
     """The datasheet column a run's matmuls use: bf16, fp16, tf32 or fp32."""
     if precision in ("bf16", "fp16"):
         return precision
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def datasheet(device_name: str, precision: str) -> float | None:

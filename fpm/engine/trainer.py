@@ -198,7 +198,8 @@ class Trainer:
     def _manual_grad_norm(self) -> float:
         """The norm of the (unscaled) gradients in the parameters, before the optimizer step."""
         sq = [p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.stack(sq).sum().sqrt()) / self._loss_scale() if sq else 0.0
+        scale = self._scale_used if self._scale_loss else 1.0
+        return float(torch.stack(sq).sum().sqrt()) / scale if sq else 0.0
 
     def _loss_scale(self) -> float:
         opt = self.engine.optimizer

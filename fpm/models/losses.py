@@ -8,7 +8,7 @@ a time and, since the gradient of cross-entropy is known in closed form (softmax
 gradients with respect to the hidden states and the output matrix in the same pass; only those are
 kept for backward. The element-wise part of a chunk (softmax, loss, gradient, cast) is one fused
 pass that overwrites the logits with their gradient in place: fpm's C++ kernel for bf16 on CPU,
-else a ``torch.compile``d function (instead of about nine eager passes), else the eager one. On CPU the
+a ``torch.compile``d function on a GPU (instead of about nine eager passes), else the eager one. On CPU the
 logits of a chunk go to a scratch buffer kept between calls: a fresh 37-206 MB tensor each step is
 a fresh ``mmap`` whose page faults cost as much as the matrix multiply writing it (measured: the
 BERT bench's 614 × 30,522 logits in 23 ms into a new tensor, 11 ms into a reused one). The
@@ -67,8 +67,9 @@ def _logits_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
 _COMPILED = None
 
 
-def _chunk_fn():
-    """The compiled chunk function, or the eager one when compiling is off or fails."""
+def _chunk_fn(device: torch.device):
+    """The compiled chunk function (probed on ``device`` against the eager one), or the eager one
+    when compiling is off or fails."""
     global _COMPILED
     if _COMPILED is None:
         if os.environ.get("FPM_NO_COMPILE") == "1":
@@ -76,9 +77,10 @@ def _chunk_fn():
         else:
             try:
                 compiled = torch.compile(_chunk_grad, dynamic=None)
-                probe, want = torch.zeros(2, 3), torch.zeros(2, 3)
-                compiled(probe, torch.zeros(2, dtype=torch.long), torch.ones(2))
-                _chunk_grad(want, torch.zeros(2, dtype=torch.long), torch.ones(2))
+                probe, want = torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device)
+                target, scale = torch.zeros(2, dtype=torch.long, device=device), torch.ones(2, device=device)
+                compiled(probe, target, scale)
+                _chunk_grad(want, target, scale)
                 _COMPILED = compiled if torch.allclose(probe, want) else _chunk_grad
             except Exception:  # no C++ compiler / triton here: the eager path is exact, only slower
                 _COMPILED = _chunk_grad
@@ -86,11 +88,14 @@ def _chunk_fn():
 
 
 def _chunk_fn_for(hidden: torch.Tensor):
-    """fpm's C++ kernel for bf16 logits on CPU (one pass per row, no compile step), else
-    :func:`_chunk_fn`."""
-    ext = kernels.extension() if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 else None
+    """On a CPU, fpm's C++ kernel for bf16 logits (one pass per row), else the eager function: a
+    compile costs 5-25 s in every process and saves nothing at the sizes a CPU trains in fp32. On a
+    GPU, the compiled one (one fused kernel instead of about nine passes)."""
+    if hidden.device.type != "cpu":
+        return _chunk_fn(hidden.device)
+    ext = kernels.extension() if hidden.dtype == torch.bfloat16 else None
     if ext is None:
-        return _chunk_fn()
+        return _chunk_grad
 
     def fn(logits, target, scale, bias=None):
         b = None if bias is None else bias.float().contiguous()

@@ -1,0 +1,156 @@
+"""Devices, peaks and DeepSpeed's configuration (issue 16): what a GPU run is given, tested on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from fpm.engine import peak
+from fpm.engine.distributed import device_for, select_accelerator
+
+
+def test_the_accelerator_is_what_torch_sees_not_dev_nvidia0(monkeypatch):
+    # a container given one GPU may have neither /dev/nvidia0 nor CUDA_VISIBLE_DEVICES
+    with mock.patch.dict(os.environ):  # select_accelerator writes DS_ACCELERATOR: undone afterwards
+        os.environ.pop("DS_ACCELERATOR", None)
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert select_accelerator() == "cuda" and os.environ["DS_ACCELERATOR"] == "cuda"
+        del os.environ["DS_ACCELERATOR"]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+        assert select_accelerator() == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_a_rank_takes_gpu_local_rank_modulo_the_device_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [device_for(r).index for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for(3) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, precision, want", [
+    ("NVIDIA A100-SXM4-40GB", "bf16", 312.0), ("NVIDIA A100 80GB PCIe", "fp16", 312.0),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA H200 NVL", "bf16", 835.0), ("NVIDIA L40S", "bf16", 362.05),
+    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA A100-SXM4-80GB", "tf32", 156.0), ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+    ("Tesla V100-SXM2-32GB", "bf16", None), ("Some Future GPU", "bf16", None)])
+def test_datasheet_peaks_are_dense_and_specific_names_win(name, precision, want):
+    assert peak.datasheet(name, precision) == want
+
+
+def test_the_peak_is_given_else_the_datasheet_else_measured_and_cached(monkeypatch, tmp_path):
+    assert peak.resolve("bf16", given=123.0).as_dict() == {"tflops": 123.0, "source": "given",
+                                                          "detail": "train.peak_tflops"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    got = peak.resolve("bf16")
+    assert (got.tflops, got.source) == (989.4, "datasheet") and "H200, bf16" in got.detail
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak.resolve("fp32").tflops == 66.9
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak.resolve("fp32").tflops == 494.7
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(peak, "measure_tflops", lambda *a, **k: calls.append(a) or 1.5)
+    cache = tmp_path / "peak.json"
+    first = peak.resolve("bf16", cache=cache)
+    assert (first.tflops, first.source) == (1.5, "measured") and len(calls) == 1
+    assert peak.resolve("bf16", cache=cache).tflops == 1.5 and len(calls) == 1  # a resumed run reuses it
+    peak.resolve("fp32", cache=cache)
+    assert len(calls) == 2  # another precision is measured again
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone():
+    state = torch.get_rng_state()
+    assert peak.measure_tflops(torch.float32, seconds=0.01, n=64) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_every_deepspeed_key_reaches_deepspeeds_configuration():
+    from fpm.config import load_recipe
+    from fpm.engine.trainer import spec_ds_config
+    from fpm.pretrain import build_spec
+
+    def cfg(*sets):
+        recipe = load_recipe("cpm-x-s", preset="tiny", overrides=list(sets))
+        return spec_ds_config(build_spec(recipe, 1, 0.0))
+
+    base = cfg("deepspeed.zero_stage=2")["zero_optimization"]
+    changed = {"overlap_comm": ("false", False), "contiguous_gradients": ("false", False),
+               "reduce_bucket_size": ("12345", 12345), "allgather_bucket_size": ("23456", 23456)}
+    for key, (text, value) in changed.items():
+        assert base[key] != value
+        assert cfg("deepspeed.zero_stage=2", f"deepspeed.{key}={text}")["zero_optimization"][key] == value
+    offload = cfg("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true")
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg("deepspeed.zero_stage=1")["zero_optimization"]["stage"] == 1
+    # bf16 gradients accumulate in fp32 under ZeRO (DeepSpeed's default keeps them in bf16)
+    assert cfg("deepspeed.zero_stage=2", "train.precision=bf16")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in cfg("deepspeed.zero_stage=2")
+
+
+@pytest.mark.slow
+def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, fpm):
+    out = tmp_path / "run"
+    fpm("pretrain", "cpm-x-s", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "2",
+        "--set", "deepspeed.zero_stage=3", "--set", "deepspeed.offload_optimizer=true",
+        "--set", "deepspeed.offload_params=true", "--set", "deepspeed.overlap_comm=false",
+        "--set", "deepspeed.contiguous_gradients=false", "--set", "deepspeed.reduce_bucket_size=12345",
+        "--set", "deepspeed.allgather_bucket_size=23456", "--set", "train.precision=bf16", check=True)
+    z = json.loads((out / "ds_config.json").read_text())
+    assert z["zero_optimization"]["stage"] == 3 and z["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert (z["zero_optimization"]["overlap_comm"], z["zero_optimization"]["contiguous_gradients"]) == (False, False)
+    assert (z["zero_optimization"]["reduce_bucket_size"], z["zero_optimization"]["allgather_bucket_size"]) == \
+        (12345, 23456)
+    assert z["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert z["zero_optimization"]["offload_param"]["device"] == "cpu"
+    run = json.loads((out / "run.json").read_text())
+    assert run["peak"]["source"] == "measured" and run["peak"]["tflops"] > 0 and run["device"].startswith("cpu")
+
+
+def _predict_worker(rank: int, port: int, features: dict, out: dict) -> None:
+    import torch.distributed as td
+
+    from fpm.finetune import predict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    out[rank] = predict(_Classifier(), features, batch_size=3)
+    td.destroy_process_group()
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 4)
+        self.config = type("C", (), {"num_labels": 4})
+
+    def forward(self, input_ids, **_):
+        return type("O", (), {"logits": self.emb(input_ids).sum(1)})
+
+
+def test_prediction_is_shared_between_ranks_and_gathered_in_order():
+    import torch.multiprocessing as mp
+
+    from fpm.engine.distributed import _free_port
+    from fpm.finetune import predict
+
+    features = {"input_ids": np.arange(11 * 5).reshape(11, 5) % 50}
+    want = predict(_Classifier(), features, batch_size=3)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_predict_worker, args=(_free_port(), features, out), nprocs=2)
+        got = dict(out)
+    assert want.shape == (11, 4)
+    for rank in (0, 1):  # every rank returns every row, in input order
+        np.testing.assert_allclose(got[rank], want, rtol=1e-6)

@@ -63,7 +63,9 @@ def bootstrap() -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         done["wheels"] = f"installed {len(NEEDED)} packages from {WHEELS} into {DEPS}" if proc.returncode == 0 else \
             f"pip failed: {proc.stderr.strip()[-400:]}"
-    paths = [str(ROOT)] + ([str(DEPS)] if DEPS.is_dir() else [])
+    # the carried packages only where the machine lacks them: a second DeepSpeed on the path would
+    # also rebuild its JIT ops (their build files name the source path)
+    paths = [str(ROOT)] + ([str(DEPS)] if missing and DEPS.is_dir() else [])
     for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -274,7 +276,7 @@ def export_stage(ctx) -> dict:
         ours = model.to(ctx.device)(input_ids=ids.to(ctx.device)).prediction_logits.float().cpu()
     script = ctx.work / "export_check.py"
     script.write_text(EXPORT_CHECK)
-    env = child_env({"PYTHONPATH": str(DEPS) if DEPS.is_dir() else ""})  # plain transformers, no fpm
+    env = child_env({"PYTHONPATH": ""})  # plain transformers: no fpm, nothing carried
     run([sys.executable, str(script), str(hf), str(ctx.device), json.dumps(ids.tolist()), str(ctx.work / "l.pt")],
         ctx.work / "logs" / "export-check.log", 300, env=env)
     theirs = torch.load(ctx.work / "l.pt")

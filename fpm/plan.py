@@ -25,7 +25,6 @@ FLOPs: :mod:`fpm.engine.flops` (6·N per token + attention).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 
 import torch

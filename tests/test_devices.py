@@ -101,17 +101,16 @@ def test_every_deepspeed_key_reaches_deepspeeds_configuration():
 def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, fpm):
     out = tmp_path / "run"
     fpm("pretrain", "cpm-x-s", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "2",
-        "--set", "deepspeed.zero_stage=3", "--set", "deepspeed.offload_optimizer=true",
-        "--set", "deepspeed.offload_params=true", "--set", "deepspeed.overlap_comm=false",
+        "--set", "deepspeed.zero_stage=2", "--set", "deepspeed.offload_optimizer=true",
+        "--set", "deepspeed.overlap_comm=false",
         "--set", "deepspeed.contiguous_gradients=false", "--set", "deepspeed.reduce_bucket_size=12345",
         "--set", "deepspeed.allgather_bucket_size=23456", "--set", "train.precision=bf16", check=True)
     z = json.loads((out / "ds_config.json").read_text())
-    assert z["zero_optimization"]["stage"] == 3 and z["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert z["zero_optimization"]["stage"] == 2 and z["data_types"] == {"grad_accum_dtype": "fp32"}
     assert (z["zero_optimization"]["overlap_comm"], z["zero_optimization"]["contiguous_gradients"]) == (False, False)
     assert (z["zero_optimization"]["reduce_bucket_size"], z["zero_optimization"]["allgather_bucket_size"]) == \
         (12345, 23456)
-    assert z["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert z["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert z["zero_optimization"]["offload_optimizer"]["device"] == "cpu"  # offload_param: ZeRO-3, above
     run = json.loads((out / "run.json").read_text())
     assert run["peak"]["source"] == "measured" and run["peak"]["tflops"] > 0 and run["device"].startswith("cpu")
 

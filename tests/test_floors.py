@@ -14,7 +14,6 @@ from fpm.config import load_recipe
 from fpm.data.synthetic import write_tnews
 from fpm.data.tasks import load_split
 
-from conftest import run_fpm
 
 HEAD = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
 

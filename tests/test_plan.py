@@ -10,7 +10,6 @@ from fpm.config import load_recipe
 from fpm.engine.flops import train_flops_per_token
 from fpm.plan import activation_bytes_per_sample, bucket_bytes, model_stats, paper_rows, plan, state_bytes
 
-from conftest import run_fpm
 
 
 @pytest.mark.parametrize("name", ["bert-e-l", "cpm-x-l"])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import unicodedata
 from collections.abc import Iterable, Sequence

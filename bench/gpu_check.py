@@ -464,6 +464,7 @@ def table(results: dict) -> str:
             lines.append(head + f"dev accuracy {r['dev_accuracy']:.3f} on {r['n_dev']} examples, evaluated on "
                          f"{r['device']}")
         elif name == "throughput":
+            lines.append(head + "fpm pretrain vs transformers.Trainer, same shape, data and precision")
             for k, v in r.items():
                 if "skipped" in v:
                     lines.append(f"  {k:14s} skipped ({v['skipped']})")

@@ -369,15 +369,11 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(train.examples) / t.batch_size))
     if t.batch_size % dist.world_size:
         raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {dist.world_size} processes")
-    ds = recipe.deepspeed
     spec = TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // dist.world_size,
                      grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps), schedule="linear",
                      weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8, grad_clip=t.grad_clip,
                      precision=Precision(t.precision),
-                     zero=ZeroSettings(stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
-                                       overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
-                                       reduce_bucket_size=ds.reduce_bucket_size,
-                                       allgather_bucket_size=ds.allgather_bucket_size),
+                     zero=ZeroSettings.of(recipe.deepspeed),
                      log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
                      num_workers=0, activation_checkpointing=False)
     task = recipe.task

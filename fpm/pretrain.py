@@ -81,7 +81,7 @@ def build_spec(recipe: Recipe, world_size: int, flops_per_token: float):
     from fpm.engine.ds_config import Precision, ZeroSettings
     from fpm.engine.trainer import TrainSpec
 
-    t, ds = recipe.train, recipe.deepspeed
+    t = recipe.train
     try:
         g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
     except ValueError as exc:
@@ -93,10 +93,7 @@ def build_spec(recipe: Recipe, world_size: int, flops_per_token: float):
         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
         precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
                             ls.min_loss_scale),
-        zero=ZeroSettings(stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
-                          offload_params=ds.offload_params, overlap_comm=ds.overlap_comm,
-                          contiguous_gradients=ds.contiguous_gradients, reduce_bucket_size=ds.reduce_bucket_size,
-                          allgather_bucket_size=ds.allgather_bucket_size),
+        zero=ZeroSettings.of(recipe.deepspeed),
         log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
         flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,

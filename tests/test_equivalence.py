@@ -170,3 +170,13 @@ def test_cli_zero0_accumulation_equals_two_processes_zero3_accumulation(tmp_path
     a, b = ([m["loss"] for m in read_metrics(tmp_path / r)] for r in ("one", "two"))
     assert len(a) == len(b) == 12
     assert max(abs(x - y) / y for x, y in zip(a, b)) <= 1e-4
+
+
+def test_gpt_references_of_every_micro_batch_size_agree(results):
+    # GPT's loss is a mean over micro-batches of equal token counts, so one process at ZeRO-0 with
+    # 16 x 1, 8 x 2, 4 x 4 and 2 x 8 trains one model: a wrong accumulation scale (say 1/accum
+    # applied twice) would show here, where references of equal accumulation cannot see it
+    base = Layout("gpt", 0, 1)
+    for accum in (2, 4, 8):
+        got = compare(results, Layout("gpt", 0, accum), base)
+        assert got.loss_rel <= FP32_LOSS_RTOL and got.weight_abs <= FP32_WEIGHT_ATOL, (accum, got)

@@ -26,6 +26,14 @@ class ZeroSettings:
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
 
+    @classmethod
+    def of(cls, section) -> ZeroSettings:
+        """From a recipe's ``deepspeed:`` section (every key, by name)."""
+        return cls(stage=section.zero_stage, offload_optimizer=section.offload_optimizer,
+                   offload_params=section.offload_params, overlap_comm=section.overlap_comm,
+                   contiguous_gradients=section.contiguous_gradients,
+                   reduce_bucket_size=section.reduce_bucket_size, allgather_bucket_size=section.allgather_bucket_size)
+
 
 def deepspeed_config(*, global_batch: int, micro_batch: int, grad_accum: int, grad_clip: float,
                      precision: Precision, zero: ZeroSettings | None = None) -> dict:

@@ -75,6 +75,10 @@ def test_the_matrix_covers_every_pair_of_settings():
 # overflows for the first steps, which are skipped and counted
 FP16 = [Layout("gpt", 0, 4, precision="fp16"), Layout("gpt", 2, 4, precision="fp16"),
         Layout("bert", 0, 4, precision="fp16"), Layout("gpt", 0, 4, precision="fp16", scale_power=19)]
+# bf16 at ZeRO-0 through DeepSpeed's own wrapper (a GPU's path; tests/bf16_wrapper_worker.py)
+# against fpm's flat master weights in the same layout: the wrapper's zero-gradient initial step
+# is undone here too
+BF16_WRAPPER = [Layout("gpt", 0, 8, precision="bf16")]
 FP16_LOSS_RTOL = 1e-3
 FP16_NORM_RTOL = 2e-3
 
@@ -106,6 +110,7 @@ def results(tmp_path_factory):
     _launch(refs + [c for c in cells if c.procs == 1], 1, data, out, tmp)
     _launch([c for c in cells if c.procs == 2], 2, data, out, tmp)
     _launch(FP16, 1, data, out, tmp, worker="fp16_cpu_worker.py")
+    _launch(BF16_WRAPPER, 1, data, tmp / "wrapper", tmp, worker="bf16_wrapper_worker.py")
     return out
 
 
@@ -180,3 +185,9 @@ def test_gpt_references_of_every_micro_batch_size_agree(results):
     for accum in (2, 4, 8):
         got = compare(results, Layout("gpt", 0, accum), base)
         assert got.loss_rel <= FP32_LOSS_RTOL and got.weight_abs <= FP32_WEIGHT_ATOL, (accum, got)
+
+
+def test_bf16_through_deepspeeds_wrapper_trains_the_flat_master_model(results):
+    cell = BF16_WRAPPER[0]
+    got = compare(results.parent / "wrapper", cell, cell, reference_out=results)
+    assert got.loss_rel <= BF16_LOSS_RTOL and got.weight_rel <= BF16_WEIGHT_REL, got

@@ -118,15 +118,18 @@ class Agreement:
     weight_rel: float  # ||w - reference|| / ||reference|| over all parameters together
 
 
-def compare(out: Path, layout: Layout, reference: Layout | None = None) -> Agreement:
-    """How closely ``layout``'s results in ``out`` agree with its reference's."""
+def compare(out: Path, layout: Layout, reference: Layout | None = None, reference_out: Path | None = None
+            ) -> Agreement:
+    """How closely ``layout``'s results in ``out`` agree with its reference's (in ``reference_out``,
+    by default ``out`` too)."""
     reference = reference or layout.reference()
+    ref_out = reference_out or out
     a = json.loads((out / f"{layout.name}.json").read_text())["losses"]
-    b = json.loads((out / f"{reference.name}.json").read_text())["losses"]
+    b = json.loads((ref_out / f"{reference.name}.json").read_text())["losses"]
     if len(a) != len(b) or not a:
         raise AssertionError(f"{layout.name}: {len(a)} losses, the reference {reference.name} logged {len(b)}")
     loss_rel = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-    wa, wb = torch.load(out / f"{layout.name}.pt"), torch.load(out / f"{reference.name}.pt")
+    wa, wb = torch.load(out / f"{layout.name}.pt"), torch.load(ref_out / f"{reference.name}.pt")
     if wa.keys() != wb.keys():
         raise AssertionError(f"{layout.name}: parameter names differ from {reference.name}'s")
     diff = torch.cat([(wa[k].detach() - wb[k].detach()).flatten() for k in sorted(wa)])

@@ -152,10 +152,12 @@ class Trainer:
         # by the scale in step() all the same: fp16 at ZeRO-0 trained on gradients 65,536 times too
         # small (and underflowing). fpm scales the loss itself there (tests/test_equivalence.py).
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
         self._scale_loss = s.precision.kind == "fp16" and not isinstance(self.engine.optimizer, ZeROOptimizer)
-        if self._scale_loss:
-            _undo_fp16_init_step(self.engine.optimizer)
+        if isinstance(self.engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # fp16 or bf16, no ZeRO
+            _undo_init_step(self.engine.optimizer)
         if self.dist.world_size == 1 and s.zero.stage == 0:
             # nobody to average gradients with: DeepSpeed would still flatten them all into one
             # buffer, "all-reduce" it over a group of one and copy it back (~60 ms a step on the
@@ -367,9 +369,10 @@ def check_precision(kind: str) -> None:
                        "--set train.precision=bf16 (or fp32) on this machine")
 
 
-def _undo_fp16_init_step(optimizer) -> None:
-    """DeepSpeed's fp16 optimizers without ZeRO (FP16_Optimizer, FP16_UnfusedOptimizer) create the
-    optimizer state by taking one step on zero gradients when they are built: AdamW's step count
+def _undo_init_step(optimizer) -> None:
+    """DeepSpeed's 16-bit optimizers without ZeRO (FP16_Optimizer, FP16_UnfusedOptimizer: fp16, and
+    bf16 on a GPU) create the optimizer state by taking one step on zero gradients when they are
+    built: AdamW's step count
     then starts at 1 (the first real update is 0.73 lr instead of lr: bias correction off by one
     step) and weight decay is applied once. Forget that state and restore the fp32 master weights
     from the model's, which are unchanged (a checkpoint loaded afterwards restores its own state)."""

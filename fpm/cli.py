@@ -6,6 +6,7 @@ Shared options follow one contract: --preset, --set KEY=VALUE (repeatable), --ou
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,6 +23,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show what libraries print while they start up "
+                                                            "(DeepSpeed op builds); also FPM_VERBOSE=1.")] = False,
+) -> None:
+    """Reproduce and study the FPM model family (BERT, GPT-2 and CPM-2 style) with DeepSpeed."""
+    if verbose:
+        os.environ["FPM_VERBOSE"] = "1"  # torchrun/srun children inherit it
+
+
 recipes_app = typer.Typer(help="List and inspect recipes (one per model of the paper's Table 2).",
                           no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
@@ -308,6 +321,17 @@ def data_prepare(
                     text_field=text_field, workers=workers, shard_tokens=shard_tokens)
 
 
+@data_app.command("verify")
+def data_verify(
+    folder: Annotated[Path, typer.Argument(help="A prepared folder (fpm data prepare --out).")],
+) -> None:
+    """Check every shard file against the sizes and checksums recorded when it was written, the
+    index offsets and every token id (exit 2 naming the first damaged file)."""
+    from fpm.commands.data import verify_command
+
+    verify_command(folder)
+
+
 @data_app.command("audit")
 def data_audit(
     task: Task,
@@ -364,30 +388,83 @@ def _quiet_libraries() -> None:
 _ALLOCATOR_COMMANDS = {"pretrain", "finetune", "evaluate", "sweep-depth"}
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _click_kind(exc: BaseException) -> str | None:
+    """Which click exception ``exc`` is, by class name: typer raises its own vendored click
+    classes (typer._click), which are not subclasses of the ``click`` package's."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for kind in ("NoArgsIsHelpError", "UsageError", "ClickException", "Exit", "Abort"):
+        if kind in names:
+            return kind
+    return None
+
+
+def _usage_error(exc) -> int:
+    """A usage error on one line, the command's usage on the next; exit 2."""
+    message = exc.format_message().strip().splitlines()
+    print(f"error: {message[0] if message else 'bad usage'}", file=sys.stderr)
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        usage = " ".join(ctx.get_usage().split())  # one line, whatever the terminal width
+        usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), usage.replace("Usage: ", "usage: ", 1))
+        print(f"{usage}  (see: {ctx.command_path} --help)", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 2) or 2)
+
+
 def main() -> None:
     _quiet_libraries()
     try:
-        if len(sys.argv) > 1 and sys.argv[1] in _ALLOCATOR_COMMANDS:
+        if _command_of(sys.argv[1:]) in _ALLOCATOR_COMMANDS:
             from fpm import allocator
 
             allocator.reexec()
-        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising here
+        code = app(prog_name="fpm", standalone_mode=False)  # typer.Exit's code is returned, not raised
         if isinstance(code, int) and code:
             sys.exit(code)
     except FpmError as exc:
-        from fpm.console import err_console
+        from fpm.errors import one_line
 
-        err_console().print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except OSError as exc:  # a file that cannot be read or written: read-only or full disk, permissions
+        from fpm.errors import disk_error
+
+        err = disk_error(exc)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+    except Exception as exc:  # click's exceptions arrive here in non-standalone mode
+        kind = _click_kind(exc)
+        if kind == "NoArgsIsHelpError":  # the help text has been printed
+            sys.exit(2)
+        if kind in ("UsageError", "ClickException"):
+            sys.exit(_usage_error(exc) if kind == "UsageError" else _plain_click_error(exc))
+        if kind == "Exit":
+            sys.exit(exc.exit_code)
+        if kind == "Abort":
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        from fpm.errors import DISK_ERRNOS, DiskError, disk_errno, disk_reason
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+        code = disk_errno(exc)  # a library's write that the storage refused (torch, tokenizers)
+        if code in DISK_ERRNOS:
+            print(f"error: {disk_reason(code)} ({type(exc).__name__}: {one_line_text(exc)})", file=sys.stderr)
+            sys.exit(DiskError.exit_code)
         raise
+
+
+def one_line_text(exc: BaseException) -> str:
+    from fpm.errors import one_line
+
+    return one_line(exc)[:300]
+
+
+def _plain_click_error(exc) -> int:
+    print(f"error: {exc.format_message()}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 1) or 1)

@@ -103,3 +103,28 @@ class Progress:
         info_line = f"{self.description}: {self.fmt(self.done, self.total)}{self.unit}{pct}{info_str} elapsed {elapsed:.0f}s{eta}"
         if is_rank0():
             print(info_line, flush=True)
+
+
+def verbose() -> bool:
+    """``fpm --verbose …`` (or FPM_VERBOSE=1): show what libraries print while they start up."""
+    return os.environ.get("FPM_VERBOSE", "") not in ("", "0")
+
+
+class library_chatter:
+    """Hold back what libraries print to stdout while they start up (DeepSpeed's "… built
+    successfully", PyTorch's extension-loading lines) unless --verbose; if the block fails, what
+    was held back is printed on stderr, so nothing that explains a failure is lost."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._buffer = io.StringIO()
+        self._redirect = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(self._buffer)
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._redirect.__exit__(exc_type, exc, tb)
+        if exc_type is not None and self._buffer.getvalue():
+            sys.stderr.write(self._buffer.getvalue())

@@ -12,6 +12,7 @@ has no ``tokenizers`` equivalent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def load_run_model(run_dir: Path, tag: str | None = None):
     recipe = load_resolved(recipe_file)
     if tag:
         folder = run_dir / "checkpoints" / tag
+        if not folder.is_dir():
+            have = ckpt.complete_tags(run_dir / "checkpoints")
+            raise FpmError(f"{folder}: no such checkpoint (complete ones: {', '.join(have) if have else 'none'})")
         problem = ckpt.verify(folder)
         if problem:
             raise FpmError(f"{folder}: {problem}")
@@ -144,6 +148,15 @@ def export_tokenizer(tok, out: Path) -> None:
     fast.save_pretrained(str(out))
 
 
+def usual_modes(folder: Path) -> None:
+    """Give every exported file the mode a new file gets under the user's umask (0644 under the
+    usual 022): some writers create theirs with mkstemp, i.e. 0600, which other users cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     recipe, model, tok, folder = load_run_model(run_dir, tag)
     out = Path(out)
@@ -156,5 +169,6 @@ def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     except Exception as exc:  # the weights are the export; a tokenizer problem must not lose them
         warn(f"tokenizer export failed ({type(exc).__name__}: {exc}); fpm's tokenizer folder is in {out / 'fpm_tokenizer'}")
     shutil.copyfile(Path(run_dir) / "recipe.yaml", out / "fpm_recipe.yaml")
+    usual_modes(out)
     info(f"exported {folder} ({recipe.name}, {sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
     return out

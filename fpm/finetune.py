@@ -9,6 +9,7 @@ produces the official submission files (GLUE ``QQP.tsv``, CLUE ``tnews_predict.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from fpm.console import console, info, is_rank0, warn
 from fpm.data.datasets import permute
 from fpm.data.tasks import Split, load_split, tnews_label_names
 from fpm.errors import FpmError
+from fpm.runlock import RunLock
 from fpm.eval.metrics import classification_metrics
 
 # ------------------------------------------------------------------ encoding
@@ -191,6 +193,31 @@ def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
     raise FpmError(f"--init {path}: neither an fpm run directory/checkpoint nor a Hugging Face model folder")
 
 
+def check_classifier(path: Path, num_labels: int) -> None:
+    """``fpm evaluate --model`` needs a fine-tuned classifier: refuse anything else, saying what it is
+    (a pretraining run would be scored with an untrained classification head)."""
+    if not path.exists():
+        raise FpmError(f"--model {path}: not found")
+    if (path / "recipe.yaml").is_file() and (path / "checkpoints").is_dir():
+        raise FpmError(f"--model {path}: a pretraining run, whose classification head is untrained; fine-tune it "
+                       f"first (fpm finetune TASK --init {path}) and evaluate that folder")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FpmError(f"--model {path}: no config.json; expected an `fpm finetune` output folder or a Hugging "
+                       "Face sequence-classification model folder")
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError:
+        raise FpmError(f"{config}: not valid JSON") from None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise FpmError(f"--model {path}: a {', '.join(archs) or 'model without architectures'}, not a fine-tuned "
+                       "sequence classifier (fine-tune it first with fpm finetune)")
+    labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels")
+    if labels and labels != num_labels:
+        raise FpmError(f"--model {path}: a classifier of {labels} labels; the task has {num_labels}")
+
+
 def save_model(model, out: Path, init: Init) -> None:
     """A Hugging Face folder: weights + config + tokenizer (fpm's and, when it exists, HF's)."""
     tmp = out.with_name(out.name + ".tmp")
@@ -319,17 +346,21 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
 
-    from fpm.engine.signals import install_early
+    from fpm.engine.signals import install_early, uninstall
 
     install_early()
-    recipe = _resolve(task, preset, overrides, epochs, max_steps, seed)
-    out = Path(out) if out else Path("runs") / f"finetune-{recipe.task.name}"
-    dist = resolve_env()
-    dist_init(dist)
     try:
-        return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors)
+        recipe = _resolve(task, preset, overrides, epochs, max_steps, seed)
+        out = Path(out) if out else Path("runs") / f"finetune-{recipe.task.name}"
+        dist = resolve_env()
+        with RunLock(out, "fpm finetune " + task) if dist.rank == 0 else contextlib.nullcontext():
+            dist_init(dist)
+            try:
+                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors)
+            finally:
+                teardown()
     finally:
-        teardown()
+        uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
 def _report_bad(split: Split) -> None:
@@ -450,6 +481,7 @@ def evaluate_command(task: str, *, model_path: Path, data_dir: Path | None, spli
     model_path = Path(model_path)
     if (model_path / "best" / "config.json").is_file():
         model_path = model_path / "best"
+    check_classifier(model_path, recipe.task.num_labels)
     init = load_init(model_path, recipe)
     data = load_split(recipe.task, data_dir, split)
     _report_bad(data)

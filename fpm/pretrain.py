@@ -8,6 +8,7 @@ same command on the same ``--out`` resumes from the newest intact checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from fpm.config.schema import Recipe, derive_batch
 from fpm.console import info
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError
+from fpm.runlock import RunLock
 
 # recipe keys that may change between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
@@ -108,19 +110,28 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
     for key, value in (("train.max_steps", max_steps), ("train.save_every", save_every), ("train.seed", seed)):
         if value is not None:
             sets.append(f"{key}={value}")
-    from fpm.engine.signals import install_early
+    from fpm.engine.signals import install_early, uninstall
 
     install_early()
+    try:
+        return _pretrain(recipe_name, preset, sets, data, out, resume)
+    finally:
+        uninstall()  # from here on the process only exits: SIGTERM kills it again
+
+
+def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data: Path | None, out: Path | None,
+              resume: str) -> int:
     recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
     if resume not in ("auto", "never"):
         raise FpmError(f"--resume must be auto or never, not {resume!r}")
     out = Path(out) if out else default_out(recipe, preset)
     dist = resolve_env()
-    init(dist)
-    try:
-        return _run(recipe, dist, out, data, resume)
-    finally:
-        teardown()
+    with RunLock(out, "fpm pretrain " + recipe_name) if dist.rank == 0 else contextlib.nullcontext():
+        init(dist)  # rank 0 holds the run directory's lock before any rank starts
+        try:
+            return _run(recipe, dist, out, data, resume)
+        finally:
+            teardown()
 
 
 def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int:

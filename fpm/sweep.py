@@ -26,6 +26,7 @@ from fpm.config import load_recipe
 from fpm.config.schema import SweepRecipe
 from fpm.console import info, warn
 from fpm.errors import FpmError
+from fpm.runlock import RunLock
 
 BERT_E_DEPTHS = [50, 60, 70, 80, 90]
 
@@ -283,7 +284,11 @@ def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seed
     if dry_run:
         print_plan(plan, executor, slurm_options or {})
         return 0
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, f"fpm sweep-depth {recipe}"):
+        return _sweep(plan, out, plan_file, executor, slurm_options)
+
+
+def _sweep(plan: SweepPlan, out: Path, plan_file: Path, executor: str, slurm_options: dict | None) -> int:
     plan_file.write_text(json.dumps(plan.to_json(), indent=1))
     info(f"sweep {plan.recipe} on {plan.task}: depths {plan.depths} x seeds {plan.seeds} = {len(plan.cells)} cells in {out}")
     prepare_shared_data(plan)

@@ -70,45 +70,72 @@ def wait_done(env, job: str, timeout: float = 900) -> str:
 CPU_SHAPE = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
 
 
-def test_pretraining_script_runs_across_two_nodes(cluster, tmp_path):
-    run = tmp_path / "run"
-    job = sbatch(cluster, tmp_path, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
-                 "tiny", "--out", str(run), "--max-steps", "30", "--save-every", "15")
+STEPS = ["--max-steps", "40", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tmp_path_factory):
+    """An uninterrupted 2-node run: the reference for the interrupted one."""
+    tmp = tmp_path_factory.mktemp("two-nodes")
+    run = tmp / "run"
+    job = sbatch(cluster, tmp, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
+                 "tiny", "--out", str(run), *STEPS, "--save-every", "20")
     assert wait_done(cluster, job) == "COMPLETED"
+    return tmp, run, job
+
+
+def final_weights(run: Path) -> dict:
+    import torch
+
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_pretraining_script_runs_across_two_nodes(two_node_run):
+    tmp_path, run, job = two_node_run
     out = (tmp_path / f"slurm-fpm-pretrain-{job}.out").read_text()
     assert "2 node(s) 2 task(s), master node1" in out and "exited with 0" in out
     logs = tmp_path / "logs" / f"fpm-pretrain-{job}"
     rank0 = (logs / "rank-0.log").read_text()
-    assert "2 process(es) (gloo)" in rank0 and "done: step 30" in rank0
+    assert "2 process(es) (gloo)" in rank0 and "done: step 40" in rank0
     assert (logs / "rank-1.log").is_file()
     status = json.loads((run / "run.json").read_text())
     assert status["world_size"] == 2 and status["exit_code"] == 0 and status["slurm_job_id"] == job
-    ckpt = run / "checkpoints" / "step-00000030"
+    ckpt = run / "checkpoints" / "step-00000040"
     assert (ckpt / "fpm_complete.json").is_file()
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.pt", "rank00001.pt"]
 
 
-def test_pre_timeout_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+def test_sigterm_to_every_process_of_the_job_checkpoints_requeues_and_resumes_exactly(cluster, two_node_run,
+                                                                                     tmp_path):
+    """What scancel, preemption and the time limit do: SIGTERM to every process of the job (the
+    batch shell, srun, each rank and its DataLoader workers). The ranks checkpoint and exit 75, the
+    script requeues, the requeued job resumes; its weights equal the uninterrupted run's."""
     run = tmp_path / "run"
     job = sbatch(cluster, tmp_path, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
-                 "tiny", "--out", str(run), "--max-steps", "80", "--save-every", "1000", "--set", "train.log_every=1")
+                 "tiny", "--out", str(run), *STEPS, "--save-every", "1000")
     metrics = run / "metrics.jsonl"
     t0 = time.time()
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 8):
         assert time.time() - t0 < 600 and job_state(cluster, job) in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.5)
-    # what SLURM does --signal=USR1@300 before the time limit: SIGUSR1 to every task of the job
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
+    subprocess.run(["scancel", "--signal=TERM", "--full", job], env=cluster, check=True)
     assert wait_done(cluster, job) == "COMPLETED"
     out = (tmp_path / f"slurm-fpm-pretrain-{job}.out").read_text()
     assert "exited with 75" in out and "requeueing job" in out  # checkpointed on the signal, requeued
     assert f"job {job} restart 1" in out and "exited with 0" in out  # the same job ran again and finished
     status = json.loads((run / "run.json").read_text())
-    assert status["exit_code"] == 0 and status["step"] == 80
+    assert status["exit_code"] == 0 and status["step"] == 40
     rank0 = (tmp_path / "logs" / f"fpm-pretrain-{job}" / "rank-0.log").read_text()
     assert "pre-empted: checkpoint saved at step" in rank0 and "resumed from" in rank0
+    assert "Traceback" not in rank0
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 81))  # nothing lost, nothing repeated
+    assert steps == list(range(1, 41))  # nothing lost, nothing repeated
+    reference = two_node_run[1]
+    ref_losses = [json.loads(line)["loss"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] == ref_losses
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):

@@ -11,14 +11,16 @@ from fpm.config import load_recipe
 from fpm.console import console, info
 from fpm.data.prepare import PrepareOptions, prepare
 from fpm.data.tokenizers import train_tokenizer
+from fpm.runlock import RunLock
 
 
 def prepare_command(recipe_name: str, inputs: list[Path], out: Path, *, preset: str | None, overrides: list[str],
                     fmt: str, text_mode: str, text_field: str, workers: int, shard_tokens: int) -> dict:
     recipe = load_recipe(recipe_name, preset=preset, overrides=overrides, kind="pretrain")
     t0 = time.perf_counter()
-    manifest = prepare(recipe, PrepareOptions(inputs=inputs, out=out, fmt=fmt, text_mode=text_mode,
-                                              text_field=text_field, workers=workers, shard_tokens=shard_tokens))
+    with RunLock(out, "fpm data prepare " + recipe_name):
+        manifest = prepare(recipe, PrepareOptions(inputs=inputs, out=out, fmt=fmt, text_mode=text_mode,
+                                                  text_field=text_field, workers=workers, shard_tokens=shard_tokens))
     elapsed = time.perf_counter() - t0
     table = Table(title=f"{out}: {manifest['n_tokens']:,} tokens, {manifest['n_docs']:,} documents, "
                         f"{len(manifest['shards'])} shard(s)")
@@ -36,12 +38,26 @@ def prepare_command(recipe_name: str, inputs: list[Path], out: Path, *, preset: 
 
 def train_tokenizer_command(kind: str, inputs: list[Path], vocab_size: int, out: Path, lowercase: bool,
                             language: str) -> None:
-    for p in inputs:
-        if not p.is_file():
-            from fpm.errors import FpmError
+    from fpm.data.readers import check_text_input
 
-            raise FpmError(f"{p}: input file not found")
+    for p in inputs:
+        check_text_input(p)  # empty or binary: an error, not a vocabulary of reserved tokens
     tok, reserved = train_tokenizer(kind, inputs, vocab_size, out, lowercase=lowercase, language=language)
     info(f"wrote a {kind} vocabulary of {tok.vocab_size:,} tokens to {out} (hash {tok.vocab_hash()})")
     if reserved:
-        info(f"the corpus yielded {vocab_size - reserved:,} pieces; {reserved:,} reserved [unusedN] tokens fill the rest")
+        info(f"the corpus yielded {vocab_size - reserved:,} pieces; {reserved:,} reserved \\[unusedN] tokens fill the rest")
+
+
+def verify_command(folder: Path) -> None:
+    """`fpm data verify DIR`: every shard file against the manifest's sizes and checksums."""
+    from fpm.console import warn
+    from fpm.data.shards import verify_folder
+    from fpm.errors import FpmError
+
+    checked, problems = verify_folder(folder)
+    damaged = [p for p in problems if "no checksums in the manifest" not in p]
+    for p in problems:
+        warn(p)
+    if damaged:
+        raise FpmError(f"{folder}: {len(damaged)} damaged file(s), the first {damaged[0]}; prepare the folder again")
+    info(f"{folder}: intact ({checked} files match their checksums)")

@@ -22,7 +22,7 @@ import torch
 from fpm.data.objectives import span_corrupt, span_lengths, sop_pair, whole_word_ngram_mask
 from fpm.data.shards import ShardSet
 from fpm.data.tokenizers import Tokenizer, load_tokenizer_path
-from fpm.errors import FpmError
+from fpm.errors import FpmError, one_line
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -96,7 +96,15 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _window(self, item: int) -> np.ndarray:
         s = int(np.searchsorted(self._cum, item, side="right") - 1)
         start = (item - int(self._cum[s])) * self._stride
-        return np.asarray(self.shards.shards[s].tokens[start: start + self._length], dtype=np.int64)
+        return self._checked(np.asarray(self.shards.shards[s].tokens[start: start + self._length], dtype=np.int64), s)
+
+    def _checked(self, tokens: np.ndarray, shard_index: int) -> np.ndarray:
+        """A token outside the vocabulary means a damaged shard: an error naming the file, not an
+        IndexError in the embedding."""
+        if len(tokens) and int(tokens.max()) >= self.shards.vocab_size:
+            raise self.shards.damaged(shard_index, f"token id {int(tokens.max())} is outside the "
+                                                   f"{self.shards.vocab_size}-token vocabulary")
+        return tokens
 
 
 class GPTDataset(PretrainDataset):
@@ -179,11 +187,14 @@ class BertDataset(PretrainDataset):
     def sample(self, epoch: int, item: int) -> dict[str, np.ndarray]:
         rng = _rng(self.seed, epoch, item)
         sp = self.tok.specials
-        shard = self.shards.shards[int(self._shard[item])]
+        si = int(self._shard[item])
+        shard = self.shards.shards[si]
         a_sent, b_sent = int(self._first[item]), int(self._last[item])
         offs = np.asarray(shard.sent_offsets[a_sent: b_sent + 1], dtype=np.int64)
         start, end = int(offs[0]), int(offs[-1])
-        tokens = np.asarray(shard.tokens[start:end], dtype=np.int64)
+        if not (0 <= start < end <= shard.n_tokens) or (np.diff(offs) < 0).any():
+            raise self.shards.damaged(si, f"sentence offsets {start}..{end} outside the shard's {shard.n_tokens} tokens")
+        tokens = self._checked(np.asarray(shard.tokens[start:end], dtype=np.int64), si)
         ws = np.asarray(shard.word_starts[start:end], dtype=np.uint8)
         a, a_ws, b, b_ws, swapped = sop_pair(rng, tokens, ws, offs[1:-1] - start, self.seq_len - 3, self.sop_prob)
         L = self.seq_len
@@ -208,8 +219,19 @@ class BertDataset(PretrainDataset):
 
 
 def tokenizer_of(shards: ShardSet) -> Tokenizer:
+    """The vocabulary the shards were prepared with, checked against the manifest's hash of it."""
     t = shards.manifest["tokenizer"]
-    return load_tokenizer_path(t["kind"], shards.folder / t["dir"], language=shards.manifest.get("language", "en"))
+    folder = shards.folder / t["dir"]
+    try:
+        tok = load_tokenizer_path(t["kind"], folder, language=shards.manifest.get("language", "en"))
+    except FpmError:
+        raise
+    except Exception as exc:  # a damaged tokenizer.json is a parse error inside the Rust library
+        raise FpmError(f"{folder}: cannot load the vocabulary ({one_line(exc)[:200]}); prepare the folder again") from None
+    if t.get("vocab_hash") and tok.vocab_hash() != t["vocab_hash"]:
+        raise FpmError(f"{folder}: not the vocabulary the shards were prepared with (its hash differs from "
+                       f"{shards.folder / 'manifest.json'}'s); prepare the folder again")
+    return tok
 
 
 def build_dataset(recipe, data_dir: Path | str, seed: int | None = None) -> PretrainDataset:
@@ -240,16 +262,16 @@ class StreamSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, global_batch: int, micro_batch: int, grad_accum: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int):
+                 start_step: int, max_steps: int, start_micro: int = 0):
         assert global_batch == micro_batch * grad_accum * world_size
         self.G, self.B, self.A, self.rank, self.W = global_batch, micro_batch, grad_accum, rank, world_size
-        self.start_step, self.max_steps = start_step, max_steps
+        self.start_step, self.max_steps, self.start_micro = start_step, max_steps, start_micro
 
     def __iter__(self):
         for s in range(self.start_step, self.max_steps):
-            for m in range(self.A):
+            for m in range(self.start_micro if s == self.start_step else 0, self.A):
                 base = s * self.G + m * self.B * self.W + self.rank * self.B
                 yield list(range(base, base + self.B))
 
     def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step) * self.A
+        return max(0, (self.max_steps - self.start_step) * self.A - self.start_micro)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fpm.console import Progress, info
+from fpm.console import Progress, info, warn
 from fpm.data import shards as sh
-from fpm.data.readers import Reader, split_sentences
+from fpm.data.readers import Reader, check_text_input, split_sentences
 from fpm.data.tokenizers import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path, train_tokenizer
 from fpm.errors import FpmError
 
@@ -157,7 +157,7 @@ def _obtain_tokenizer(recipe, opts: PrepareOptions) -> Tokenizer:
         tok, reserved = train_tokenizer(cfg.kind, None, cfg.vocab_size, tok_dir, texts=texts(),
                                         lowercase=cfg.lowercase, language=recipe.language)
         if reserved and not opts.quiet:
-            info(f"the corpus yielded {cfg.vocab_size - reserved} pieces; {reserved} reserved [unusedN] tokens fill the vocabulary")
+            info(f"the corpus yielded {cfg.vocab_size - reserved} pieces; {reserved} reserved \\[unusedN] tokens fill the vocabulary")
         return tok
     tok = load_tokenizer(cfg, recipe.language)
     if not (tok_dir / META_FILE).is_file():
@@ -171,9 +171,18 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if not opts.inputs:
         raise FpmError("no input files given (--input FILE ...)")
+    empty = []
     for p in opts.inputs:
-        if not Path(p).is_file():
-            raise FpmError(f"{p}: input file not found")
+        try:
+            check_text_input(Path(p), text_only=False)
+        except FpmError as exc:
+            if ": empty (" not in str(exc):
+                raise
+            empty.append(exc)
+    if len(empty) == len(opts.inputs):
+        raise empty[0]
+    for exc in empty:
+        warn(f"{exc}; skipped")
     tok = _obtain_tokenizer(recipe, opts)
     key = _config_key(recipe, tok, opts)
     manifest_path = out / sh.MANIFEST
@@ -290,11 +299,13 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
             drain(0)
             if writer is not None and writer.n_tokens:
                 finish_shard(sum(r.stats.records for r in readers))
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
-            writer.abort()
+            writer.abort()  # no half-written shard stays behind under a final name
         if pool is not None:
             pool.terminate()
+        if isinstance(exc, OSError) and not exc.filename:  # a full disk names no file: name the folder
+            raise OSError(exc.errno, exc.strerror, str(out)) from None
         raise
     finally:
         if pool is not None:
@@ -308,6 +319,10 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
             stats.bad["empty_after_tokenization"] += empty_after[ri]
             stats.documents -= empty_after[ri]
         sources.append(stats.to_json())
+    if not shards:
+        bad = ", ".join(f"{k} {v}" for src in sources for k, v in src["bad"].items()) or "none"
+        raise FpmError(f"{', '.join(map(str, opts.inputs))}: no document to prepare "
+                       f"({sum(src['records'] for src in sources)} records read, bad: {bad})")
     manifest = {
         "format": sh.FORMAT, "version": sh.VERSION, "complete": True, "config_key": key,
         "recipe": recipe.name, "family": recipe.model.family, "objective": objective, "language": recipe.language,

@@ -125,6 +125,35 @@ def detect_format(path: Path) -> str:
     return "text"
 
 
+COMPRESSED = (".zst", ".gz", ".xz", ".bz2")
+
+
+def check_text_input(path: Path, text_only: bool = True) -> None:
+    """An input that cannot hold a corpus is an error before any work: missing, empty, or (with
+    ``text_only``, for an uncompressed file) binary — NUL bytes or not UTF-8 in its first 64 KiB.
+    ``fpm data prepare`` counts undecodable records as bad instead (text_only=False)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FpmError(f"{path}: input file not found")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise FpmError(f"{path}: cannot open ({exc.strerror})") from None
+    if not head.strip():
+        raise FpmError(f"{path}: empty ({'0 bytes' if not head else 'whitespace only'}): no text to read")
+    if not text_only or path.name.lower().endswith(COMPRESSED):
+        return
+    nul = head.find(bytes(1))
+    if nul >= 0:
+        raise FpmError(f"{path}: binary data (a NUL byte at offset {nul}), not text")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the block
+            raise FpmError(f"{path}: not UTF-8 text (byte {exc.start}: {head[exc.start:exc.start + 1]!r})") from None
+
+
 def _peek(path: Path, n: int = 8192) -> str:
     try:
         with open(path, "rb") as fh:

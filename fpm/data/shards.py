@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fpm.errors import FpmError
+from fpm.files import crc32_of
 
 MAGIC = b"FPMIDX01"
 MANIFEST = "manifest.json"
@@ -37,6 +39,7 @@ class ShardWriter:
         self.sentences, self.word_starts = sentences, word_starts
         self._bin = open(folder / f"{name}.bin.tmp", "wb")
         self._ws = open(folder / f"{name}.ws.tmp", "wb") if word_starts else None
+        self._crc = {"bin": 0, "ws": 0}
         self.doc_offsets = [0]
         self.sent_offsets = [0]
         self.n_tokens = 0
@@ -46,10 +49,14 @@ class ShardWriter:
         """Append a batch of documents: their tokens back to back, with per-document lengths."""
         tokens = np.asarray(tokens, dtype=self.dtype)
         assert int(np.sum(doc_lengths)) == len(tokens)
-        self._bin.write(tokens.tobytes())
+        data = tokens.tobytes()
+        self._bin.write(data)
+        self._crc["bin"] = zlib.crc32(data, self._crc["bin"])
         if self._ws is not None:
             assert word_starts is not None and len(word_starts) == len(tokens)
-            self._ws.write(np.asarray(word_starts, dtype=np.uint8).tobytes())
+            data = np.asarray(word_starts, dtype=np.uint8).tobytes()
+            self._ws.write(data)
+            self._crc["ws"] = zlib.crc32(data, self._crc["ws"])
         self.doc_offsets.extend((self.n_tokens + np.cumsum(doc_lengths)).tolist())
         if self.sentences:
             assert sent_lengths is not None and int(np.sum(sent_lengths)) == len(tokens)
@@ -65,24 +72,30 @@ class ShardWriter:
         n_docs = len(self.doc_offsets) - 1
         n_sents = len(self.sent_offsets) - 1 if self.sentences else 0
         idx_tmp = self.folder / f"{self.name}.idx.tmp"
+        idx = (MAGIC + np.array([n_docs, n_sents], dtype="<u8").tobytes()
+               + np.asarray(self.doc_offsets, dtype="<i8").tobytes()
+               + (np.asarray(self.sent_offsets, dtype="<i8").tobytes() if n_sents else b""))
         with open(idx_tmp, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(np.array([n_docs, n_sents], dtype="<u8").tobytes())
-            fh.write(np.asarray(self.doc_offsets, dtype="<i8").tobytes())
-            if n_sents:
-                fh.write(np.asarray(self.sent_offsets, dtype="<i8").tobytes())
+            fh.write(idx)
             fh.flush()
             os.fsync(fh.fileno())
+        size = self.n_tokens * self.dtype.itemsize
+        files = {f"{self.name}.bin": [size, self._crc["bin"]], f"{self.name}.idx": [len(idx), zlib.crc32(idx)]}
+        if self._ws is not None:
+            files[f"{self.name}.ws"] = [self.n_tokens, self._crc["ws"]]
         os.replace(self.folder / f"{self.name}.bin.tmp", self.folder / f"{self.name}.bin")
         if self._ws is not None:
             os.replace(self.folder / f"{self.name}.ws.tmp", self.folder / f"{self.name}.ws")
         os.replace(idx_tmp, self.folder / f"{self.name}.idx")  # last: the .idx marks a complete shard
-        return {"name": self.name, "n_docs": n_docs, "n_sents": n_sents, "n_tokens": self.n_tokens}
+        return {"name": self.name, "n_docs": n_docs, "n_sents": n_sents, "n_tokens": self.n_tokens, "files": files}
 
     def abort(self) -> None:
         for fh in (self._bin, self._ws):
             if fh is not None and not fh.closed:
-                fh.close()
+                try:
+                    fh.close()
+                except OSError:  # flushing what is buffered fails the same way on a full disk
+                    pass
         for suffix in (".bin.tmp", ".ws.tmp", ".idx.tmp"):
             (self.folder / f"{self.name}{suffix}").unlink(missing_ok=True)
 
@@ -107,28 +120,71 @@ class Shard:
         return self.tokens[self.doc_offsets[i]: self.doc_offsets[i + 1]]
 
 
-def read_shard(folder: Path, name: str, dtype: np.dtype) -> Shard:
+def _damaged(path: Path, what: str) -> FpmError:
+    return FpmError(f"{path}: {what}; the shard folder was damaged after `fpm data prepare` wrote it "
+                    f"(`fpm data verify {path.parent}` checks every file; prepare it again)")
+
+
+def check_sizes(folder: Path, entry: dict) -> None:
+    """Every file of a shard has the size the manifest recorded (cheap: no reading)."""
+    for fname, (size, _crc) in entry.get("files", {}).items():
+        path = folder / fname
+        if not path.is_file():
+            raise _damaged(path, "missing")
+        if path.stat().st_size != size:
+            raise _damaged(path, f"{path.stat().st_size} bytes, {size} were written")
+
+
+def verify_shard(folder: Path, entry: dict) -> str | None:
+    """Sizes and checksums of a shard's files against the manifest: None if intact, else the
+    first problem, naming the file."""
+    try:
+        check_sizes(folder, entry)
+    except FpmError as exc:
+        return str(exc).split(";")[0]
+    for fname, (_size, crc) in entry.get("files", {}).items():
+        if crc32_of(folder / fname) != crc:
+            return f"{folder / fname}: does not match the checksum recorded when it was written"
+    return None
+
+
+def read_shard(folder: Path, name: str, dtype: np.dtype, entry: dict | None = None) -> Shard:
+    """Memory-map one shard, checking sizes first (against the manifest ``entry`` where it records
+    them, and always against the index's own counts), so a damaged file is an error naming it."""
     idx_path = folder / f"{name}.idx"
+    if entry is not None:
+        check_sizes(folder, entry)
     try:
         with open(idx_path, "rb") as fh:
             magic = fh.read(8)
             if magic != MAGIC:
-                raise FpmError(f"{idx_path}: not an fpm shard index")
-            n_docs, n_sents = np.frombuffer(fh.read(16), dtype="<u8")
+                raise _damaged(idx_path, "not an fpm shard index")
+            header = fh.read(16)
+        if len(header) != 16:
+            raise _damaged(idx_path, "truncated")
+        n_docs, n_sents = (int(v) for v in np.frombuffer(header, dtype="<u8"))
+        expected_idx = 24 + 8 * (n_docs + 1) + (8 * (n_sents + 1) if n_sents else 0)
+        if idx_path.stat().st_size != expected_idx:
+            raise _damaged(idx_path, f"{idx_path.stat().st_size} bytes, its header needs {expected_idx}")
     except OSError as exc:
         raise FpmError(f"{idx_path}: cannot read ({exc.strerror})") from None
-    n_docs, n_sents = int(n_docs), int(n_sents)
     docs = np.memmap(idx_path, dtype="<i8", mode="r", offset=24, shape=(n_docs + 1,))
     sents = (np.memmap(idx_path, dtype="<i8", mode="r", offset=24 + 8 * (n_docs + 1), shape=(n_sents + 1,))
              if n_sents else None)
     bin_path = folder / f"{name}.bin"
     n_tokens = int(docs[-1])
     expected = n_tokens * np.dtype(dtype).itemsize
-    if not bin_path.is_file() or bin_path.stat().st_size != expected:
-        raise FpmError(f"{bin_path}: missing or truncated (expected {expected} bytes)")
+    if n_tokens < 0 or not bin_path.is_file() or bin_path.stat().st_size != expected:
+        raise _damaged(bin_path, f"missing or not {expected} bytes as its index says")
+    if int(docs[0]) != 0 or (sents is not None and (int(sents[0]) != 0 or int(sents[-1]) != n_tokens)):
+        raise _damaged(idx_path, "offsets do not start at 0 or end at the shard's length")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
     ws_path = folder / f"{name}.ws"
-    ws = np.memmap(ws_path, dtype=np.uint8, mode="r", shape=(n_tokens,)) if ws_path.is_file() and n_tokens else None
+    ws = None
+    if ws_path.is_file() and n_tokens:
+        if ws_path.stat().st_size != n_tokens:
+            raise _damaged(ws_path, f"{ws_path.stat().st_size} bytes, the shard has {n_tokens} tokens")
+        ws = np.memmap(ws_path, dtype=np.uint8, mode="r", shape=(n_tokens,))
     return Shard(name, tokens, docs, sents, ws)
 
 
@@ -144,7 +200,16 @@ class ShardSet:
         if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
             raise FpmError(f"{path}: not a complete fpm shard folder (re-run `fpm data prepare` to finish it)")
         self.dtype = np.dtype(self.manifest["dtype"])
-        self.shards = [read_shard(self.folder, s["name"], self.dtype) for s in self.manifest["shards"]]
+        self.shards = [read_shard(self.folder, s["name"], self.dtype, s) for s in self.manifest["shards"]]
+        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+
+    def damaged(self, shard_index: int, what: str) -> FpmError:
+        """The error for a shard found wrong while reading it (a token outside the vocabulary, an
+        offset outside the shard): names the file whose checksum fails, if one does."""
+        entry = self.manifest["shards"][shard_index]
+        problem = verify_shard(self.folder, entry) if entry.get("files") else None
+        return _damaged(self.folder / f"{entry['name']}.bin", what) if problem is None else FpmError(
+            f"{problem}: the shard folder was damaged after `fpm data prepare` wrote it (prepare it again)")
 
     @property
     def n_tokens(self) -> int:
@@ -158,3 +223,46 @@ class ShardSet:
         for shard in self.shards:
             for i in range(shard.n_docs):
                 yield shard.document(i)
+
+
+def verify_folder(folder: Path | str) -> tuple[int, list[str]]:
+    """Everything ``fpm data verify`` checks: the manifest, every shard file's size and checksum,
+    the index's offsets (non-decreasing, ending at the shard's length) and every token id against
+    the vocabulary. Returns (files checked, problems, each naming its file)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FpmError(f"{folder}: no {MANIFEST}; prepare it with `fpm data prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise FpmError(f"{path}: not valid JSON") from None
+    if manifest.get("format") != FORMAT or not manifest.get("complete"):
+        raise FpmError(f"{path}: not a complete fpm shard folder (re-run `fpm data prepare` to finish it)")
+    dtype, vocab = np.dtype(manifest["dtype"]), int(manifest["tokenizer"]["vocab_size"])
+    problems: list[str] = []
+    checked = 0
+    for entry in manifest["shards"]:
+        if not entry.get("files"):
+            problems.append(f"{folder / entry['name']}.*: no checksums in the manifest (prepared by an older "
+                            "fpm): sizes and contents checked only")
+        else:
+            checked += len(entry["files"])
+            problem = verify_shard(folder, entry)
+            if problem:
+                problems.append(problem)
+                continue
+        try:
+            shard = read_shard(folder, entry["name"], dtype, entry)
+        except FpmError as exc:
+            problems.append(str(exc).split(";")[0])
+            continue
+        for name, offsets in (("document", shard.doc_offsets), ("sentence", shard.sent_offsets)):
+            if offsets is not None and (np.diff(np.asarray(offsets)) < 0).any():
+                problems.append(f"{folder / entry['name']}.idx: {name} offsets decrease")
+        for lo in range(0, shard.n_tokens, 1 << 24):
+            top = int(np.asarray(shard.tokens[lo: lo + (1 << 24)]).max())
+            if top >= vocab:
+                problems.append(f"{folder / entry['name']}.bin: token id {top} is outside the {vocab}-token vocabulary")
+                break
+    return checked, problems

@@ -129,6 +129,9 @@ def load_qqp(path: Path, split_name: str, task, labels: list[str]) -> Split:
 
 def load_tnews(path: Path, split_name: str, task, labels: list[str]) -> Split:
     lines = _read_lines(path)
+    if lines and lines[0][1] is not None and lines[0][1].lstrip().startswith("["):
+        raise FpmError(f"{path}:{lines[0][0]}: a JSON array; CLUE's TNEWS files are JSON lines (one object per "
+                       "line): convert it, e.g. jq -c '.[]' FILE")
     test = split_name == "test"
     split = Split("tnews", split_name, path, [], rows=len(lines), labeled=not test)
     seen: set[str] = set()
@@ -202,6 +205,9 @@ def load_split(task, data_dir: Path | None, split_name: str, *, required: bool =
         if unknown:
             raise FpmError(f"{data_dir / 'labels.json'}: labels {sorted(unknown)} are not TNEWS's 15 codes")
     _check_fraction(split, task.max_bad_fraction)
+    if not split.examples and split_name != "test":  # an empty test split just means no submission file
+        what = "holds no rows" if not split.rows else f"has no usable row ({split.rows} rows, all bad)"
+        raise FpmError(f"{path}: {what}; the {split_name} split needs examples")
     return split
 
 

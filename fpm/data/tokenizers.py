@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fpm.errors import FpmError
+from fpm.errors import FpmError, disk_errno
 
 META_FILE = "fpm_tokenizer.json"
 SPACE, NEWLINE = "\u2582", "\u2583"  # CPM / CPM-2: reversible stand-ins for ' ' and '\n'
@@ -229,7 +229,13 @@ class HFTokenizer(Tokenizer):
 
     def save(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(out / "tokenizer.json"))
+        try:
+            self.backend.save(str(out / "tokenizer.json"))
+        except Exception as exc:  # the Rust library's I/O errors are plain Exceptions: keep the errno and path
+            code = disk_errno(exc)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(out / "tokenizer.json")) from None
         if self.kind == "wordpiece":  # also the classic vocab.txt, for BertTokenizer users
             (out / "vocab.txt").write_text("\n".join(self.vocab_list()) + "\n", encoding="utf-8")
         self._write_meta(out, tokenizer="tokenizer.json", chinese_words=str(self.chinese_words))

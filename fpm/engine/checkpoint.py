@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 
 from fpm.console import warn
 from fpm.errors import FpmError
+from fpm.files import crc32_of
 
 COMPLETE = "fpm_complete.json"
 LATEST = "latest"
@@ -37,19 +37,11 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def _inventory(folder: Path) -> dict[str, list[int]]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != COMPLETE:
-            out[str(p.relative_to(folder))] = [p.stat().st_size, _crc(p)]
+            out[str(p.relative_to(folder))] = [p.stat().st_size, crc32_of(p)]
     return out
 
 
@@ -117,7 +109,7 @@ def verify(folder: Path) -> str | None:
             return f"missing {rel}"
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size} bytes, {size} were written"
-        if _crc(p) != crc:
+        if crc32_of(p) != crc:
             return f"{rel} does not match its checksum"
     return None
 

@@ -116,7 +116,10 @@ def init(dist: Dist) -> None:
         torch.set_num_threads(cpu_threads(dist.local_world_size))
     else:
         torch.cuda.set_device(device_for(dist.local_rank))
-    deepspeed.init_distributed(dist_backend=dist.backend, verbose=False)
+    from fpm.console import library_chatter
+
+    with library_chatter():  # "DeepSpeed shm_comm_op built successfully" on every start
+        deepspeed.init_distributed(dist_backend=dist.backend, verbose=False)
 
 
 def teardown() -> None:

@@ -32,8 +32,11 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk reports no file name: name it
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         if self._tb is not None:
             step = record["step"]
             for k, v in record.items():

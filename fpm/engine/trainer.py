@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from fpm.engine.distributed import Dist
 from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.schedule import lr_factor, param_groups
-from fpm.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
-from fpm.errors import FpmError
+from fpm.engine.signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag, ignore_in_worker, register_exit_kill
+from fpm.errors import DiskError, FpmError, disk_errno, disk_reason
 
 if TYPE_CHECKING:
     from fpm.models.objective import Objective
@@ -137,7 +138,10 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         if s.compile:
             compile_layers(self.model)
-        optimizer = self._optimizer()
+        from fpm.console import library_chatter
+
+        with library_chatter():  # CPU Adam's JIT build and "Adam Optimizer #0 is created…"
+            optimizer = self._optimizer()
         factor = lambda step: lr_factor(step, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup_steps,  # noqa: E731
                                         max_steps=s.max_steps, schedule=s.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -145,8 +149,9 @@ class Trainer:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "ds_config.json").write_text(json.dumps(config, indent=1))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.objective, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        with library_chatter():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.objective, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         # DeepSpeed 0.19.8's engine.backward applies the loss scale only for its ZeRO optimizers, while
         # its fp16 optimizers without ZeRO (FP16_Optimizer, FP16_UnfusedOptimizer) divide the gradients
         # by the scale in step() all the same: fp16 at ZeRO-0 trained on gradients 65,536 times too
@@ -174,14 +179,17 @@ class Trainer:
                     info(f"resumed from {folder} (step {start})")
         return start
 
-    def _loader(self, start_step: int):
+    def _loader(self, start_step: int, start_micro: int = 0):
         s = self.spec
         sampler = StreamSampler(s.global_batch, s.micro_batch, s.grad_accum, self.dist.rank, self.dist.world_size,
-                                start_step, s.max_steps)
+                                start_step, s.max_steps, start_micro)
+        if s.num_workers:
+            register_exit_kill()
         # the loader gets its own generator: drawing its worker seed from the global RNG would shift
         # the dropout stream of a resumed run (the loader is created after the RNG is restored)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.num_workers,
                                            generator=torch.Generator().manual_seed(s.seed),
+                                           worker_init_fn=ignore_in_worker,
                                            pin_memory=torch.cuda.is_available(),
                                            prefetch_factor=4 if s.num_workers else None,
                                            persistent_workers=False)
@@ -243,6 +251,24 @@ class Trainer:
         return ckpt.save(self.engine, self.ckpt_dir, step, client, self.dist.rank, self.dist.world_size,
                          self.spec.keep_last)
 
+    def _save(self, step: int) -> Path:
+        """Save, or explain on one line why the storage refused it: the partial folder is removed and
+        ``latest`` still names the last intact checkpoint, which a rerun resumes from."""
+        try:
+            return self.save(step)
+        except Exception as exc:
+            code = disk_errno(exc)
+            if code is None:
+                raise
+            folder = self.ckpt_dir / ckpt.tag_for(step)
+            if self.dist.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            intact = ckpt.complete_tags(self.ckpt_dir)
+            kept = (f"{self.ckpt_dir / ckpt.LATEST} still names {intact[-1]} (intact): make room and rerun the same "
+                    "command to resume from it") if intact else "no earlier checkpoint exists"
+            raise DiskError(f"{folder}: the checkpoint of step {step} could not be written ({disk_reason(code)}); "
+                            f"{kept}") from None
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
@@ -275,13 +301,22 @@ class Trainer:
         last_saved = start if start else None
         result = None
         with Progress(s.max_steps, "train", quiet=self.quiet or not rank0,
-                      fmt=lambda d, t: f"step {start + d:,.0f}/{t:,.0f}") as bar:
+                      fmt=lambda d, t: f"step {start + d:,.0f}/{s.max_steps:,}") as bar:
             bar.total = s.max_steps - start
             try:
                 while step < s.max_steps:
                     step_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for micro in range(s.grad_accum):
-                        batch = _to_device(next(loader), device)
+                        try:
+                            batch = next(loader)
+                        except RuntimeError as exc:
+                            if not (stop.requested and "DataLoader worker" in str(exc)):
+                                raise
+                            # a worker was signalled before it could ignore signals (the instant
+                            # after it started): read this step's remaining micro-batches afresh
+                            loader = iter(self._loader(step, micro))
+                            batch = next(loader)
+                        batch = _to_device(batch, device)
                         loss = self.engine(batch)
                         if self._scale_loss:
                             self._scale_used = self._loss_scale()
@@ -339,7 +374,7 @@ class Trainer:
                         t_window, steps_window = time.perf_counter(), 0
                     preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
-                        self.save(step)
+                        self._save(step)
                         last_saved = step
                     if preempt:
                         if rank0 and not self.quiet:
@@ -349,6 +384,7 @@ class Trainer:
             finally:
                 stop.restore()
                 metrics.close()
+                _shutdown(loader)
         return result if result is not None else FitResult(EXIT_OK, step, "done")
 
     def _elapsed_before(self, start: int) -> float:
@@ -358,6 +394,14 @@ class Trainer:
 
         before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
         return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def _shutdown(loader) -> None:
+    """Stop a DataLoader iterator's workers now (on an error the iterator would otherwise live on
+    in the traceback, and its workers, which ignore SIGTERM, until exit)."""
+    stop = getattr(loader, "_shutdown_workers", None)
+    if stop is not None:
+        stop()
 
 
 def check_precision(kind: str) -> None:

@@ -65,7 +65,7 @@ def tfidf_model(task, train: Split):
 
 def floors(task, splits: dict[str, Split], out: Path, names: dict[str, str] | None = None) -> dict:
     """Compute both floors on dev (and test submission files), write their results; returns floors.json."""
-    from fpm.finetune import write_results
+    from fpm.eval.results import write_results
 
     train, dev = splits["train"], splits["dev"]
     summary = {"fields": list(task.fields), "split": "dev"}

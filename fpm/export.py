@@ -11,7 +11,6 @@ has no ``tokenizers`` equivalent.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from fpm.console import info, warn
 from fpm.engine import checkpoint as ckpt
 from fpm.errors import FpmError
 from fpm.models.objective import strip_prefix
+from fpm.rundir import RunDir, read_json
 
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -34,7 +34,9 @@ def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         from fpm.engine.distributed import select_accelerator
 
         select_accelerator()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
@@ -77,31 +79,27 @@ def _from_bf16_optimizer(folder: Path, files: list[Path]) -> dict[str, torch.Ten
 
 def load_run_model(run_dir: Path, tag: str | None = None):
     """(recipe, model with the checkpoint's weights, tokenizer, checkpoint folder) of a run."""
-    from fpm.data.datasets import tokenizer_of
-    from fpm.data.shards import ShardSet
     from fpm.models import build_model
 
     run_dir = Path(run_dir)
-    recipe_file = run_dir / "recipe.yaml"
+    recipe_file = RunDir(run_dir).recipe
     if not recipe_file.is_file():
         raise FpmError(f"{run_dir}: not an fpm run directory (no recipe.yaml)")
     recipe = load_resolved(recipe_file)
     if tag:
-        folder = run_dir / "checkpoints" / tag
+        folder = RunDir(run_dir).checkpoints / tag
         if not folder.is_dir():
-            have = ckpt.complete_tags(run_dir / "checkpoints")
+            have = ckpt.complete_tags(RunDir(run_dir).checkpoints)
             raise FpmError(f"{folder}: no such checkpoint (complete ones: {', '.join(have) if have else 'none'})")
         problem = ckpt.verify(folder)
         if problem:
             raise FpmError(f"{folder}: {problem}")
     else:
-        found = ckpt.find_resumable(run_dir / "checkpoints")
+        found = ckpt.find_resumable(RunDir(run_dir).checkpoints)
         if found is None:
             raise FpmError(f"{run_dir}: no complete checkpoint to export")
         folder = found[0]
-    status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    data_dir = Path(status.get("data") or run_dir / "data")
-    tok = tokenizer_of(ShardSet(data_dir))
+    tok = run_tokenizer(run_dir)
     sp = tok.specials
     model = build_model(recipe.model, recipe.tokenizer.vocab_size, init=False, pad_id=sp.pad, eos_id=sp.eos or sp.eod)
     state = consolidated_state_dict(folder)
@@ -112,6 +110,25 @@ def load_run_model(run_dir: Path, tag: str | None = None):
                        f"unexpected {sorted(unexpected)[:3]})")
     model.tie_weights()
     return recipe, model.eval(), tok, folder
+
+
+def run_tokenizer(run_dir: Path):
+    """The vocabulary a pretraining run trained with: its own copy (``tokenizer/``, checked against
+    ``data_manifest.json``), whatever the working directory and wherever the run has moved. Runs
+    written before fpm copied it are read through the data folder run.json names."""
+    from fpm.data.datasets import checked_tokenizer, tokenizer_of
+    from fpm.data.shards import ShardSet
+
+    rd = RunDir(run_dir)
+    manifest = read_json(rd.data_manifest)
+    if manifest is not None and rd.tokenizer.is_dir():
+        return checked_tokenizer(manifest, rd.tokenizer, rd.data_manifest)
+    data = rd.status().get("data")
+    if not data:
+        raise FpmError(f"{run_dir}: no {rd.tokenizer.name}/ and no data folder in {rd.run_json.name}: the "
+                       "vocabulary of this run is unknown")
+    data_dir = Path(data) if Path(data).is_absolute() else run_dir / data
+    return tokenizer_of(ShardSet(data_dir))
 
 
 def _is_tied(model, key: str) -> bool:
@@ -168,7 +185,7 @@ def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
         export_tokenizer(tok, out)
     except Exception as exc:  # the weights are the export; a tokenizer problem must not lose them
         warn(f"tokenizer export failed ({type(exc).__name__}: {exc}); fpm's tokenizer folder is in {out / 'fpm_tokenizer'}")
-    shutil.copyfile(Path(run_dir) / "recipe.yaml", out / "fpm_recipe.yaml")
+    shutil.copyfile(RunDir(run_dir).recipe, out / "fpm_recipe.yaml")
     usual_modes(out)
     info(f"exported {folder} ({recipe.name}, {sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
     return out

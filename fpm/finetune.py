@@ -5,6 +5,9 @@ signals); the dev set is evaluated every ``train.eval_every`` steps and at the e
 model by the task's metric is kept in ``OUT/best`` as a Hugging Face folder. The final report,
 ``results.json``, is computed on dev with the best model; the unlabeled test split only ever
 produces the official submission files (GLUE ``QQP.tsv``, CLUE ``tnews_predict.json``) and no score.
+
+Longer than 400 lines: encoding, the classifier's loading and `fpm evaluate` are still here;
+moving them into data/ and eval/ is the next step of issue 18.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from fpm.console import console, info, is_rank0, warn
 from fpm.data.datasets import permute
 from fpm.data.tasks import Split, load_split, tnews_label_names
 from fpm.errors import FpmError
-from fpm.runlock import RunLock
 from fpm.eval.metrics import classification_metrics
+from fpm.eval.results import write_results
+from fpm.rundir import RunDir, write_json
+from fpm.runlock import RunLock
 
 # ------------------------------------------------------------------ encoding
 
@@ -161,7 +166,7 @@ def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
     run_dir, tag = path, None
     if path.parent.name == "checkpoints" and path.name.startswith("step-"):
         run_dir, tag = path.parent.parent, path.name
-    if (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir():
+    if RunDir(run_dir).is_pretraining_run():
         from fpm.export import load_run_model
 
         pre_recipe, pre, tok, folder = load_run_model(run_dir, tag)
@@ -198,7 +203,7 @@ def check_classifier(path: Path, num_labels: int) -> None:
     (a pretraining run would be scored with an untrained classification head)."""
     if not path.exists():
         raise FpmError(f"--model {path}: not found")
-    if (path / "recipe.yaml").is_file() and (path / "checkpoints").is_dir():
+    if RunDir(path).is_pretraining_run():
         raise FpmError(f"--model {path}: a pretraining run, whose classification head is untrained; fine-tune it "
                        f"first (fpm finetune TASK --init {path}) and evaluate that folder")
     config = path / "config.json"
@@ -234,46 +239,6 @@ def save_model(model, out: Path, init: Init) -> None:
 
 
 # ------------------------------------------------------------------ results
-
-
-def write_results(out: Path, recipe: FinetuneRecipe, split: Split, probs: np.ndarray, extra: dict,
-                  label_names: dict[str, str]) -> dict | None:
-    """results.json + predictions for dev; submission files (and no score) for test."""
-    task = recipe.task
-    labels = task.labels
-    pred = probs.argmax(axis=1)
-    rows = []
-    for ex, p, pr in zip(split.examples, pred, probs):
-        row = {"id": ex.id, "line": ex.line, "prediction": labels[int(p)], "confidence": float(pr[int(p)])}
-        if ex.label is not None:
-            row.update(label=labels[ex.label], correct=bool(ex.label == p))
-        rows.append(row)
-    with open(out / f"predictions_{split.split}.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not split.labeled:
-        if task.name == "qqp":
-            with open(out / "QQP.tsv", "w") as fh:
-                fh.write("index\tprediction\n")
-                fh.writelines(f"{r['id']}\t{r['prediction']}\n" for r in rows)
-        else:
-            with open(out / "tnews_predict.json", "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps({"id": r["id"], "label": r["prediction"],
-                                          "label_desc": label_names.get(r["prediction"], "")},
-                                         ensure_ascii=False) + "\n" for r in rows)
-        return None
-    y = [ex.label for ex in split.examples]
-    positive = labels.index(task.positive_label) if task.positive_label is not None else None
-    m = classification_metrics(y, pred.tolist(), task.num_labels, positive)
-    results = {"task": task.name, "split": split.split, "n_examples": m["n_examples"], "accuracy": m["accuracy"],
-               "f1": m["f1"], "precision": m["precision"], "recall": m["recall"], "macro_f1": m["macro_f1"],
-               "fields": list(task.fields), "metric_for_best": task.metric,
-               "f1_is": f"F1 of class {task.positive_label}" if positive is not None else "macro-F1",
-               "labels": labels, "per_class": {labels[i]: r for i, r in enumerate(m["per_class"])},
-               "confusion": m["confusion"], "data": split.report(), **extra}
-    (out / f"results_{split.split}.json").write_text(json.dumps(results, indent=1))
-    if split.split == "dev":
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
 
 
 def summary(results: dict, recipe: FinetuneRecipe, data_dir: Path, floors: dict | None = None,
@@ -345,7 +310,6 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
              seed: int | None = None, resume: str = "auto", with_floors: bool = True) -> int:
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
-
     from fpm.engine.signals import install_early, uninstall
 
     install_early()
@@ -389,7 +353,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         for s in splits.values():
             if s is not None:
                 _report_bad(s)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+        RunDir(out).recipe.write_text(dump_recipe(recipe))
     barrier()
     seed_everything(t.seed)
     init = load_init(init_path, recipe)
@@ -466,7 +430,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         results["audit"] = {"dev_also_in_train_normalised": aud["splits"]["dev"]["also_in_train_normalised"]["count"],
                             "dev_also_in_train_exact": aud["splits"]["dev"]["also_in_train_exact"]["count"],
                             "dev_majority_share": aud["splits"]["dev"]["majority_share"]}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        write_json(RunDir(out).results, results)
         summary(results, recipe, Path(data_dir), floor, aud)
     barrier()
     return 0

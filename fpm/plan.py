@@ -293,7 +293,7 @@ def show_paper(as_json: bool, mfu: float) -> None:
             "MFU above 100% means those numbers cannot all be true together.", highlight=False)
 
 
-def plan_command(recipe_name: str | None, *, nodes: int, gpus_per_node: int, gpu_memory: float,
+def plan_command(recipe_name: str | None, *, nodes: int | None, gpus_per_node: int | None, gpu_memory: float | None,
                  micro_batch: int | None, as_json: bool, paper: bool, mfu: float, preset: str | None,
                  overrides: list[str], cpu_memory: float = 1024.0) -> None:
     if paper:
@@ -304,5 +304,9 @@ def plan_command(recipe_name: str | None, *, nodes: int, gpus_per_node: int, gpu
     if not 0 < mfu <= 1:
         raise FpmError("--mfu must be in (0, 1]")
     recipe = load_recipe(recipe_name, preset=preset, overrides=overrides, kind="pretrain")
+    c = recipe.cluster  # the shape the recipe was sized for, unless the command line says otherwise
+    nodes = c.nodes if nodes is None else nodes
+    gpus_per_node = c.gpus_per_node if gpus_per_node is None else gpus_per_node
+    gpu_memory = c.gpu_memory_gb if gpu_memory is None else gpu_memory
     show(plan(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory, micro_batch=micro_batch,
               mfu=mfu, cpu_memory_gb=cpu_memory), as_json)

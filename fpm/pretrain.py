@@ -9,7 +9,6 @@ same command on the same ``--out`` resumes from the newest intact checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import time
@@ -21,8 +20,10 @@ from fpm import allocator
 from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import Recipe, derive_batch
 from fpm.console import info
+from fpm.data.shards import MANIFEST
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
-from fpm.errors import FpmError
+from fpm.errors import FpmError, one_line
+from fpm.rundir import PEAK, RunDir
 from fpm.runlock import RunLock
 
 # recipe keys that may change between a run and its resumption (everything else must match)
@@ -49,8 +50,9 @@ def _diff(a, b, path=()) -> list[str]:
 
 
 def check_run_dir(out: Path, recipe: Recipe, resume: str) -> None:
-    saved = out / "recipe.yaml"
-    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    rd = RunDir(out)
+    saved = rd.recipe
+    has_ckpt = rd.checkpoints.is_dir() and any(rd.checkpoints.iterdir())
     if resume == "never" and has_ckpt:
         raise FpmError(f"{out} already holds checkpoints and --resume never was given; choose another --out")
     if saved.is_file() and has_ckpt:
@@ -140,7 +142,12 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     from fpm.data.datasets import build_dataset
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.peak import resolve as resolve_peak
-    from fpm.engine.trainer import Trainer, check_precision, model_init_context, seed_everything
+    from fpm.engine.trainer import (
+        Trainer,
+        check_precision,
+        model_init_context,
+        seed_everything,
+    )
     from fpm.models import build_model, objective
 
     check_precision(recipe.train.precision)
@@ -160,8 +167,15 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
         data_dir = out / "data"
     dataset = build_dataset(recipe, data_dir)
     sp = dataset.tok.specials
-    if rank0:
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    rd = RunDir(out)
+    if rank0:  # from here on the run directory holds everything its model needs to be used
+        rd.recipe.write_text(dump_recipe(recipe))
+        manifest = dataset.shards.manifest
+        rd.adopt_data(data_dir, MANIFEST, manifest["tokenizer"]["dir"])
+        rd.write_status(recipe=recipe.name, status="running", exit_code=None, reason=None, step=None,
+                        max_steps=recipe.train.max_steps, world_size=dist.world_size, data=str(data_dir.resolve()),
+                        started=time.time(), torch=torch.__version__, python=platform.python_version(),
+                        host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
     seed_everything(recipe.train.seed)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)
@@ -170,7 +184,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     with model_init_context(spec):  # ZeRO-3: partitioned as it is built
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,
                             seed=recipe.train.seed)
-    peak = resolve_peak(recipe.train.precision, given=recipe.train.peak_tflops, cache=out / "peak.json")
+    peak = resolve_peak(recipe.train.precision, given=recipe.train.peak_tflops, cache=rd / PEAK)
     trainer = Trainer(spec, objective(recipe.model, model), dataset, out, dist, peak_tflops=peak.tflops,
                       resume=resume == "auto")
     if rank0:  # the trainer writes ds_config.json when it builds the engine
@@ -181,16 +195,17 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
              f"{torch.get_num_threads()} threads, {allocator.in_use()} malloc, MFU against {peak.tflops:,.1f} "
              f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
     t0 = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        if rank0:
+            with contextlib.suppress(OSError):  # a full disk may refuse this too
+                rd.write_status(status="failed", error=one_line(exc)[:500], wall_s=time.time() - t0)
+        raise
     if rank0:
-        status = {"recipe": recipe.name, "exit_code": result.exit_code, "reason": result.reason,
-                  "step": result.step, "max_steps": spec.max_steps, "world_size": dist.world_size,
-                  "data": str(data_dir), "wall_s": time.time() - t0, "torch": torch.__version__,
-                  "python": platform.python_version(), "host": platform.node(),
-                  "threads": torch.get_num_threads(), "allocator": allocator.in_use(), "peak": peak.as_dict(),
-                  "device": _device_name(),
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        (out / "run.json").write_text(json.dumps(status, indent=1))
+        rd.write_status(status=result.reason, exit_code=result.exit_code, reason=result.reason, step=result.step,
+                        max_steps=spec.max_steps, wall_s=time.time() - t0, threads=torch.get_num_threads(),
+                        allocator=allocator.in_use(), peak=peak.as_dict())
         if result.reason == "done":
-            info(f"done: step {result.step}; checkpoints in {out / 'checkpoints'}")
+            info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
     return result.exit_code

@@ -12,6 +12,7 @@ import torch
 
 from fpm.engine import peak
 from fpm.engine.distributed import device_for, select_accelerator
+from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
 
 
 def test_the_accelerator_is_what_torch_sees_not_dev_nvidia0(monkeypatch):
@@ -153,3 +154,12 @@ def test_prediction_is_shared_between_ranks_and_gathered_in_order():
     assert want.shape == (11, 4)
     for rank in (0, 1):  # every rank returns every row, in input order
         np.testing.assert_allclose(got[rank], want, rtol=1e-6)
+
+
+def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
+    cfg = deepspeed_config(global_batch=1024, micro_batch=16, grad_accum=8, grad_clip=1.0,
+                           precision=Precision("fp16", 12, 500, 3, 0.5), zero=ZeroSettings(stage=1))
+    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
+                           "hysteresis": 3, "min_loss_scale": 0.5}
+    assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
+    assert cfg["train_batch_size"] == 1024 and cfg["gradient_accumulation_steps"] == 8

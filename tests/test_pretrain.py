@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from fpm.engine.checkpoint import complete_tags
-from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
 from fpm.engine.metrics import read_metrics
 from fpm.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -65,13 +64,35 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: f
     raise AssertionError("no checkpoint in time")
 
 
+GOLDEN = Path(__file__).parent / "golden_losses.json"
+GOLDEN_ARGS = ["--max-steps", "200", "--save-every", "200", "--set", "train.log_every=1"]
+
+
+def machine() -> str:
+    """What decides the last bits of a CPU run: the CPU, its vector extensions, threads, torch."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    return (f"{model} | {torch.backends.cpu.get_cpu_capability()} | amx={'amx_bf16' in flags} | "
+            f"threads={torch.get_num_threads()} | torch {torch.__version__}")
+
+
 @pytest.mark.parametrize("recipe", ["bert-e-l", "cpm-x-s", "cpm-2-x-s"])
-def test_tiny_loss_falls_within_200_steps(tmp_path, recipe):
+def test_tiny_loss_falls_within_200_steps_and_starts_on_the_golden_losses(tmp_path, recipe):
+    """The first 20 losses of each family (tiny, fp32, seed 1234, dropout as the preset says) were
+    recorded before the package was reorganised (issue 18): on the machine kind that recorded them
+    they must come out bit for bit; elsewhere (another CPU's kernels round differently) within 1e-4."""
     out = tmp_path / "run"
-    pretrain(out, "--max-steps", "200", "--save-every", "200", recipe=recipe)
+    pretrain(out, *GOLDEN_ARGS, recipe=recipe)
     l = losses(out)
-    first = np.mean([l[s] for s in (10, 20)])
-    last = np.mean([l[s] for s in (190, 200)])
+    golden = json.loads(GOLDEN.read_text())
+    first20 = [l[s] for s in range(1, 21)]
+    want = golden["losses"][recipe]
+    if golden["machine"] == machine():
+        assert first20 == want, (recipe, first20, want)
+    else:
+        assert np.allclose(first20, want, rtol=1e-4, atol=0), (recipe, golden["machine"], machine())
+    first = np.mean([l[s] for s in range(1, 21)])
+    last = np.mean([l[s] for s in range(181, 201)])
     assert last < first - 1.0, (recipe, first, last)  # at least one nat better
     run = json.loads((out / "run.json").read_text())
     assert run["exit_code"] == 0 and run["step"] == 200
@@ -214,15 +235,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, bert_data
     assert max(losses(out)) == 25
 
 
-def test_latest_pointing_to_an_unfinished_save_is_ignored(tmp_path, bert_data):
-    out = tmp_path / "run"
-    pretrain(out, "--max-steps", "10", "--save-every", "10", data=bert_data)
-    half = out / "checkpoints" / "step-00000020"
-    half.mkdir()
-    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
-    (out / "checkpoints" / "latest").write_text("step-00000020")
-    proc = pretrain(out, "--max-steps", "15", data=bert_data)
-    assert "incomplete" in proc.stderr and "(step 10)" in proc.stdout
+# a latest pointing to an unsealed save, a damaged file: tests/test_checkpoint.py (fast)
 
 
 def test_nonfinite_loss_stops_with_exit_4_and_keeps_the_last_checkpoint(tmp_path, bert_data):
@@ -240,15 +253,6 @@ def test_fp16_is_refused_on_cpu_with_advice(tmp_path, bert_data):
     proc = pretrain(tmp_path / "run", "--max-steps", "5", "--set", "train.precision=fp16", data=bert_data,
                     check=False)
     assert proc.returncode == 2 and "fp16 training needs a GPU" in proc.stderr and "bf16" in proc.stderr
-
-
-def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
-    cfg = deepspeed_config(global_batch=1024, micro_batch=16, grad_accum=8, grad_clip=1.0,
-                           precision=Precision("fp16", 12, 500, 3, 0.5), zero=ZeroSettings(stage=1))
-    assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
-                           "hysteresis": 3, "min_loss_scale": 0.5}
-    assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
-    assert cfg["train_batch_size"] == 1024 and cfg["gradient_accumulation_steps"] == 8
 
 
 def test_changed_recipe_on_the_same_out_is_refused(tmp_path, bert_data):
@@ -314,3 +318,15 @@ def test_export_bert_with_tokenizer(tmp_path, bert_data):
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     enc = tok("Anna walked to the market.", "Then she left.")
     assert enc["input_ids"][0] == tok.cls_token_id and enc["token_type_ids"][-1] == 1
+
+
+if __name__ == "__main__":  # python tests/test_pretrain.py: record the golden losses on this machine
+    import tempfile
+
+    record = {"machine": machine(), "args": GOLDEN_ARGS, "losses": {}}
+    for name in ("bert-e-l", "cpm-x-s", "cpm-2-x-s"):
+        with tempfile.TemporaryDirectory() as tmp:
+            pretrain(Path(tmp) / "run", *GOLDEN_ARGS, recipe=name)
+            record["losses"][name] = [losses(Path(tmp) / "run")[s] for s in range(1, 21)]
+    GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))

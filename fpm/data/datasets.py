@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpm.data.objectives import span_corrupt, span_lengths, sop_pair, whole_word_ngram_mask
+from fpm.data.objectives import sop_pair, span_corrupt, span_lengths, whole_word_ngram_mask
 from fpm.data.shards import ShardSet
 from fpm.data.tokenizers import Tokenizer, load_tokenizer_path
 from fpm.errors import FpmError, one_line
@@ -220,17 +220,23 @@ class BertDataset(PretrainDataset):
 
 def tokenizer_of(shards: ShardSet) -> Tokenizer:
     """The vocabulary the shards were prepared with, checked against the manifest's hash of it."""
-    t = shards.manifest["tokenizer"]
-    folder = shards.folder / t["dir"]
+    return checked_tokenizer(shards.manifest, shards.folder / shards.manifest["tokenizer"]["dir"],
+                             shards.folder / "manifest.json")
+
+
+def checked_tokenizer(manifest: dict, folder: Path, manifest_path: Path) -> Tokenizer:
+    """Load the vocabulary in ``folder`` that ``manifest`` describes (kind, language, hash): a
+    damaged or different vocabulary is an error naming the folder."""
+    t = manifest["tokenizer"]
     try:
-        tok = load_tokenizer_path(t["kind"], folder, language=shards.manifest.get("language", "en"))
+        tok = load_tokenizer_path(t["kind"], folder, language=manifest.get("language", "en"))
     except FpmError:
         raise
     except Exception as exc:  # a damaged tokenizer.json is a parse error inside the Rust library
         raise FpmError(f"{folder}: cannot load the vocabulary ({one_line(exc)[:200]}); prepare the folder again") from None
     if t.get("vocab_hash") and tok.vocab_hash() != t["vocab_hash"]:
         raise FpmError(f"{folder}: not the vocabulary the shards were prepared with (its hash differs from "
-                       f"{shards.folder / 'manifest.json'}'s); prepare the folder again")
+                       f"{manifest_path}'s); prepare the folder again")
     return tok
 
 

@@ -13,6 +13,9 @@ text        plain UTF-8: one document per line (``line``) or blank-line separate
 Bad records (undecodable bytes, malformed JSON, a missing text field, empty documents) are counted
 per file in :class:`SourceStats`, never raised from inside the stream. A file that cannot be opened
 or decompressed, or that holds bad records only, is a one-line :class:`FpmError` naming it.
+
+Longer than 400 lines: five input formats (Pile JSON lines, WuDao JSON, STC dialogue, plain
+text by line or paragraph, JSON arrays), each streamed with its malformed-record accounting.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ transformers' CPM-Ant tokenizer also uses; it is ~30x faster than the Python jie
 
 A saved fpm tokenizer is a folder with ``fpm_tokenizer.json`` (kind, sizes, file names) beside the
 backend's files. A vocabulary whose size differs from the recipe's is an error, never a resize.
+
+Longer than 400 lines: four vocabulary kinds (WordPiece, byte-level BPE, Unigram, CPM-2's
+jieba-segmented SentencePiece), each with deterministic training, saving and loading.
 """
 
 from __future__ import annotations

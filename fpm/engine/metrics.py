@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fpm.rundir import RunDir
+
 
 class MetricsLogger:
     """Appends to ``metrics.jsonl`` and TensorBoard (rank 0 only; other ranks keep nothing)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -49,7 +51,7 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

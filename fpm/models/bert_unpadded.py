@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from fpm.models import kernels
+from fpm.models.bert_attention import SdpaSelfAttention
 
 
 def applies(bert: nn.Module) -> bool:
     """True for an encoder whose modules this forward can run: fpm's SDPA attention, parameters not
     partitioned by ZeRO-3, layers not compiled."""
-    from fpm.models.bert import SdpaSelfAttention
-
     layers = bert.encoder.layer
     return (all(type(layer.attention.self) is SdpaSelfAttention for layer in layers)
             and not any(hasattr(p, "ds_id") for p in bert.parameters())

@@ -18,28 +18,25 @@ from fpm.config import load_resolved
 from fpm.errors import FpmError
 from fpm.eval.stats import bootstrap_best, mean_std, neighbour_tests
 from fpm.paper import TABLE3_QQP_DEV
+from fpm.rundir import RunDir, cell_state, read_json
 
 METRICS = ("precision", "recall", "f1", "accuracy")
-
-
-def _read_json(p: Path):
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def collect(out: Path) -> tuple[dict, list[dict]]:
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.metrics import read_metrics
-    from fpm.sweep import SweepPlan
+    from fpm.study.plan import SweepPlan
 
-    plan_json = _read_json(out / "sweep.json")
+    plan_json = read_json(out / "sweep.json")
     if plan_json is None:
         raise FpmError(f"{out}: no sweep.json (not a sweep directory)")
     plan = SweepPlan.from_json(plan_json)
     cells = []
     for cell in plan.cells:
         cdir = cell.dir(out)
-        state = _read_json(cdir / "cell.json") or {"status": "not started"}
-        res = _read_json(cdir / "finetune" / "results.json")
+        state = cell_state(cdir) or {"status": "not started"}
+        res = read_json(RunDir(cdir / "finetune").results)
         status = state.get("status", "not started")
         if res is not None and status in ("done", "submitted"):
             status = "done"  # SLURM cells finish in their own jobs
@@ -53,9 +50,9 @@ def collect(out: Path) -> tuple[dict, list[dict]]:
             row["_correct"] = {p["id"]: bool(p["correct"]) for p in preds}
         curve = [(m["step"], m["loss"]) for m in read_metrics(cdir / "pretrain") if "loss" in m]
         row["pretrain_loss"] = curve
-        run = _read_json(cdir / "pretrain" / "run.json") or {}
-        if (cdir / "pretrain" / "recipe.yaml").is_file():
-            r = load_resolved(cdir / "pretrain" / "recipe.yaml")
+        run = RunDir(cdir / "pretrain").status()
+        if RunDir(cdir / "pretrain").recipe.is_file():
+            r = load_resolved(RunDir(cdir / "pretrain").recipe)
             samples = curve[-1][0] * (r.train.global_batch or 0) if curve else 0
             tokens = samples * r.data.seq_len
             row["cost"] = {"pretrain_wall_s": run.get("wall_s"), "pretrain_tokens": tokens,
@@ -106,7 +103,7 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
         summary["verdict"] = verdict(boot, summary["neighbours"])
     else:
         summary["verdict"] = "fewer than two depths finished with every seed: no comparison possible yet"
-    floors = _read_json(Path(plan["out"]) / "floors.json")
+    floors = read_json(Path(plan["out"]) / "floors.json")
     if floors:
         summary["floors"] = floors
         tfidf = floors["tfidf"]["accuracy"]
@@ -118,7 +115,7 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
              f"{', '.join(str(d) for d in per_depth if d not in beat) or 'none'}.")
             + ("" if same_inputs else f" (The floors used input {'+'.join(floors.get('fields') or [])}, the models "
                                       f"{'+'.join(summary['fields'] or [])}: not the same inputs.)"))
-    audit = _read_json(Path(plan["out"]) / "audit.json")
+    audit = read_json(Path(plan["out"]) / "audit.json")
     if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
         dv = audit["splits"]["dev"]
         summary["audit"] = {"dev_examples": dv["examples"], "majority_share": dv["majority_share"],

@@ -1,0 +1,134 @@
+"""The depth study's plan: which cells (depth x seed) to run, where, with which commands.
+
+For every (depth, seed) cell: pretrain the recipe with only ``model.n_layers`` changed, fine-tune
+on the task, evaluate on dev — each step a plain `fpm pretrain` / `fpm finetune` process whose
+run directory lives under ``OUT/cells/dDDD-sS/``. ``OUT/sweep.json`` holds the plan; each cell's
+``cell.json`` its status. Re-running skips finished cells and resumes unfinished ones (the
+commands resume from their own checkpoints); a failed cell is recorded and the others go on.
+The report (``fpm report OUT``) is rebuilt from the cells' files alone.
+
+Everything in :mod:`fpm.study` builds on this module alone: the executors (:mod:`.local` runs the
+cells one after another here; :mod:`.slurm` submits one pretraining job per cell and a fine-tuning
+job that depends on it) and the report (:mod:`.report`). `fpm sweep-depth` (fpm.commands.sweep)
+puts them together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fpm.config import load_recipe
+from fpm.config.schema import SweepRecipe
+from fpm.errors import FpmError
+from fpm.paper import TABLE3_QQP_DEV
+
+@dataclass
+class Cell:
+    depth: int  # depth as named (the paper's scale)
+    layers: int  # layers actually trained (after the preset's depth scaling)
+    seed: int
+    name: str
+
+    def dir(self, out: Path) -> Path:
+        return out / "cells" / self.name
+
+
+@dataclass
+class SweepPlan:
+    recipe: str
+    task: str
+    depths: list[int]
+    seeds: list[int]
+    preset: str | None
+    out: str
+    data: str | None
+    data_dir: str | None
+    synthetic_data: bool
+    synthetic_task: bool
+    pretrain_sets: list[str] = field(default_factory=list)
+    task_sets: list[str] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+    bootstrap_samples: int = 2000
+    confidence: float = 0.95
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> SweepPlan:
+        d = dict(d)
+        d["cells"] = [Cell(**c) for c in d.get("cells", [])]
+        return cls(**d)
+
+
+def make_plan(recipe: str, *, task: str | None, depths: list[int] | None, seeds: int | None, preset: str | None,
+              out: Path, data: Path | None, data_dir: Path | None, pretrain_sets: list[str],
+              task_sets: list[str]) -> SweepPlan:
+    sweep: SweepRecipe | None = None
+    base = load_recipe(recipe, preset=preset)
+    if base.kind == "sweep":
+        sweep = base
+        recipe = sweep.recipe
+    elif base.kind != "pretrain":
+        raise FpmError(f"{recipe} is a {base.kind} recipe; sweep-depth takes a model or sweep recipe")
+    task = task or (sweep.task if sweep else None)
+    if task is None:
+        raise FpmError("--task is required (qqp or tnews)")
+    task_recipe = load_recipe(task, preset=preset, overrides=task_sets, kind="finetune")
+    model = load_recipe(recipe, preset=preset, overrides=pretrain_sets, kind="pretrain")
+    if model.model.family != "bert":
+        raise FpmError(f"{recipe} is a {model.model.family} model; the depth study fine-tunes BERT encoders")
+    if depths is None:
+        depths = list(sweep.depths) if sweep else (sorted(TABLE3_QQP_DEV) if recipe.startswith("bert-e") else
+                                                   [load_recipe(recipe).model.n_layers])
+    n_seeds = seeds or (sweep.seeds if sweep else 1)
+    base_seed = model.train.seed
+    cells = []
+    for d in depths:
+        layers = load_recipe(recipe, preset=preset, pre_overrides=[f"model.n_layers={d}"], overrides=pretrain_sets,
+                             kind="pretrain").model.n_layers
+        if any(c.layers == layers for c in cells):
+            raise FpmError(f"depths {depths} collapse to the same number of layers ({layers}) under preset {preset}")
+        for k in range(n_seeds):
+            cells.append(Cell(d, layers, base_seed + k, f"d{d:03d}-s{base_seed + k}"))
+    del task_recipe
+    return SweepPlan(recipe=recipe, task=task, depths=list(depths), seeds=[base_seed + k for k in range(n_seeds)],
+                     preset=preset, out=str(out), data=str(data) if data else None,
+                     data_dir=str(data_dir) if data_dir else None, synthetic_data=data is None,
+                     synthetic_task=data_dir is None, pretrain_sets=list(pretrain_sets), task_sets=list(task_sets),
+                     cells=cells, bootstrap_samples=sweep.bootstrap_samples if sweep else 2000,
+                     confidence=sweep.confidence if sweep else 0.95)
+
+
+# ------------------------------------------------------------------ commands of a cell
+
+
+def _preset(plan: SweepPlan) -> list[str]:
+    return ["--preset", plan.preset] if plan.preset else []
+
+
+def pretrain_argv(plan: SweepPlan, cell: Cell) -> list[str]:
+    out = Path(plan.out)
+    argv = ["pretrain", plan.recipe, *_preset(plan), "--out", str(cell.dir(out) / "pretrain"), "--data",
+            str(data_folder(plan)), "--seed", str(cell.seed), "--set", f"model.n_layers={cell.layers}"]
+    for s in plan.pretrain_sets:
+        argv += ["--set", s]
+    return argv
+
+
+def finetune_argv(plan: SweepPlan, cell: Cell) -> list[str]:
+    out = Path(plan.out)
+    argv = ["finetune", plan.task, *_preset(plan), "--init", str(cell.dir(out) / "pretrain"), "--data-dir",
+            str(task_folder(plan)), "--out", str(cell.dir(out) / "finetune"), "--seed", str(cell.seed), "--no-floors"]
+    for s in plan.task_sets:
+        argv += ["--set", s]
+    return argv
+
+
+def data_folder(plan: SweepPlan) -> Path:
+    return Path(plan.data) if plan.data else Path(plan.out) / "data"
+
+
+def task_folder(plan: SweepPlan) -> Path:
+    return Path(plan.data_dir) if plan.data_dir else Path(plan.out) / "task-data"

@@ -1,0 +1,114 @@
+"""The package's shape: no import cycles (every import counts, also those inside functions), no
+module over 400 lines without a reason written at its top, the study package importing only its
+plan, and the README's map listing every package."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "fpm"
+LONG = 400
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the fpm modules it imports (at module level or inside functions)."""
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module
+                           for a in node.names]
+            for t in targets:
+                if t.startswith("fpm"):
+                    r = resolve(t)
+                    if r and r != m:
+                        graph[m].add(r)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_study_package_imports_only_its_plan():
+    graph = import_graph()
+    for m in graph:
+        if m.startswith("fpm.study.") and m != "fpm.study.plan":
+            inside = {t for t in graph[m] if t.startswith("fpm.study")}
+            assert inside <= {"fpm.study.plan"}, (m, inside)
+
+
+def test_long_modules_say_why_at_their_top():
+    missing = []
+    for name, p in _modules().items():
+        text = p.read_text()
+        if text.count("\n") > LONG and not re.search(r"Longer than 400 lines:", text[:3000]):
+            missing.append(f"{name} ({text.count(chr(10))} lines)")
+    assert not missing, missing
+
+
+def test_the_readme_maps_every_package():
+    readme = (ROOT / "README.md").read_text()
+    packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("__init__.py"))
+    missing = [p for p in packages if f"`{p}/`" not in readme]
+    assert not missing, missing

@@ -5,7 +5,7 @@ BERT uncased vocabulary) and a CPM-X/GPT-2 shape (6 layers, d=512, seq 128, the 
 global batch 32 sequences, bf16, on the real English corpus in ../shared/data (prepared once).
 
 * fpm: the engine `fpm pretrain` runs (:class:`fpm.engine.trainer.Trainer`, DeepSpeed, bf16 weights
-  with flat fp32 master copies (fpm.engine.master) updated by DeepSpeed's CPU Adam, fpm's CPU
+  with flat fp32 master copies (fpm.cpu.master) updated by DeepSpeed's CPU Adam, fpm's CPU
   dropout and attention, data in a worker process), without activation checkpointing (the Trainer
   side has none either); ``--compile`` adds ``train.compile``;
 * HF: ``transformers.Trainer`` as its documentation shows for masked/causal-LM pretraining —
@@ -26,7 +26,7 @@ compared. MFU = achieved model FLOP/s (6·N + attention per token, fpm.engine.fl
 machine's bf16 matmul peak, measured here with the same thread count before every run of either side
 (this shared machine's speed drifts by 10-25% within minutes); MFU uses the highest of those
 measurements, the conservative choice, and the range is printed. The process runs on the
-allocator ``fpm pretrain`` picks (fpm/allocator.py: tcmalloc where installed), both sides alike.
+allocator ``fpm pretrain`` picks (fpm/cpu/allocator.py: tcmalloc where installed), both sides alike.
 
 Usage:  python bench/train_throughput.py [--data ../shared/data] [--rounds 2] [--window 5]
 The last line is ``fpm/hf tokens_per_s ratio: X.XX (bert) Y.YY (gpt)``.
@@ -55,7 +55,7 @@ os.environ.setdefault("MASTER_PORT", "29577")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-from fpm import allocator  # noqa: E402
+from fpm.cpu import allocator  # noqa: E402
 
 allocator.reexec()  # the allocator `fpm pretrain` runs on (tcmalloc where installed), for both sides
 
@@ -125,12 +125,12 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.trainer import Trainer, seed_everything
     from fpm.models import FAMILIES, build_model
     from fpm.models.objective import Objective
-    from fpm.pretrain import build_spec
+    from fpm.engine.spec import pretraining_spec
 
     ds = build_dataset(recipe, data)
     seed_everything(0)
     model = build_model(recipe.model, recipe.tokenizer.vocab_size)
-    spec = build_spec(recipe, 1, 0.0)
+    spec = pretraining_spec(recipe, 1, 0.0)
     times = StepTimes()
     loss = FAMILIES[recipe.model.family].pretraining_loss
 

@@ -44,7 +44,7 @@ def build(zero_init: bool, layers: int, d_model: int) -> dict:
     from fpm.engine.distributed import init, resolve_env, teardown
     from fpm.engine.trainer import model_init_context
     from fpm.models import build_model
-    from fpm.pretrain import build_spec
+    from fpm.engine.spec import pretraining_spec
 
     dist = resolve_env()
     init(dist)
@@ -52,7 +52,7 @@ def build(zero_init: bool, layers: int, d_model: int) -> dict:
                                                f"model.d_ff={4 * d_model}", "model.n_heads=16",
                                                f"model.d_head={d_model // 16}", "deepspeed.zero_stage=3",
                                                "train.precision=fp32"])
-    spec = build_spec(recipe, dist.world_size, 0.0)
+    spec = pretraining_spec(recipe, dist.world_size, 0.0)
     before = rss_mb()
     context = model_init_context(spec) if zero_init else torch.device("cpu")
     with context:

@@ -387,7 +387,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
 
 
-# commands that train or evaluate models run on tcmalloc/jemalloc where installed (fpm/allocator.py)
+# commands that train or evaluate models run on tcmalloc/jemalloc where installed (fpm/cpu/allocator.py)
 _ALLOCATOR_COMMANDS = {"pretrain", "finetune", "evaluate", "sweep-depth"}
 
 
@@ -422,7 +422,7 @@ def main() -> None:
     _quiet_libraries()
     try:
         if _command_of(sys.argv[1:]) in _ALLOCATOR_COMMANDS:
-            from fpm import allocator
+            from fpm.cpu import allocator
 
             allocator.reexec()
         code = app(prog_name="fpm", standalone_mode=False)  # typer.Exit's code is returned, not raised

@@ -337,8 +337,8 @@ def _report_bad(split: Split) -> None:
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
               with_floors: bool = True) -> int:
     from fpm.engine.distributed import barrier
-    from fpm.engine.ds_config import Precision, ZeroSettings
-    from fpm.engine.trainer import Trainer, TrainSpec, check_precision, seed_everything
+    from fpm.engine.spec import finetuning_spec
+    from fpm.engine.trainer import Trainer, check_precision, seed_everything
     from fpm.models.objective import Objective
 
     t = recipe.train
@@ -364,13 +364,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(train.examples) / t.batch_size))
     if t.batch_size % dist.world_size:
         raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {dist.world_size} processes")
-    spec = TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // dist.world_size,
-                     grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps), schedule="linear",
-                     weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=1e-8, grad_clip=t.grad_clip,
-                     precision=Precision(t.precision),
-                     zero=ZeroSettings.of(recipe.deepspeed),
-                     log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
-                     num_workers=0, activation_checkpointing=False)
+    spec = finetuning_spec(recipe, dist.world_size, steps)
     task = recipe.task
     positive = task.labels.index(task.positive_label) if task.positive_label is not None else None
     dev = splits["dev"]

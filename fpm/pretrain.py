@@ -16,13 +16,14 @@ from pathlib import Path
 
 import yaml
 
-from fpm import allocator
+from fpm.cpu import allocator
 from fpm.config import dump_recipe, load_recipe
-from fpm.config.schema import Recipe, derive_batch
+from fpm.config.schema import Recipe
 from fpm.console import info
 from fpm.data.shards import MANIFEST
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError, one_line
+from fpm.engine.spec import pretraining_spec
 from fpm.rundir import PEAK, RunDir
 from fpm.runlock import RunLock
 
@@ -79,29 +80,6 @@ def _device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-
-
-def build_spec(recipe: Recipe, world_size: int, flops_per_token: float):
-    from fpm.engine.ds_config import Precision, ZeroSettings
-    from fpm.engine.trainer import TrainSpec
-
-    t = recipe.train
-    try:
-        g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
-    except ValueError as exc:
-        raise FpmError(f"train batch: {exc}") from None
-    ls = t.loss_scale
-    return TrainSpec(
-        max_steps=t.max_steps, global_batch=g, micro_batch=b, grad_accum=a, lr=t.lr, min_lr=t.min_lr,
-        warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay,
-        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
-        precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
-                            ls.min_loss_scale),
-        zero=ZeroSettings.of(recipe.deepspeed),
-        log_every=t.log_every, save_every=t.save_every,
-        keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
-        flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
-        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 
 
 def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,
@@ -179,7 +157,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     seed_everything(recipe.train.seed)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)
-    spec = build_spec(recipe, dist.world_size,
+    spec = pretraining_spec(recipe, dist.world_size,
                       train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
     with model_init_context(spec):  # ZeRO-3: partitioned as it is built
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,

@@ -1,4 +1,4 @@
-"""fpm.allocator: which malloc a training command re-executes itself with."""
+"""fpm.cpu.allocator: which malloc a training command re-executes itself with."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fpm import allocator
+from fpm.cpu import allocator
 from fpm.errors import FpmError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_reexec_really_runs_the_process_on_the_allocator(kind):
     if allocator.find(kind) is None:
         pytest.skip(f"no {kind} library on this machine (apt install "
                     f"{'libtcmalloc-minimal4' if kind == 'tcmalloc' else 'libjemalloc2'})")
-    code = ("import os; from fpm import allocator; print('pid', os.getpid(), flush=True); allocator.reexec(); "
+    code = ("import os; from fpm.cpu import allocator; print('pid', os.getpid(), flush=True); allocator.reexec(); "
             "print('pid', os.getpid(), allocator.in_use(), os.environ['FPM_ALLOCATOR_PRELOADED'])")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FPM_ALLOCATOR_PRELOADED")}
     out = subprocess.run([sys.executable, "-c", code], env={**env, "FPM_ALLOCATOR": kind}, cwd=ROOT,
@@ -64,7 +64,7 @@ def test_reexec_really_runs_the_process_on_the_allocator(kind):
     assert first[1] == second[1]  # exec: same process, so torchrun and SLURM keep watching it
     assert second[2:] == [kind, kind]  # the library is mapped into the re-executed process
     # the plain interpreter (no re-exec) is on glibc
-    plain = subprocess.run([sys.executable, "-c", "from fpm import allocator; print(allocator.in_use())"],
+    plain = subprocess.run([sys.executable, "-c", "from fpm.cpu import allocator; print(allocator.in_use())"],
                            env={**env, "FPM_ALLOCATOR": "system"}, cwd=ROOT, capture_output=True, text=True,
                            timeout=60, check=True).stdout.strip()
     assert plain == "glibc"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.models import bert, bert_unpadded, build_model, kernels
+from fpm.cpu import bert_unpadded, kernels
+from fpm.models import bert, build_model
 
 
 def model_and_batch(*sets: str, dtype=torch.float32):

@@ -77,11 +77,11 @@ def test_measuring_the_peak_leaves_the_random_stream_alone():
 def test_every_deepspeed_key_reaches_deepspeeds_configuration():
     from fpm.config import load_recipe
     from fpm.engine.trainer import spec_ds_config
-    from fpm.pretrain import build_spec
+    from fpm.engine.spec import pretraining_spec
 
     def cfg(*sets):
         recipe = load_recipe("cpm-x-s", preset="tiny", overrides=list(sets))
-        return spec_ds_config(build_spec(recipe, 1, 0.0))
+        return spec_ds_config(pretraining_spec(recipe, 1, 0.0))
 
     base = cfg("deepspeed.zero_stage=2")["zero_optimization"]
     changed = {"overlap_comm": ("false", False), "contiguous_gradients": ("false", False),

@@ -1,4 +1,4 @@
-"""fpm's CPU dropout and attention (fpm.models.kernels) against PyTorch's own."""
+"""fpm's CPU dropout and attention (fpm.cpu.kernels) against PyTorch's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpm.models import kernels
+from fpm.cpu import kernels
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])

@@ -1,4 +1,4 @@
-"""fpm's flat fp32 master weights for bf16 training (fpm.engine.master) against plain fp32 AdamW."""
+"""fpm's flat fp32 master weights for bf16 training (fpm.cpu.master) against plain fp32 AdamW."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fpm.engine.master import MasterWeightCPUAdam
+from fpm.cpu.master import MasterWeightCPUAdam
 from fpm.engine.schedule import param_groups
 
 
@@ -17,11 +17,11 @@ from fpm.engine.schedule import param_groups
 def path(request, monkeypatch):
     """Every test on both paths: fpm's fused C++ step and DeepSpeed's CPU Adam on fp32 copies."""
     if request.param == "deepspeed":
-        import fpm.models.kernels
+        import fpm.cpu.kernels
 
-        monkeypatch.setattr(fpm.models.kernels, "extension", lambda: None)
+        monkeypatch.setattr(fpm.cpu.kernels, "extension", lambda: None)
     else:
-        from fpm.models.kernels import extension
+        from fpm.cpu.kernels import extension
 
         assert extension() is not None
     return request.param

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.models import build_model, kernels, objective, residual_projections
+from fpm.cpu import kernels
+from fpm.models import build_model, objective, residual_projections
 from fpm.models.bert import use_sdpa
 
 B, T = 3, 16

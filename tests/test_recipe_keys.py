@@ -19,6 +19,7 @@ from conftest import ROOT
 
 INFO = "info:"
 PRE, FT, SW = "fpm/pretrain.py", "fpm/finetune.py", "fpm/study/plan.py"
+SPEC = "fpm/engine/spec.py"
 DS = "fpm/engine/ds_config.py"
 
 COMMON = {
@@ -70,12 +71,13 @@ PRETRAIN = {
     "data.sop_prob": ("fpm/data/datasets.py", "sop_prob"),
     "data.noise_density": ("fpm/data/datasets.py", "noise_density"),
     "data.mean_span_length": ("fpm/data/datasets.py", "mean_span_length"),
-    "data.num_workers": (PRE, "num_workers"),
-    **{f"train.{k}": (PRE, k) for k in (
+    "data.num_workers": (SPEC, "num_workers"),
+    **{f"train.{k}": (SPEC, k) for k in (
         "global_batch", "micro_batch", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "schedule",
         "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "precision", "activation_checkpointing",
-        "compile", "log_every", "save_every", "keep_last", "max_nonfinite_steps", "seed", "peak_tflops")},
-    **{f"train.loss_scale.{k}": (PRE, k) for k in ("initial_scale_power", "loss_scale_window", "hysteresis",
+        "compile", "log_every", "save_every", "keep_last", "max_nonfinite_steps", "seed")},
+    "train.peak_tflops": (PRE, "peak_tflops"),
+    **{f"train.loss_scale.{k}": (SPEC, k) for k in ("initial_scale_power", "loss_scale_window", "hysteresis",
                                                   "min_loss_scale")},
     "cluster.nodes": ("fpm/plan.py", "nodes"),
     "cluster.gpus_per_node": ("fpm/plan.py", "gpus_per_node"),
@@ -96,9 +98,9 @@ FINETUNE = {
     "task.hub_dataset": ("fpm/data/tasks.py", "hub_dataset"),
     "task.hub_config": ("fpm/data/tasks.py", "hub_config"),
     "task.max_bad_fraction": ("fpm/data/tasks.py", "max_bad_fraction"),
-    **{f"train.{k}": (FT, k) for k in ("batch_size", "max_seq_len", "epochs", "max_steps", "lr", "warmup_ratio",
-                                       "weight_decay", "grad_clip", "dropout", "precision", "eval_every",
-                                       "save_every", "keep_last", "log_every", "seed")},
+    **{f"train.{k}": (SPEC, k) for k in ("batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip",
+                                         "precision", "save_every", "keep_last", "log_every", "seed")},
+    **{f"train.{k}": (FT, k) for k in ("max_seq_len", "epochs", "max_steps", "dropout", "eval_every")},
     "paper": (INFO, "the paper's fine-tuning figures (Table 3, §4.3), shown beside the results"),
 }
 SWEEP = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpm import splitmix
 from fpm.data.objectives import sop_pair, span_corrupt, span_lengths, whole_word_ngram_mask
 from fpm.data.shards import ShardSet
 from fpm.data.tokenizers import Tokenizer, load_tokenizer_path
@@ -30,9 +31,9 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
     """splitmix64-style mixing of uint64 values with a key."""
     with np.errstate(over="ignore"):
-        z = (x + np.uint64(key & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)) & _M64
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        z = (x + np.uint64(key & 0xFFFFFFFFFFFFFFFF) * np.uint64(splitmix.GAMMA)) & _M64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(splitmix.MIX1)) & _M64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(splitmix.MIX2)) & _M64
         return z ^ (z >> np.uint64(31))
 
 

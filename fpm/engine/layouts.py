@@ -85,7 +85,7 @@ def train(layout: Layout, data: Path, out: Path, steps: int, dist, recipe_name: 
     from fpm.engine.trainer import Trainer, model_init_context, seed_everything
     from fpm.export import consolidated_state_dict
     from fpm.models import build_model, objective
-    from fpm.pretrain import build_spec
+    from fpm.engine.spec import pretraining_spec
 
     recipe = load_recipe(recipe_name or FAMILY_RECIPE[layout.family], preset="tiny",
                          overrides=layout.overrides(steps))
@@ -93,7 +93,7 @@ def train(layout: Layout, data: Path, out: Path, steps: int, dist, recipe_name: 
     dataset = build_dataset(recipe, data)
     sp = dataset.tok.specials
     seed_everything(recipe.train.seed)
-    spec = build_spec(recipe, dist.world_size, train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size,
+    spec = pretraining_spec(recipe, dist.world_size, train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size,
                                                                      recipe.data.seq_len))
     with model_init_context(spec):
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,

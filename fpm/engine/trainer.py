@@ -20,7 +20,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,8 @@ from fpm.console import Progress, info, warn
 from fpm.data.datasets import StreamSampler
 from fpm.engine import checkpoint as ckpt
 from fpm.engine.distributed import Dist
-from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
+from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.schedule import lr_factor, param_groups
 from fpm.engine.signals import (
@@ -47,33 +48,6 @@ from fpm.rundir import RunDir
 
 if TYPE_CHECKING:
     from fpm.models.objective import Objective
-
-
-@dataclass
-class TrainSpec:
-    max_steps: int
-    global_batch: int
-    micro_batch: int
-    grad_accum: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    schedule: str
-    weight_decay: float
-    betas: tuple[float, float]
-    eps: float
-    grad_clip: float
-    precision: Precision
-    zero: ZeroSettings = field(default_factory=ZeroSettings)
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 3
-    max_nonfinite_steps: int = 20
-    seed: int = 1234
-    flops_per_token: float = 0.0
-    num_workers: int = 1
-    activation_checkpointing: bool = True
-    compile: bool = False
 
 
 @dataclass
@@ -107,7 +81,7 @@ class Trainer:
 
     def flat_master(self) -> bool:
         """bf16 without ZeRO on a CPU-only machine: fpm's flat fp32 master weights
-        (:mod:`fpm.engine.master`) instead of DeepSpeed's per-tensor bf16 optimizer wrapper."""
+        (:mod:`fpm.cpu.master`) instead of DeepSpeed's per-tensor bf16 optimizer wrapper."""
         s = self.spec
         return self._flat_master and s.precision.kind == "bf16" and s.zero.stage == 0 and not torch.cuda.is_available()
 
@@ -123,7 +97,7 @@ class Trainer:
                 from fpm.engine.cpu_adam import ResumableCPUAdam
 
                 if self.flat_master():
-                    from fpm.engine.master import MasterWeightCPUAdam
+                    from fpm.cpu.master import MasterWeightCPUAdam
 
                     self.model.to(torch.bfloat16)  # in place: the Parameters in `groups` are the same objects
                     return MasterWeightCPUAdam(groups, lr=s.lr, betas=s.betas, eps=s.eps, max_grad_norm=s.grad_clip)
@@ -439,13 +413,13 @@ def _undo_init_step(optimizer) -> None:
 
 def spec_ds_config(spec: TrainSpec, flat_master: bool = False) -> dict:
     """DeepSpeed's configuration for ``spec``. With ``flat_master`` (bf16 without ZeRO on a CPU:
-    :mod:`fpm.engine.master`), DeepSpeed runs in fp32 without clipping and fpm's optimizer does both."""
+    :mod:`fpm.cpu.master`), DeepSpeed runs in fp32 without clipping and fpm's optimizer does both."""
     s = spec
     cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
                            grad_clip=0.0 if flat_master else s.grad_clip,
                            precision=Precision("fp32") if flat_master else s.precision, zero=s.zero)
     if flat_master:
-        cfg["fpm_master_weights"] = ("bf16 model weights with fp32 master weights in fpm.engine.master "
+        cfg["fpm_master_weights"] = ("bf16 model weights with fp32 master weights in fpm.cpu.master "
                                      f"(flat buffers, clipping at {s.grad_clip}); DeepSpeed's bf16 wrapper is off")
     return cfg
 

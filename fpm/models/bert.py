@@ -2,7 +2,7 @@
 
 Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets 50-90 layer BERTs
 train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
-Attention and dropout run through :mod:`fpm.models.kernels` (fast on CPU, stock on GPU); the
+Attention and dropout run through :mod:`fpm.cpu.kernels` (fast on CPU, stock on GPU); the
 parameters are untouched, so saved weights load in plain ``transformers`` and give the same outputs.
 """
 
@@ -15,7 +15,7 @@ from transformers import MegatronBertConfig, MegatronBertForPreTraining
 from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
 from fpm.config.schema import ModelCfg
-from fpm.models import bert_unpadded
+from fpm.cpu import bert_unpadded
 from fpm.models.bert_attention import SdpaSelfAttention, use_sdpa  # noqa: F401 (use_sdpa: fine-tuning)
 from fpm.models.losses import linear_cross_entropy
 

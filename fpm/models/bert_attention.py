@@ -1,6 +1,6 @@
-"""MegatronBert's self-attention through :mod:`fpm.models.kernels` (SDPA on a GPU, fpm's kernels on
+"""MegatronBert's self-attention through :mod:`fpm.cpu.kernels` (SDPA on a GPU, fpm's kernels on
 a CPU), with the same parameters as the eager module: used by the BERT model and recognised by
-its padding-free forward (:mod:`fpm.models.bert_unpadded`)."""
+its padding-free forward (:mod:`fpm.cpu.bert_unpadded`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
-from fpm.models import kernels
+from fpm.cpu import kernels
 
 
 class SdpaSelfAttention(hf.MegatronBertSelfAttention):
-    """MegatronBert self-attention computed with :func:`fpm.models.kernels.attention` (SDPA on GPU).
+    """MegatronBert self-attention computed with :func:`fpm.cpu.kernels.attention` (SDPA on GPU).
 
     Same parameters as the eager module; used for the encoder-only, no-cache path. Queries, keys
     and values come from one projection with the three weight matrices stacked (one 3x wider

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fpm.models import kernels
+from fpm.cpu import kernels
 
 CHUNK = 2048
 TRANSPOSED_MIN_ROWS = 1024  # fewer rows (BERT's masked 15%): one transpose of W costs what it saves

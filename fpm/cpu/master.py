@@ -10,7 +10,7 @@ and DeepSpeed's fused CPU AdamW runs once per group over all of them. DeepSpeed 
 training (gradient accumulation, all-reduce across data-parallel ranks, checkpoints, the LR
 scheduler); it is configured without its own bf16 wrapper and with clipping left to this class.
 
-Where fpm's C++ kernels are built (fpm.models.kernels), the step is two passes over memory instead
+Where fpm's C++ kernels are built (fpm.cpu.kernels), the step is two passes over memory instead
 of five: the norm straight from the bf16 gradients, then one fused AdamW that reads the bf16
 gradients, applies the clipping factor in registers, updates the fp32 master weights and moments
 and writes the rounded bf16 weights back (``adamw16`` in csrc/cpu_kernels.cpp; the same update as
@@ -51,7 +51,7 @@ class MasterWeightCPUAdam(ResumableCPUAdam):
             self.model_groups.append(params)
             master_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [master]})
         super().__init__(master_groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
-        from fpm.models.kernels import extension
+        from fpm.cpu.kernels import extension
 
         kernels = extension()
         self._fused = kernels if kernels is not None and all(

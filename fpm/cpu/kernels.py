@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D as _HFConv1D
 
-_GAMMA = -7046029254386353131  # SplitMix64's constants 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-_MIX1 = -4658895280553007687   # 0x94D049BB133111EB as signed 64-bit integers
-_MIX2 = -7723592293110705685
+from fpm import splitmix
+from fpm.splitmix import signed64
+
+_GAMMA, _MIX1, _MIX2 = (signed64(c) for c in (splitmix.GAMMA, splitmix.MIX1, splitmix.MIX2))  # torch: int64
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ padded keys as the stock model does, and the context is gathered back. The resul
 position equals the stock encoder's (``tests/test_bert_unpadded.py``).
 
 Each residual branch ends in dropout, the residual add and the next sub-layer's LayerNorm
-(pre-LN: ``x = x + dropout(f(LN(x)))``); :func:`fpm.models.kernels.dropout_add_layer_norm` does the
+(pre-LN: ``x = x + dropout(f(LN(x)))``); :func:`fpm.cpu.kernels.dropout_add_layer_norm` does the
 three in one pass forward and one backward on CPU.
 
 Used by :func:`fpm.models.bert.pretraining_loss` where it applies (:func:`applies`); elsewhere the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fpm.models import kernels
+from fpm.cpu import kernels
 from fpm.models.bert_attention import SdpaSelfAttention
 
 

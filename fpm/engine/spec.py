@@ -1,0 +1,74 @@
+"""What the engine is told, built from a recipe in one place: :class:`TrainSpec`, and the two
+functions that make it from a pretraining and a fine-tuning recipe. Every ``train.*`` and
+``deepspeed.*`` key of a recipe takes effect here or is passed on from here
+(tests/test_recipe_keys.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fpm.config.schema import derive_batch
+from fpm.engine.ds_config import Precision, ZeroSettings
+from fpm.errors import FpmError
+
+# fine-tuning's optimizer: the Hugging Face GLUE example's AdamW and linear schedule
+FINETUNE_BETAS, FINETUNE_EPS, FINETUNE_SCHEDULE = (0.9, 0.999), 1e-8, "linear"
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    schedule: str
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    grad_clip: float
+    precision: Precision
+    zero: ZeroSettings = field(default_factory=ZeroSettings)
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite_steps: int = 20
+    seed: int = 1234
+    flops_per_token: float = 0.0
+    num_workers: int = 1
+    activation_checkpointing: bool = True
+    compile: bool = False
+
+
+def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSpec:
+    """The engine's settings for pretraining ``recipe`` on ``world_size`` data-parallel ranks."""
+    t = recipe.train
+    try:
+        g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
+    except ValueError as exc:
+        raise FpmError(f"train batch: {exc}") from None
+    ls = t.loss_scale
+    return TrainSpec(
+        max_steps=t.max_steps, global_batch=g, micro_batch=b, grad_accum=a, lr=t.lr, min_lr=t.min_lr,
+        warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
+        precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
+                            ls.min_loss_scale),
+        zero=ZeroSettings.of(recipe.deepspeed),
+        log_every=t.log_every, save_every=t.save_every,
+        keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
+        flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
+        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+
+
+def finetuning_spec(recipe, world_size: int, steps: int) -> TrainSpec:
+    """The engine's settings for fine-tuning ``recipe`` for ``steps`` optimizer steps."""
+    t = recipe.train
+    return TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // world_size,
+                     grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps),
+                     schedule=FINETUNE_SCHEDULE, weight_decay=t.weight_decay, betas=FINETUNE_BETAS, eps=FINETUNE_EPS,
+                     grad_clip=t.grad_clip, precision=Precision(t.precision), zero=ZeroSettings.of(recipe.deepspeed),
+                     log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
+                     num_workers=0, activation_checkpointing=False)

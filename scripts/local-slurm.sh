@@ -62,6 +62,8 @@ start() {
     echo "SlurmUser=root"
     echo "SlurmdUser=root"
     echo "AuthType=auth/munge"
+    # a requeued job waits cred_expire seconds before it may start again (default 120)
+    echo "AuthInfo=cred_expire=10"
     echo "CredType=cred/munge"
     echo "MpiDefault=none"
     echo "ProctrackType=proctrack/linuxproc"

@@ -269,16 +269,16 @@ class StreamSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, global_batch: int, micro_batch: int, grad_accum: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int, start_micro: int = 0):
+                 start_step: int, max_steps: int):
         assert global_batch == micro_batch * grad_accum * world_size
         self.G, self.B, self.A, self.rank, self.W = global_batch, micro_batch, grad_accum, rank, world_size
-        self.start_step, self.max_steps, self.start_micro = start_step, max_steps, start_micro
+        self.start_step, self.max_steps = start_step, max_steps
 
     def __iter__(self):
         for s in range(self.start_step, self.max_steps):
-            for m in range(self.start_micro if s == self.start_step else 0, self.A):
+            for m in range(self.A):
                 base = s * self.G + m * self.B * self.W + self.rank * self.B
                 yield list(range(base, base + self.B))
 
     def __len__(self) -> int:
-        return max(0, (self.max_steps - self.start_step) * self.A - self.start_micro)
+        return max(0, self.max_steps - self.start_step) * self.A

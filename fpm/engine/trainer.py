@@ -166,10 +166,10 @@ class Trainer:
                     info(f"resumed from {folder} (step {start})")
         return start
 
-    def _loader(self, start_step: int, start_micro: int = 0):
+    def _loader(self, start_step: int):
         s = self.spec
         sampler = StreamSampler(s.global_batch, s.micro_batch, s.grad_accum, self.dist.rank, self.dist.world_size,
-                                start_step, s.max_steps, start_micro)
+                                start_step, s.max_steps)
         if s.num_workers:
             register_exit_kill()
         # the loader gets its own generator: drawing its worker seed from the global RNG would shift
@@ -294,16 +294,7 @@ class Trainer:
                 while step < s.max_steps:
                     step_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for micro in range(s.grad_accum):
-                        try:
-                            batch = next(loader)
-                        except RuntimeError as exc:
-                            if not (stop.requested and "DataLoader worker" in str(exc)):
-                                raise
-                            # a worker was signalled before it could ignore signals (the instant
-                            # after it started): read this step's remaining micro-batches afresh
-                            loader = iter(self._loader(step, micro))
-                            batch = next(loader)
-                        batch = _to_device(batch, device)
+                        batch = _to_device(next(loader), device)
                         loss = self.engine(batch)
                         if self._scale_loss:
                             self._scale_used = self._loss_scale()

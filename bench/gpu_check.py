@@ -145,6 +145,7 @@ def sdpa_stage(ctx) -> dict:
 
     from fpm.config import load_recipe
     from fpm.data.datasets import build_dataset
+    from fpm.cpu import speed_up
     from fpm.models import build_model, objective
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ctx.precision]
@@ -156,8 +157,10 @@ def sdpa_stage(ctx) -> dict:
         batch = torch.utils.data.default_collate([dataset[i] for i in range(8)])
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if not ctx.cpu else [])
+        loss = objective(recipe.model, model)
+        speed_up(loss, ctx.device)  # what the trainer applies
         with profile(activities=acts) as prof:
-            objective(recipe.model, model)(batch).backward()
+            loss(batch).backward()
         names = {e.key.replace("aten::", "") for e in prof.key_averages()}
         taken = [op for op in SDPA_OPS if op in names]
         out[label] = taken[0] if taken else "matmul + softmax (no SDPA op)"

@@ -122,8 +122,10 @@ def sample_stats(recipe, data: Path, n: int = 2000) -> tuple[float, float]:
 
 def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.distributed import resolve_env
-    from fpm.engine.trainer import Trainer, seed_everything
-    from fpm.models import FAMILIES, build_model
+    from fpm.engine.setup import seed_everything
+    from fpm.engine.trainer import Trainer
+    from fpm.cpu import speed_up
+    from fpm.models import build_model, objective
     from fpm.models.objective import Objective
     from fpm.engine.spec import pretraining_spec
 
@@ -132,7 +134,9 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     model = build_model(recipe.model, recipe.tokenizer.vocab_size)
     spec = pretraining_spec(recipe, 1, 0.0)
     times = StepTimes()
-    loss = FAMILIES[recipe.model.family].pretraining_loss
+    fast = objective(recipe.model, model)
+    speed_up(fast)  # as the trainer would (it applies it again below: a no-op)
+    loss = fast.loss
 
     def timed_loss(model, batch):
         if not times.t:

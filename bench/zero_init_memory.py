@@ -2,7 +2,7 @@
 
 Before, every rank built the whole fp32 model and DeepSpeed partitioned it afterwards (CPM-X-L:
 ~41 GB per rank, eight ranks per node); now the model is built under ``deepspeed.zero.Init`` with
-the run's configuration (:func:`fpm.engine.trainer.model_init_context`), each module partitioned as
+the run's configuration (:func:`fpm.engine.setup.model_init_context`), each module partitioned as
 soon as it exists and initialised one module at a time (:mod:`fpm.models.init`).
 
     python bench/zero_init_memory.py [--ranks 2] [--layers 24] [--d-model 1024]
@@ -42,7 +42,7 @@ def build(zero_init: bool, layers: int, d_model: int) -> dict:
 
     from fpm.config import load_recipe
     from fpm.engine.distributed import init, resolve_env, teardown
-    from fpm.engine.trainer import model_init_context
+    from fpm.engine.setup import model_init_context
     from fpm.models import build_model
     from fpm.engine.spec import pretraining_spec
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fpm.data.tasks import Example, Split, load_split
+from fpm.rundir import AUDIT
 
 _PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -141,6 +142,6 @@ def audit_command(task_name: str, data_dir: Path | None, out: Path | None, overr
     show(report)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "audit.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        (out / AUDIT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
         info(f"wrote {out / 'audit.json'}")
     return report

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fpm.console import console, info
+from fpm.rundir import FLOORS
 from fpm.data.tasks import Split, load_split, tnews_label_names
 
 
@@ -86,7 +87,7 @@ def floors(task, splits: dict[str, Split], out: Path, names: dict[str, str] | No
         if splits.get("test") is not None and splits["test"].examples:
             write_results(target, recipe_like, splits["test"], predict(splits["test"]), {"model": name}, names or {})
         summary[name] = {k: res[k] for k in ("accuracy", "precision", "recall", "f1", "macro_f1", "n_examples")}
-    (out / "floors.json").write_text(json.dumps(summary, indent=1))
+    (out / FLOORS).write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -149,7 +149,7 @@ def evaluate_cmd(
     sets: Sets = None,
 ) -> None:
     """Evaluate a fine-tuned model without training."""
-    from fpm.finetune import evaluate_command
+    from fpm.evaluate import evaluate_command
 
     evaluate_command(task, model_path=model, data_dir=data_dir, split=split, out=out, preset=preset,
                      overrides=sets or [])

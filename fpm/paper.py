@@ -1,8 +1,8 @@
 """The paper's published numbers (Shen, "FPM", arXiv 2111.04909), for comparisons only.
 
 Per-model figures of Tables 2 and 4 live in each recipe's ``paper:`` block; this module holds
-what is not per recipe: Table 2's order, Table 3 (QQP dev by depth), Table 1 (GLUE QQP *test*
-leaderboard) and the TNEWS figure quoted in §4.3.
+what is not per recipe: Table 2's order, Table 3 (QQP dev by depth) and the TNEWS figures quoted in
+§4.3 (the task recipes' ``paper:`` blocks repeat them; tests/test_recipes.py checks they agree).
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ TABLE3_QQP_DEV = {
     70: {"model": "BERT-E-L", "precision": 90.55, "recall": 91.19, "f1": 90.85, "accuracy": 91.42},
     80: {"model": "BERT-E-X", "precision": 89.99, "recall": 90.39, "f1": 90.18, "accuracy": 90.82},
     90: {"model": "BERT-E-E", "precision": 90.00, "recall": 90.68, "f1": 90.31, "accuracy": 90.91},
-}
-
-# Table 1: GLUE QQP *test* leaderboard (accuracy, F1 of the duplicate class), percentages.
-TABLE1_QQP_TEST = {
-    "BiLSTM+Attn, ELMo": (86.5, 66.1), "BERT-BASE": (None, 71.2), "BERT-LARGE": (None, 72.1),
-    "GPT": (None, 70.3), "ERNIE2.0-BASE": (89.8, 73.2), "ERNIE2.0-LARGE": (90.1, 73.8),
-    "XLNet": (90.4, None), "ELECTRA": (90.8, None), "ERNIE": (90.9, 75.2),
-    "Turing NLR v5": (91.1, 76.4),
 }
 
 # §4.3: BERT-C on CLUE TNEWS, dev accuracy after 70k fine-tuning steps; the paper sets it beside

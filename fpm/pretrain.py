@@ -120,12 +120,8 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     from fpm.data.datasets import build_dataset
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.peak import resolve as resolve_peak
-    from fpm.engine.trainer import (
-        Trainer,
-        check_precision,
-        model_init_context,
-        seed_everything,
-    )
+    from fpm.engine.setup import check_precision, model_init_context, seed_everything
+    from fpm.engine.trainer import Trainer
     from fpm.models import build_model, objective
 
     check_precision(recipe.train.precision)

@@ -37,6 +37,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 RESULTS = "results.json"
 BEST = "best"
+BEST_JSON = "best.json"
+FLOORS_DIR = "floors"
 SWEEP_PLAN = "sweep.json"
 FLOORS = "floors.json"
 AUDIT = "audit.json"
@@ -77,6 +79,9 @@ class RunDir:
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     results = property(lambda self: self.path / RESULTS)
     best = property(lambda self: self.path / BEST)
+    best_json = property(lambda self: self.path / BEST_JSON)
+    audit = property(lambda self: self.path / AUDIT)
+    floors_dir = property(lambda self: self.path / FLOORS_DIR)
 
     def is_pretraining_run(self) -> bool:
         return self.recipe.is_file() and self.checkpoints.is_dir()

@@ -7,9 +7,9 @@ when DeepSpeed's CPU Adam cannot be built. This runs that wrapper on the CPU.
 
 import sys
 
-from fpm.engine.trainer import Trainer
+from fpm.engine import setup
 
-Trainer.flat_master = lambda self: False
+setup.flat_master = lambda spec, have_cpu_adam: False
 
 from fpm.engine.layouts import main  # noqa: E402
 

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.cpu import bert_unpadded, kernels
-from fpm.models import bert, build_model
+from fpm.cpu import bert_unpadded, kernels, speed_up
+from fpm.models import build_model
 
 
 def model_and_batch(*sets: str, dtype=torch.float32):
     torch.manual_seed(0)
     recipe = load_recipe("bert-e-l", preset="tiny", overrides=list(sets))
     model = build_model(recipe.model, recipe.tokenizer.vocab_size).to(dtype)
+    speed_up(model, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     b, t = 4, 24
     ids = torch.randint(5, recipe.tokenizer.vocab_size, (b, t), generator=g)
@@ -32,7 +33,7 @@ def model_and_batch(*sets: str, dtype=torch.float32):
 def loss_and_grads(model, batch, unpadded: bool, monkeypatch):
     monkeypatch.setattr(bert_unpadded, "applies", lambda _: unpadded)
     model.zero_grad()
-    loss = bert.pretraining_loss(model, batch)
+    loss = bert_unpadded.pretraining_loss(model, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -70,15 +71,15 @@ def test_unpadded_training_with_dropout_is_deterministic_per_seed_and_learns(mon
     model.train()
     monkeypatch.setattr(bert_unpadded, "applies", lambda _: True)
     torch.manual_seed(5)
-    a = bert.pretraining_loss(model, batch)
+    a = bert_unpadded.pretraining_loss(model, batch)
     torch.manual_seed(5)
-    b = bert.pretraining_loss(model, batch)
+    b = bert_unpadded.pretraining_loss(model, batch)
     assert torch.equal(a, b)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
         opt.zero_grad()
-        loss = bert.pretraining_loss(model, batch)
+        loss = bert_unpadded.pretraining_loss(model, batch)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -112,7 +113,7 @@ def test_dropout_add_layer_norm_matches_its_definition(dtype, width):
 
 def test_activation_checkpointing_recomputes_the_same_layers(monkeypatch):
     # dropout on: recomputation must redraw the same masks (the layer's RNG state is restored)
-    from fpm.engine.trainer import enable_activation_checkpointing
+    from fpm.engine.setup import enable_activation_checkpointing
 
     model, batch = model_and_batch(dtype=torch.bfloat16)
     model.train()

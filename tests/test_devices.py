@@ -76,7 +76,7 @@ def test_measuring_the_peak_leaves_the_random_stream_alone():
 
 def test_every_deepspeed_key_reaches_deepspeeds_configuration():
     from fpm.config import load_recipe
-    from fpm.engine.trainer import spec_ds_config
+    from fpm.engine.setup import spec_ds_config
     from fpm.engine.spec import pretraining_spec
 
     def cfg(*sets):
@@ -119,7 +119,7 @@ def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, fpm):
 def _predict_worker(rank: int, port: int, features: dict, out: dict) -> None:
     import torch.distributed as td
 
-    from fpm.finetune import predict
+    from fpm.eval.predict import predict
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     td.init_process_group("gloo", rank=rank, world_size=2)
@@ -143,7 +143,7 @@ def test_prediction_is_shared_between_ranks_and_gathered_in_order():
     import torch.multiprocessing as mp
 
     from fpm.engine.distributed import _free_port
-    from fpm.finetune import predict
+    from fpm.eval.predict import predict
 
     features = {"input_ids": np.arange(11 * 5).reshape(11, 5) % 50}
     want = predict(_Classifier(), features, batch_size=3)

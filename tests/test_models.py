@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.cpu import kernels
+from fpm.cpu import kernels, speed_up
 from fpm.models import build_model, objective, residual_projections
 from fpm.models.bert import use_sdpa
 
@@ -104,6 +104,7 @@ def test_bert_sdpa_attention_matches_eager():
     fast = build_model(recipe.model, recipe.tokenizer.vocab_size).eval()
     fast.load_state_dict(eager.state_dict())
     use_sdpa(fast)
+    speed_up(fast, torch.device("cpu"))
     ids = torch.randint(5, recipe.tokenizer.vocab_size, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # padding in the second row
@@ -126,10 +127,16 @@ def test_bert_sdpa_attention_matches_eager():
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
 
 
-def test_built_models_use_fpm_dropout_everywhere():
+def test_speed_up_gives_every_model_fpm_dropout_and_linear_on_cpu_and_nothing_on_gpu():
     for name in ("bert-e-l", "cpm-x-s", "cpm-2-x-s"):
         recipe = tiny(name)
         model = build_model(recipe.model, recipe.tokenizer.vocab_size)
+        stock = {type(m) for m in model.modules()}
+        assert not any(t.__module__.startswith("fpm.cpu") for t in stock), name  # models know nothing of fpm.cpu
+        loss = objective(recipe.model, model)
+        assert speed_up(loss, torch.device("cuda")) == (["padding-free BERT"] if name == "bert-e-l" else [])
+        assert {type(m) for m in model.modules()} == stock, name
+        speed_up(loss, torch.device("cpu"))
         assert not [m for m in model.modules() if type(m) is torch.nn.Dropout], name
         assert any(isinstance(m, kernels.Dropout) for m in model.modules()), name
         assert not [m for m in model.modules() if type(m) is torch.nn.Linear], name  # all kernels.Linear

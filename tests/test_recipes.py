@@ -236,3 +236,14 @@ def test_cli_errors_are_one_line_without_traceback(fpm):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'n_heads'" in lines[0]
+
+
+def test_task_recipes_quote_the_papers_figures_as_fpm_paper_holds_them():
+    """The fine-tuning recipes' ``paper:`` blocks repeat Table 3 and §4.3 for the results table; they
+    must say what fpm/paper.py (the one home of the published numbers) says."""
+    from fpm.paper import TABLE3_QQP_DEV, TNEWS_BERT_C_ACCURACY
+
+    qqp = load_recipe("qqp", kind="finetune").paper
+    assert {k: qqp[k] for k in ("accuracy", "f1", "precision", "recall")} == {
+        k: TABLE3_QQP_DEV[70][k] for k in ("accuracy", "f1", "precision", "recall")}
+    assert load_recipe("tnews", kind="finetune").paper["accuracy"] == TNEWS_BERT_C_ACCURACY

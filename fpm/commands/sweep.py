@@ -10,6 +10,7 @@ from pathlib import Path
 from fpm.config import load_recipe
 from fpm.console import info
 from fpm.errors import FpmError
+from fpm.rundir import AUDIT, FLOORS, FLOORS_DIR, SWEEP_PLAN
 from fpm.runlock import RunLock
 from fpm.study.plan import SweepPlan, data_folder, finetune_argv, make_plan, pretrain_argv, task_folder
 
@@ -38,10 +39,10 @@ def prepare_shared_data(plan: SweepPlan) -> None:
 
         task = load_recipe(plan.task, preset=plan.preset, overrides=plan.task_sets, kind="finetune").task
         splits = {n: load_split(task, task_folder(plan), n, required=n != "test") for n in ("train", "dev", "test")}
-        (out / "audit.json").write_text(json.dumps(audit_splits(task, {k: v for k, v in splits.items() if v}),
+        (out / AUDIT).write_text(json.dumps(audit_splits(task, {k: v for k, v in splits.items() if v}),
                                                    indent=1, ensure_ascii=False))
-        floors(task, splits, out / "floors", {})
-        (out / "floors.json").write_text((out / "floors" / "floors.json").read_text())
+        floors(task, splits, out / FLOORS_DIR, {})
+        (out / FLOORS).write_text((out / FLOORS_DIR / FLOORS).read_text())
 
 
 
@@ -53,7 +54,7 @@ def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seed
     out = Path(out) if out else Path("runs") / f"sweep-{recipe}{'-' + preset if preset else ''}"
     plan = make_plan(recipe, task=task, depths=depths, seeds=seeds, preset=preset, out=out, data=data,
                      data_dir=data_dir, pretrain_sets=pretrain_sets, task_sets=task_sets)
-    plan_file = out / "sweep.json"
+    plan_file = out / SWEEP_PLAN
     if plan_file.is_file():
         old = SweepPlan.from_json(json.loads(plan_file.read_text()))
         if old.to_json() != plan.to_json():

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ValidationError
 from fpm.config.schema import RECIPE_KINDS, Section
 from fpm.errors import FpmError, did_you_mean
 
-SPECIAL_KEYS = ("base", "presets")
 
 
 def recipes_dir() -> Path:

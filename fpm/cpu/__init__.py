@@ -1,14 +1,16 @@
-"""What makes training fast on a CPU, in one place; none of it runs on a GPU.
+"""What makes training fast on a CPU, in one place, applied to a built model in one call.
 
 * :mod:`.kernels` — dropout, attention, linear layers and the fused vocabulary loss with fpm's C++
   kernels (``csrc/cpu_kernels.cpp``), each checked against PyTorch before use; on a GPU (or
   without a compiler) they are PyTorch's own calls.
+* :mod:`.bert_attention` — BERT's SDPA attention on those kernels.
 * :mod:`.bert_unpadded` — BERT's encoder without work on padding positions.
-* :mod:`.master` — flat fp32 master weights for bf16 without ZeRO (one pass per step).
+* :mod:`.master` — flat fp32 master weights for bf16 without ZeRO (one pass per step; chosen by
+  the engine, :func:`fpm.engine.setup.flat_master`).
 * :mod:`.allocator` — tcmalloc/jemalloc for the training commands.
 
-:func:`speed_up` swaps a built model's modules for the fast ones in one call, on a CPU only; the
-model's parameters (hence checkpoints and exports) are untouched.
+:func:`speed_up` is the one call: the model's parameters (hence checkpoints and exports) are
+untouched, and the model files (:mod:`fpm.models`) know nothing of it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fpm.cpu import kernels
+from fpm.cpu import bert_unpadded, kernels
+from fpm.cpu.bert_attention import use_cpu_attention
+from fpm.models import bert
+from fpm.models.objective import Objective
 
 
-def speed_up(model: nn.Module, device: torch.device | None = None) -> list[str]:
-    """Swap ``model``'s dropout and linear layers (and GPT-2's ``Conv1D``) for fpm's CPU ones when
-    it will train on a CPU (``device``, by default: no CUDA device here); returns what was swapped."""
+def speed_up(target: Objective | nn.Module, device: torch.device | None = None) -> list[str]:
+    """Make ``target`` (a model, or a model with its loss) train faster; returns what was applied.
+
+    * BERT pretraining's loss runs the padding-free encoder, on any device (fewer positions are
+      fewer FLOPs everywhere; its kernels fall back to PyTorch's off the CPU).
+    * When training on a CPU (``device``; by default: no CUDA device here): attention, dropout and
+      linear layers (and GPT-2's ``Conv1D``) become fpm's kernel-backed subclasses.
+    """
+    applied = []
+    if isinstance(target, Objective) and target.loss is bert.pretraining_loss:
+        target.loss = bert_unpadded.pretraining_loss
+        applied.append("padding-free BERT")
     on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-    if not on_cpu:
-        return []
-    kernels.use_fast_dropout(model)
-    kernels.use_fast_linear(model)
-    kernels.use_fast_conv1d(model)
-    return ["dropout", "linear", "conv1d"]
+    if on_cpu:
+        model = target.model if isinstance(target, Objective) else target
+        use_cpu_attention(model)
+        kernels.use_fast_dropout(model)
+        kernels.use_fast_linear(model)
+        kernels.use_fast_conv1d(model)
+        applied += ["attention", "dropout", "linear", "conv1d"]
+    return applied

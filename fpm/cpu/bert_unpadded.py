@@ -13,8 +13,9 @@ Each residual branch ends in dropout, the residual add and the next sub-layer's 
 (pre-LN: ``x = x + dropout(f(LN(x)))``); :func:`fpm.cpu.kernels.dropout_add_layer_norm` does the
 three in one pass forward and one backward on CPU.
 
-Used by :func:`fpm.models.bert.pretraining_loss` where it applies (:func:`applies`); elsewhere the
-stock forward runs.
+:func:`pretraining_loss` is BERT's pretraining loss on this forward where it applies
+(:func:`applies`), else the stock one; :func:`fpm.cpu.speed_up` installs it (on any device: fewer
+positions are fewer FLOPs on a GPU too, where the kernels below fall back to PyTorch's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from fpm.cpu import kernels
+from fpm.models import bert
 from fpm.models.bert_attention import SdpaSelfAttention
 
 
@@ -30,7 +32,7 @@ def applies(bert: nn.Module) -> bool:
     """True for an encoder whose modules this forward can run: fpm's SDPA attention, parameters not
     partitioned by ZeRO-3, layers not compiled."""
     layers = bert.encoder.layer
-    return (all(type(layer.attention.self) is SdpaSelfAttention for layer in layers)
+    return (all(isinstance(layer.attention.self, SdpaSelfAttention) for layer in layers)
             and not any(hasattr(p, "ds_id") for p in bert.parameters())
             and not any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers))
 
@@ -189,3 +191,19 @@ def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tenso
         else:
             x, y = _layer(layer, x, y, next_ln, u, key_mask)
     return y, u
+
+
+def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`fpm.models.bert.pretraining_loss` computed on the positions that matter only: the
+    real tokens, the masked ones and each row's [CLS]; the stock loss where this does not apply."""
+    if not applies(model.bert):
+        return bert.pretraining_loss(model, batch)
+    keep = batch["attention_mask"].bool() | (batch["labels"] != -100)
+    keep[:, 0] = True  # the pooler's [CLS]
+    hidden, u = encode(model.bert, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], keep)
+    labels = batch["labels"].reshape(-1)
+    picked = labels != -100
+    masked = hidden[u.rows(picked.nonzero().squeeze(1))]
+    first = hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
+    pooled = model.bert.pooler.activation(model.bert.pooler.dense(first))
+    return bert.heads_loss(model, masked, pooled, labels[picked], batch["sop_labels"])

@@ -573,10 +573,10 @@ class Conv1D(_HFConv1D):
 
 def use_fast_conv1d(model: nn.Module) -> int:
     """Swap every transformers ``Conv1D`` of ``model`` for :class:`Conv1D` in place; returns how many."""
-    return _swap(model, _HFConv1D, Conv1D)
+    return swap_class(model, _HFConv1D, Conv1D)
 
 
-def _swap(model: nn.Module, stock: type, fast: type) -> int:
+def swap_class(model: nn.Module, stock: type, fast: type) -> int:
     """Give every module of exactly type ``stock`` the subclass ``fast`` in place (parameters and
     state-dict keys unchanged); returns how many."""
     n = 0
@@ -589,9 +589,9 @@ def _swap(model: nn.Module, stock: type, fast: type) -> int:
 
 def use_fast_linear(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``model`` for :class:`Linear` in place; returns how many."""
-    return _swap(model, nn.Linear, Linear)
+    return swap_class(model, nn.Linear, Linear)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap every ``nn.Dropout`` of ``model`` for :class:`Dropout` in place; returns how many."""
-    return _swap(model, nn.Dropout, Dropout)
+    return swap_class(model, nn.Dropout, Dropout)

@@ -165,10 +165,76 @@ def _obtain_tokenizer(recipe, opts: PrepareOptions) -> Tokenizer:
     return tok
 
 
-def prepare(recipe, opts: PrepareOptions) -> dict:
-    """Prepare ``opts.inputs`` for ``recipe``; returns the manifest (also written to ``out``)."""
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+class ShardAssembler:
+    """Appends tokenized chunks to shards of ``shard_tokens`` tokens, finishing a shard at the
+    document that fills it; after each finished shard, ``progress.json`` records the shards so far
+    and how many input records they cover (what a resumed preparation skips)."""
+
+    def __init__(self, out: Path, key: str, dtype, sentences: bool, word_starts: bool, shard_tokens: int,
+                 done_shards: list[dict], records_done: int, empty_after: dict[int, int]):
+        self.out, self.key, self.dtype = out, key, dtype
+        self.sentences, self.word_starts, self.shard_tokens = sentences, word_starts, shard_tokens
+        self.shards = list(done_shards)
+        self.records_done = records_done
+        self.empty_after = Counter(empty_after)  # per input: documents with no token left
+        self.writer: sh.ShardWriter | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards) + (self.writer.n_tokens if self.writer else 0)
+
+    def _finish_shard(self, records: int) -> None:
+        self.shards.append(self.writer.close())
+        self.writer = None
+        self.records_done = records
+        _atomic_json(self.out / PROGRESS, {"config_key": self.key, "shards": self.shards,
+                                           "records_done": records, "empty_after": dict(self.empty_after)})
+
+    def feed(self, ri: int, where: list[int], chunk_end: int, res: dict) -> None:
+        """Append a chunk's documents (input ``ri``; ``where``: each document's record number;
+        ``chunk_end``: records consumed at the chunk's end)."""
+        lens = res["doc_lens"]
+        tok_off = np.concatenate([[0], np.cumsum(lens)])
+        sent_off = sent_tok = None
+        if self.sentences:
+            sent_off = np.concatenate([[0], np.cumsum(res["sents_per_doc"])])
+            sent_tok = np.concatenate([[0], np.cumsum(res["sent_lens"])])
+        i, n = 0, len(lens)
+        while i < n:
+            if self.writer is None:
+                self.writer = sh.ShardWriter(self.out, f"shard_{len(self.shards):05d}", self.dtype, self.sentences,
+                                             self.word_starts)
+            room = self.shard_tokens - self.writer.n_tokens
+            # first document j at which the shard is full (or the chunk's last document)
+            j = min(int(np.searchsorted(tok_off[i + 1:] - tok_off[i], room, side="left")) + i, n - 1)
+            self.empty_after[ri] += int((lens[i:j + 1] == 0).sum())
+            a, b = int(tok_off[i]), int(tok_off[j + 1])
+            if b > a:
+                kept = lens[i:j + 1][lens[i:j + 1] > 0]
+                if self.sentences:
+                    sa, sb = int(sent_off[i]), int(sent_off[j + 1])
+                    self.writer.add(res["tokens"][a:b], kept, res["sent_lens"][sa:sb], res["word_starts"][a:b])
+                    assert sent_tok[sb] - sent_tok[sa] == b - a
+                else:
+                    self.writer.add(res["tokens"][a:b], kept)
+            if self.writer.n_tokens >= self.shard_tokens:
+                self._finish_shard(where[j] if j < n - 1 else chunk_end)
+            i = j + 1
+        if n == 0 and self.writer is not None and self.writer.n_tokens >= self.shard_tokens:
+            self._finish_shard(chunk_end)
+
+    def close(self, records: int) -> None:
+        """Finish the last, partly filled shard (``records``: every input record read)."""
+        if self.writer is not None and self.writer.n_tokens:
+            self._finish_shard(records)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()  # no half-written shard stays behind under a final name
+
+
+def _nonempty_inputs(opts: PrepareOptions) -> None:
+    """Refuse when every input is empty; warn about (and skip) the empty ones otherwise."""
     if not opts.inputs:
         raise FpmError("no input files given (--input FILE ...)")
     empty = []
@@ -183,6 +249,78 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
         raise empty[0]
     for exc in empty:
         warn(f"{exc}; skipped")
+
+
+def _resume_point(out: Path, key: str, quiet: bool) -> tuple[list[dict], int, dict[int, int]]:
+    """(finished shards, records they cover, empty documents per input) of an interrupted
+    preparation of the same inputs and settings in ``out``; nothing when there is none."""
+    progress_path = out / PROGRESS
+    if not progress_path.is_file():
+        return [], 0, {}
+    state = json.loads(progress_path.read_text())
+    if state.get("config_key") != key:
+        raise FpmError(f"{out}: holds an unfinished preparation of other inputs or settings; "
+                       "choose another --out or delete it")
+    if not quiet:
+        info(f"resuming after {len(state['shards'])} finished shards ({state['records_done']:,} records)")
+    return state["shards"], state["records_done"], {int(k): v for k, v in state.get("empty_after", {}).items()}
+
+
+def _encode_into(assembler: ShardAssembler, readers: list[Reader], skip: int, init_args: tuple,
+                 opts: PrepareOptions) -> None:
+    """Read, tokenize (in ``opts.workers`` processes, at most 2 chunks each in flight) and append
+    every input record after the first ``skip`` to ``assembler``'s shards."""
+    pool = None
+    if opts.workers > 0:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args)
+    else:
+        _init_worker(*init_args)
+    total_bytes = sum(Path(p).stat().st_size for p in opts.inputs)
+    pending: deque = deque()
+    bytes_seen = n_chunks = 0
+    try:
+        with Progress(None if opts.quiet else total_bytes, "prepare", quiet=opts.quiet,
+                      fmt=lambda d, t: f"{d / 1e6:,.1f}/{t / 1e6:,.1f} MB") as bar:
+
+            def drain(limit: int, bytes_seen: int) -> int:
+                """Feed finished chunks in order until at most ``limit`` are in flight; returns the
+                input bytes read so far (the progress bar's position)."""
+                while len(pending) > limit:
+                    ri, where, chunk_end, fut = pending.popleft()
+                    assembler.feed(ri, where, chunk_end, fut.get() if pool is not None else fut)
+                    now = sum(r.stats.bytes for r in readers[:ri]) + readers[ri].stats.bytes
+                    bar.update(max(0, now - bytes_seen), tokens=f"{assembler.tokens:,}")
+                    bytes_seen = max(bytes_seen, now)
+                return bytes_seen
+
+            for ri, docs, where, chunk_end in _chunks(readers, skip):
+                if opts.max_chunks is not None and n_chunks >= opts.max_chunks:
+                    raise KeyboardInterrupt  # simulated interruption (tests)
+                n_chunks += 1
+                fut = pool.apply_async(_encode_chunk, (docs,)) if pool is not None else _encode_chunk(docs)
+                pending.append((ri, where, chunk_end, fut))
+                bytes_seen = drain(2 * max(1, opts.workers), bytes_seen)
+            drain(0, bytes_seen)
+            assembler.close(sum(r.stats.records for r in readers))
+    except BaseException as exc:
+        assembler.abort()
+        if pool is not None:
+            pool.terminate()
+        if isinstance(exc, OSError) and not exc.filename:  # a full disk names no file: name the folder
+            raise OSError(exc.errno, exc.strerror, str(opts.out)) from None
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def prepare(recipe, opts: PrepareOptions) -> dict:
+    """Prepare ``opts.inputs`` for ``recipe``; returns the manifest (also written to ``out``)."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _nonempty_inputs(opts)
     tok = _obtain_tokenizer(recipe, opts)
     key = _config_key(recipe, tok, opts)
     manifest_path = out / sh.MANIFEST
@@ -193,20 +331,7 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
                 info(f"{out}: already prepared ({manifest['n_tokens']:,} tokens in {len(manifest['shards'])} shards)")
             return manifest
         raise FpmError(f"{out}: holds a different preparation; choose another --out or delete it")
-
-    progress_path = out / PROGRESS
-    restored_empty: dict[int, int] = {}
-    done_shards: list[dict] = []
-    skip = 0
-    if progress_path.is_file():
-        state = json.loads(progress_path.read_text())
-        if state.get("config_key") != key:
-            raise FpmError(f"{out}: holds an unfinished preparation of other inputs or settings; "
-                           "choose another --out or delete it")
-        done_shards, skip = state["shards"], state["records_done"]
-        restored_empty = {int(k): v for k, v in state.get("empty_after", {}).items()}
-        if not opts.quiet:
-            info(f"resuming after {len(done_shards)} finished shards ({skip:,} records)")
+    done_shards, skip, empty_after = _resume_point(out, key, opts.quiet)
     for stale in out.glob("*.tmp"):
         stale.unlink()
 
@@ -214,110 +339,18 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     sentences = word_starts = objective == "mlm_sop"
     dtype = sh.token_dtype(tok.vocab_size)
     readers = [Reader(p, opts.fmt, opts.text_mode, opts.text_field) for p in opts.inputs]
-    empty_after = Counter(restored_empty)
-    total_bytes = sum(Path(p).stat().st_size for p in opts.inputs)
+    assembler = ShardAssembler(out, key, dtype, sentences, word_starts, opts.shard_tokens, done_shards, skip,
+                               empty_after)
     init_args = (str(out / TOKENIZER_DIR), tok.kind, recipe.tokenizer.lowercase, recipe.language, objective)
-
-    writer: sh.ShardWriter | None = None
-    shards = list(done_shards)
-    records_done = skip
-    pool = None
-    if opts.workers > 0:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args)
-    else:
-        _init_worker(*init_args)
-
-    def new_writer() -> sh.ShardWriter:
-        return sh.ShardWriter(out, f"shard_{len(shards):05d}", dtype, sentences, word_starts)
-
-    def finish_shard(records: int) -> None:
-        nonlocal writer, records_done
-        assert writer is not None
-        shards.append(writer.close())
-        writer = None
-        records_done = records
-        _atomic_json(progress_path, {"config_key": key, "shards": shards, "records_done": records_done,
-                                     "empty_after": dict(empty_after)})
-
-    n_chunks = 0
-    bytes_seen = 0
-    try:
-        with Progress(None if opts.quiet else total_bytes, "prepare", quiet=opts.quiet, fmt=lambda d, t: f"{d / 1e6:,.1f}/{t / 1e6:,.1f} MB") as bar:
-            pending: deque = deque()
-
-            def feed(ri: int, where: list[int], chunk_end: int, res: dict) -> None:
-                """Append a chunk's documents, finishing a shard at the document that fills it."""
-                nonlocal writer
-                lens = res["doc_lens"]
-                tok_off = np.concatenate([[0], np.cumsum(lens)])
-                sent_off = None
-                if sentences:
-                    sent_off = np.concatenate([[0], np.cumsum(res["sents_per_doc"])])
-                    sent_tok = np.concatenate([[0], np.cumsum(res["sent_lens"])])
-                i, n = 0, len(lens)
-                while i < n:
-                    if writer is None:
-                        writer = new_writer()
-                    room = opts.shard_tokens - writer.n_tokens
-                    # first document j at which the shard is full (or the chunk's last document)
-                    j = int(np.searchsorted(tok_off[i + 1:] - tok_off[i], room, side="left")) + i
-                    j = min(j, n - 1)
-                    empty_after[ri] += int((lens[i:j + 1] == 0).sum())
-                    a, b = int(tok_off[i]), int(tok_off[j + 1])
-                    if b > a:
-                        kept = lens[i:j + 1][lens[i:j + 1] > 0]
-                        if sentences:
-                            sa, sb = int(sent_off[i]), int(sent_off[j + 1])
-                            writer.add(res["tokens"][a:b], kept, res["sent_lens"][sa:sb], res["word_starts"][a:b])
-                            assert sent_tok[sb] - sent_tok[sa] == b - a
-                        else:
-                            writer.add(res["tokens"][a:b], kept)
-                    if writer.n_tokens >= opts.shard_tokens:
-                        finish_shard(where[j] if j < n - 1 else chunk_end)
-                    i = j + 1
-                if n == 0 and writer is not None and writer.n_tokens >= opts.shard_tokens:
-                    finish_shard(chunk_end)
-
-            def drain(limit: int) -> None:
-                nonlocal bytes_seen
-                while len(pending) > limit:
-                    ri, where, chunk_end, fut = pending.popleft()
-                    feed(ri, where, chunk_end, fut.get() if pool is not None else fut)
-                    tokens = sum(s["n_tokens"] for s in shards) + (writer.n_tokens if writer else 0)
-                    now = sum(r.stats.bytes for r in readers[:ri]) + readers[ri].stats.bytes
-                    bar.update(max(0, now - bytes_seen), tokens=f"{tokens:,}")
-                    bytes_seen = max(bytes_seen, now)
-
-            for ri, docs, where, chunk_end in _chunks(readers, skip):
-                if opts.max_chunks is not None and n_chunks >= opts.max_chunks:
-                    raise KeyboardInterrupt  # simulated interruption (tests)
-                n_chunks += 1
-                fut = pool.apply_async(_encode_chunk, (docs,)) if pool is not None else _encode_chunk(docs)
-                pending.append((ri, where, chunk_end, fut))
-                drain(2 * max(1, opts.workers))
-            drain(0)
-            if writer is not None and writer.n_tokens:
-                finish_shard(sum(r.stats.records for r in readers))
-    except BaseException as exc:
-        if writer is not None:
-            writer.abort()  # no half-written shard stays behind under a final name
-        if pool is not None:
-            pool.terminate()
-        if isinstance(exc, OSError) and not exc.filename:  # a full disk names no file: name the folder
-            raise OSError(exc.errno, exc.strerror, str(out)) from None
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    _encode_into(assembler, readers, skip, init_args, opts)
+    shards = assembler.shards
 
     sources = []
     for ri, reader in enumerate(readers):
         stats = reader.stats
-        if empty_after[ri]:
-            stats.bad["empty_after_tokenization"] += empty_after[ri]
-            stats.documents -= empty_after[ri]
+        if assembler.empty_after[ri]:
+            stats.bad["empty_after_tokenization"] += assembler.empty_after[ri]
+            stats.documents -= assembler.empty_after[ri]
         sources.append(stats.to_json())
     if not shards:
         bad = ", ".join(f"{k} {v}" for src in sources for k, v in src["bad"].items()) or "none"
@@ -337,5 +370,5 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
         "bad_records": sum(sum(s["bad"].values()) for s in sources),
     }
     _atomic_json(manifest_path, manifest)
-    progress_path.unlink(missing_ok=True)
+    (out / PROGRESS).unlink(missing_ok=True)
     return manifest

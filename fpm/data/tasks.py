@@ -247,3 +247,13 @@ def fetch_task(task, out: Path) -> None:
         with open(out / "labels.json", "w", encoding="utf-8") as fh:
             for code in task.labels:
                 fh.write(json.dumps({"label": code, "label_desc": code}) + "\n")
+
+
+def skipped_rows(split: Split) -> str | None:
+    """One line saying which rows of ``split`` were skipped and why (the first line numbers of each
+    kind), or ``None`` when none were."""
+    if not split.bad:
+        return None
+    kinds = ", ".join(f"{v} {k} (lines {', '.join(map(str, split.bad_lines[k][:5]))}"
+                      f"{'…' if len(split.bad_lines[k]) > 5 else ''})" for k, v in split.bad.items())
+    return f"{split.path}: skipped {sum(split.bad.values())} of {split.rows} rows: {kinds}"

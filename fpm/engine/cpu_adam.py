@@ -20,6 +20,13 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 
 class ResumableCPUAdam(DeepSpeedCPUAdam):
+    @staticmethod
+    def load_op():
+        """Build (JIT, cached) and load the C++ op; raises where it cannot be built."""
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        return CPUAdamBuilder().load()
+
     def _restart_powers(self) -> None:
         """An update of zero elements at step 0: the C++ side sets β^0 = 1 and its counter to 0, so
         the next real step t recomputes β^t (t = 1: 1 * β, exactly pow(β, 1))."""

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from fpm.config.schema import ModelCfg, Recipe
-from fpm.cpu import speed_up
 from fpm.models import bert, gpt, t5
 from fpm.models.init import init_weights, scale_residual_projections
 from fpm.models.objective import Objective
@@ -28,8 +27,8 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
 
 def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
                 eos_id: int | None = None, seed: int | None = None) -> nn.Module:
-    """The family's pretraining model, initialised as in §4.1 unless ``init=False``; on a CPU its
-    dropout and linear layers are fpm's fast ones (:func:`fpm.cpu.speed_up`).
+    """The family's pretraining model, initialised as in §4.1 unless ``init=False``. A workflow
+    that trains it applies :func:`fpm.cpu.speed_up` after.
 
     The modules are constructed without ``transformers``' (and torch's) own initialisation: fpm's
     covers every parameter, and under ``deepspeed.zero.Init`` (ZeRO-3) transformers' would index
@@ -39,7 +38,6 @@ def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: in
     with _no_init_weights():
         model = FAMILIES[cfg.family].build(cfg, vocab_size, pad_id, eos_id)
     model.tie_weights()  # skipped with the initialisation
-    speed_up(model)  # fpm's CPU dropout and linear layers, on a CPU only (fpm.cpu)
     if init and next(model.parameters()).device.type != "meta":
         if seed is not None:
             torch.manual_seed(seed)

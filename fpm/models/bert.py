@@ -2,8 +2,9 @@
 
 Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets 50-90 layer BERTs
 train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
-Attention and dropout run through :mod:`fpm.cpu.kernels` (fast on CPU, stock on GPU); the
+Attention is one fused q/k/v projection and PyTorch's SDPA (:mod:`fpm.models.bert_attention`); the
 parameters are untouched, so saved weights load in plain ``transformers`` and give the same outputs.
+The padding-free encoder and the CPU kernels are applied from outside (:func:`fpm.cpu.speed_up`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from transformers import MegatronBertConfig, MegatronBertForPreTraining
 from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
 from fpm.config.schema import ModelCfg
-from fpm.cpu import bert_unpadded
-from fpm.models.bert_attention import SdpaSelfAttention, use_sdpa  # noqa: F401 (use_sdpa: fine-tuning)
+from fpm.models.bert_attention import use_sdpa
 from fpm.models.losses import linear_cross_entropy
 
 
@@ -55,29 +55,25 @@ def build(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = 
 
 
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MLM cross-entropy over the masked positions + SOP cross-entropy.
+    """MLM cross-entropy over the masked positions + SOP cross-entropy."""
+    hidden, pooled = model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                attention_mask=batch["attention_mask"], return_dict=False)[:2]
+    labels = batch["labels"].reshape(-1)
+    picked = labels != -100
+    return heads_loss(model, hidden.reshape(-1, hidden.shape[-1])[picked], pooled, labels[picked],
+                      batch["sop_labels"])
+
+
+def heads_loss(model: nn.Module, masked: torch.Tensor, pooled: torch.Tensor, mlm_labels: torch.Tensor,
+               sop_labels: torch.Tensor) -> torch.Tensor:
+    """The two heads' losses from the encoder's hidden states at the masked positions and its pooled
+    [CLS] output.
 
     The vocabulary projection runs only on the ~15% masked positions: the same loss as scoring
     every position and ignoring the rest (HF's MegatronBertForPreTraining), at a fraction of the
     cost of the largest matrix multiply and of the softmax over 30k entries.
     """
-    labels = batch["labels"].reshape(-1)
-    picked = labels != -100
     head = model.cls.predictions
-    if bert_unpadded.applies(model.bert):  # the padding-free forward: same result, no work on padding
-        keep = batch["attention_mask"].bool() | (batch["labels"] != -100)
-        keep[:, 0] = True  # the pooler's [CLS]
-        hidden, u = bert_unpadded.encode(model.bert, batch["input_ids"], batch["token_type_ids"],
-                                         batch["attention_mask"], keep)
-        at = picked.nonzero().squeeze(1)
-        masked = hidden[u.rows(at)]
-        first = hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
-        pooled = model.bert.pooler.activation(model.bert.pooler.dense(first))
-    else:
-        hidden, pooled = model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                                    attention_mask=batch["attention_mask"], return_dict=False)[:2]
-        masked = hidden.reshape(-1, hidden.shape[-1])[picked]
-    h = head.transform(masked)
-    mlm = linear_cross_entropy(h, head.decoder, labels[picked])  # fused projection + loss: no fp32 logits
-    sop = F.cross_entropy(model.cls.seq_relationship(pooled).float(), batch["sop_labels"])
+    mlm = linear_cross_entropy(head.transform(masked), head.decoder, mlm_labels)  # fused: no fp32 logits
+    sop = F.cross_entropy(model.cls.seq_relationship(pooled).float(), sop_labels)
     return mlm + sop

@@ -10,9 +10,6 @@ from transformers.models.t5 import modeling_t5 as hf
 
 from fpm.config.schema import ModelCfg
 
-PAD_ID = 0
-
-
 def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> T5Config:
     return T5Config(
         vocab_size=vocab_size,

@@ -18,7 +18,7 @@ from fpm.config import load_resolved
 from fpm.errors import FpmError
 from fpm.eval.stats import bootstrap_best, mean_std, neighbour_tests
 from fpm.paper import TABLE3_QQP_DEV
-from fpm.rundir import RunDir, cell_state, read_json
+from fpm.rundir import AUDIT, SWEEP_PLAN, RunDir, cell_state, read_json
 
 METRICS = ("precision", "recall", "f1", "accuracy")
 
@@ -28,7 +28,7 @@ def collect(out: Path) -> tuple[dict, list[dict]]:
     from fpm.engine.metrics import read_metrics
     from fpm.study.plan import SweepPlan
 
-    plan_json = read_json(out / "sweep.json")
+    plan_json = read_json(out / SWEEP_PLAN)
     if plan_json is None:
         raise FpmError(f"{out}: no sweep.json (not a sweep directory)")
     plan = SweepPlan.from_json(plan_json)
@@ -115,7 +115,7 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
              f"{', '.join(str(d) for d in per_depth if d not in beat) or 'none'}.")
             + ("" if same_inputs else f" (The floors used input {'+'.join(floors.get('fields') or [])}, the models "
                                       f"{'+'.join(summary['fields'] or [])}: not the same inputs.)"))
-    audit = read_json(Path(plan["out"]) / "audit.json")
+    audit = read_json(Path(plan["out"]) / AUDIT)
     if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
         dv = audit["splits"]["dev"]
         summary["audit"] = {"dev_examples": dv["examples"], "majority_share": dv["majority_share"],

@@ -1,0 +1,130 @@
+"""The classifier fine-tuning starts from and leaves behind: loaded from an fpm run directory (or
+one of its checkpoints) or a Hugging Face folder, with its pair encoder and tokenizer; its loss;
+saved as a Hugging Face folder; and checked before `fpm evaluate` scores it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fpm.config.schema import FinetuneRecipe
+from fpm.data.pairs import PairEncoder
+from fpm.errors import FpmError
+from fpm.rundir import RunDir
+
+
+@dataclass
+class Init:
+    model: torch.nn.Module
+    encoder: PairEncoder
+    source: str
+    fpm_tokenizer: object | None
+    hf_tokenizer: object | None
+
+
+def classifier_from_pretraining(pre, num_labels: int, dropout: float):
+    from transformers import MegatronBertForSequenceClassification
+
+    from fpm.models.bert import use_sdpa
+
+    config = pre.config.__class__.from_dict(pre.config.to_dict())
+    config.num_labels = num_labels
+    config.hidden_dropout_prob = dropout
+    config.architectures = ["MegatronBertForSequenceClassification"]
+    model = MegatronBertForSequenceClassification(config)
+    model.bert.load_state_dict(pre.bert.state_dict(), strict=True)
+    torch.nn.init.normal_(model.classifier.weight, std=config.initializer_range)
+    torch.nn.init.zeros_(model.classifier.bias)
+    use_sdpa(model)
+    return model
+
+
+def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
+    """An encoder to fine-tune: an fpm run directory or checkpoint, or a Hugging Face model folder."""
+    path = Path(path)
+    num_labels, L = recipe.task.num_labels, recipe.train.max_seq_len
+    if not path.exists():
+        raise FpmError(f"--init {path}: not found")
+    run_dir, tag = path, None
+    if path.parent.name == "checkpoints" and path.name.startswith("step-"):
+        run_dir, tag = path.parent.parent, path.name
+    if RunDir(run_dir).is_pretraining_run():
+        from fpm.export import load_run_model
+
+        pre_recipe, pre, tok, folder = load_run_model(run_dir, tag)
+        if pre_recipe.model.family != "bert":
+            raise FpmError(f"--init {path}: a {pre_recipe.model.family} model; fine-tuning classifies with BERT encoders")
+        if L > pre_recipe.model.max_positions:
+            raise FpmError(f"train.max_seq_len={L} exceeds the model's {pre_recipe.model.max_positions} positions")
+        model = classifier_from_pretraining(pre, num_labels, recipe.train.dropout)
+        return Init(model, PairEncoder(L, fpm_tokenizer=tok), f"{folder}", tok, None)
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        fpm_tok = None
+        if (path / "fpm_tokenizer").is_dir():
+            from fpm.data.tokenizers import load_tokenizer_path
+
+            meta = json.loads((path / "fpm_tokenizer" / "fpm_tokenizer.json").read_text())
+            fpm_tok = load_tokenizer_path(meta["kind"], path / "fpm_tokenizer")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+            hf_tok = None if fpm_tok is not None else AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:
+            raise FpmError(f"--init {path}: cannot load a sequence-classification model ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]})") from None
+        if hasattr(model.config, "hidden_dropout_prob"):
+            model.config.hidden_dropout_prob = recipe.train.dropout
+        encoder = PairEncoder(L, fpm_tokenizer=fpm_tok) if fpm_tok else PairEncoder(L, hf_tokenizer=hf_tok)
+        return Init(model, encoder, str(path), fpm_tok, hf_tok)
+    raise FpmError(f"--init {path}: neither an fpm run directory/checkpoint nor a Hugging Face model folder")
+
+
+def check_classifier(path: Path, num_labels: int) -> None:
+    """``fpm evaluate --model`` needs a fine-tuned classifier: refuse anything else, saying what it is
+    (a pretraining run would be scored with an untrained classification head)."""
+    if not path.exists():
+        raise FpmError(f"--model {path}: not found")
+    if RunDir(path).is_pretraining_run():
+        raise FpmError(f"--model {path}: a pretraining run, whose classification head is untrained; fine-tune it "
+                       f"first (fpm finetune TASK --init {path}) and evaluate that folder")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FpmError(f"--model {path}: no config.json; expected an `fpm finetune` output folder or a Hugging "
+                       "Face sequence-classification model folder")
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError:
+        raise FpmError(f"{config}: not valid JSON") from None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise FpmError(f"--model {path}: a {', '.join(archs) or 'model without architectures'}, not a fine-tuned "
+                       "sequence classifier (fine-tune it first with fpm finetune)")
+    labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels")
+    if labels and labels != num_labels:
+        raise FpmError(f"--model {path}: a classifier of {labels} labels; the task has {num_labels}")
+
+
+def save_model(model, out: Path, init: Init) -> None:
+    """A Hugging Face folder: weights + config + tokenizer (fpm's and, when it exists, HF's)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if init.fpm_tokenizer is not None:
+        from fpm.export import export_tokenizer
+
+        export_tokenizer(init.fpm_tokenizer, tmp)
+    elif init.hf_tokenizer is not None:
+        init.hf_tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def classification_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                   attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])

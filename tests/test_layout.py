@@ -98,6 +98,16 @@ def test_the_study_package_imports_only_its_plan():
             assert inside <= {"fpm.study.plan"}, (m, inside)
 
 
+def test_the_models_know_nothing_of_the_cpu_speed_ups():
+    """fpm.cpu is applied to a built model from outside (fpm.cpu.speed_up, from the engine's set-up);
+    the one model module that calls its kernels is the fused vocabulary loss, for its CPU bf16
+    branches (each guarded by device and dtype there)."""
+    graph = import_graph()
+    users = {m for m in graph if m.startswith("fpm.models") and any(t.startswith("fpm.cpu") for t in graph[m])}
+    assert users == {"fpm.models.losses"}, users
+    assert {t for t in graph["fpm.models.losses"] if t.startswith("fpm.cpu")} == {"fpm.cpu.kernels"}
+
+
 def test_long_modules_say_why_at_their_top():
     missing = []
     for name, p in _modules().items():

@@ -82,7 +82,8 @@ def pretrain_cmd(
     recipe: Annotated[str, typer.Argument(help="Model recipe, e.g. bert-e-l (see `fpm recipes list`).")],
     preset: Preset = None,
     sets: Sets = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Prepared shards (fpm data prepare).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(
+        "--data", help="A prepared folder (fpm data prepare); DIR:WEIGHT, repeated, mixes several by weight.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/RECIPE[-PRESET]).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides train.max_steps).")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint interval in steps.")] = None,
@@ -140,15 +141,28 @@ def baseline_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    task: Task,
-    model: Annotated[Path, typer.Option("--model", help="A fine-tuned classifier: fpm finetune OUT dir or a HF folder.")],
-    data_dir: DataDir = None,
-    split: Annotated[str, typer.Option("--split", help="dev (scored) or test (submission file only).")] = "dev",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where results and predictions go.")] = None,
+    task: Annotated[str, typer.Argument(help="qqp or tnews (a fine-tuned classifier), a task recipe path, or lm "
+                                             "(a pretraining run's loss on held-out text).")],
+    model: Annotated[Path, typer.Option("--model", help="qqp/tnews: a fine-tuned classifier (fpm finetune OUT dir or "
+                                        "a HF folder); lm: a pretraining run directory.")],
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="qqp/tnews: the task folder (official "
+                                                     "layout); lm: a prepared folder with a validation part "
+                                                     "(default: the run's own).")] = None,
+    split: Annotated[str, typer.Option("--split", help="qqp/tnews: dev (scored) or test (submission file only).")] = "dev",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where results (and predictions) go.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="lm: a checkpoint tag (step-00000100); "
+                                                      "default the newest intact one.")] = None,
+    batches: Annotated[Optional[int], typer.Option("--batches", help="lm: global batches of the validation part "
+                                                   "to score (default: the run's train.eval_batches).")] = None,
     preset: Preset = None,
     sets: Sets = None,
 ) -> None:
-    """Evaluate a fine-tuned model without training."""
+    """Evaluate a fine-tuned classifier, or a pretrained language model on held-out text, without training."""
+    if task == "lm":
+        from fpm.evaluate import evaluate_lm
+
+        evaluate_lm(model, data_dir=data_dir, tag=checkpoint, batches=batches, out=out)
+        return
     from fpm.evaluate import evaluate_command
 
     evaluate_command(task, model_path=model, data_dir=data_dir, split=split, out=out, preset=preset,
@@ -316,12 +330,17 @@ def data_prepare(
     text_field: Annotated[str, typer.Option("--text-field", help="JSON field holding the text (pile format).")] = "text",
     workers: Annotated[int, typer.Option("--workers", help="Tokenizer worker processes (0: in-process).")] = max(1, os.cpu_count() or 1),
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard.")] = 1 << 27,
+    validation: Annotated[float, typer.Option("--validation", help="Share of the documents held out for validation, "
+                                              "chosen by a hash of their text (e.g. 0.01).")] = 0.0,
+    validation_inputs: Annotated[list[Path] | None, typer.Option(
+        "--validation-input", help="A file held out whole as validation data (repeatable).")] = None,
 ) -> None:
     """Tokenize corpus files into memory-mapped binary shards with a manifest (resumable)."""
     from fpm.commands.data import prepare_command
 
     prepare_command(recipe, inputs, out, preset=preset, overrides=sets or [], fmt=fmt, text_mode=text_mode,
-                    text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+                    text_field=text_field, workers=workers, shard_tokens=shard_tokens, validation=validation,
+                    validation_inputs=validation_inputs or [])
 
 
 @data_app.command("verify")

@@ -52,3 +52,51 @@ def evaluate_command(task: str, *, model_path: Path, data_dir: Path | None, spli
     elif is_rank0():
         summary(results, recipe, Path(data_dir))
     return results
+
+
+def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None = None,
+                batches: int | None = None, out: Path | None = None) -> dict:
+    """Validation loss, perplexity and bits per character of a pretraining run's checkpoint on a
+    prepared folder's validation part (by default the run's own data folder): the samples and the
+    computation of validation while training (:mod:`fpm.engine.validation`), so the loss equals
+    the one logged at that step. Bits per character = the part's summed cross-entropy (its mean
+    times its tokens) / ln 2 / its characters (recorded by ``fpm data prepare``): comparable across
+    vocabularies, and exact only when every validation sample is scored (``--batches`` large)."""
+    import torch
+
+    from fpm.data.datasets import build_dataset
+    from types import SimpleNamespace
+
+    from fpm.engine.distributed import device_for
+    from fpm.engine.spec import pretraining_spec
+    from fpm.engine.validation import LocalEngine, Validation, bits_per_char
+    from fpm.export import load_run_model
+    from fpm.models import objective
+    from fpm.rundir import read_json, write_json
+
+    run_dir = Path(run_dir)
+    recipe, model, tok, folder = load_run_model(run_dir, tag)
+    if data_dir is None:
+        manifest = read_json(RunDir(run_dir).data_manifest) or {}
+        if not manifest.get("prepared_folder"):
+            raise FpmError(f"{run_dir}: no data folder recorded; pass --data-dir DIR (a prepared folder)")
+        data_dir = Path(manifest["prepared_folder"])
+    part = build_dataset(recipe, data_dir, part="validation")
+    if part.tok.vocab_hash() != tok.vocab_hash():
+        raise FpmError(f"{data_dir}: prepared with another vocabulary than {run_dir}'s; prepare it with the run's "
+                       f"tokenizer ({RunDir(run_dir).tokenizer})")
+    spec = pretraining_spec(recipe, 1, 0.0)
+    n_batches = batches or recipe.train.eval_batches
+    validation = Validation(part, spec.global_batch, spec.micro_batch, n_batches, SimpleNamespace(rank=0, world_size=1))
+    metrics = validation.run(LocalEngine(objective(recipe.model, model), device_for(0)))
+    bpc = bits_per_char(metrics, part.shards.manifest["validation"])
+    if bpc is not None:
+        metrics["val_bits_per_char"] = bpc
+    result = {"run": str(run_dir), "checkpoint": folder.name, "data": str(data_dir), "batches": n_batches,
+              "part_samples": len(part), **metrics, "device": str(torch.device(device_for(0)))}
+    out = Path(out) if out else run_dir / f"eval-lm-{folder.name}.json"
+    write_json(out, result)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    info(f"{run_dir} {folder.name} on {data_dir} (validation part, {metrics['val_samples']} of {len(part)} samples): "
+         f"{shown}; written to {out}")
+    return result

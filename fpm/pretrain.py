@@ -19,7 +19,7 @@ import yaml
 from fpm.cpu import allocator
 from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import Recipe
-from fpm.console import info
+from fpm.console import info, warn
 from fpm.data.shards import MANIFEST
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError, one_line
@@ -29,10 +29,12 @@ from fpm.runlock import RunLock
 
 # recipe keys that may change between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
+                     ("train", "eval_every"), ("train", "eval_batches"),  # evaluation draws no random numbers
                      ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("train", "peak_tflops"),
                      ("data", "path"),
                      ("data", "num_workers"), ("description",), ("cluster",)}
 TINY_DOCS = 4000
+TINY_VALIDATION_DOCS = 300  # held out whole, from another seed of the same generator
 
 
 def default_out(recipe: Recipe, preset: str | None) -> Path:
@@ -71,9 +73,31 @@ def tiny_data(recipe: Recipe, out: Path) -> Path:
     data = out / "data"
     if not (data / "manifest.json").is_file():
         corpus = write_corpus(out / "corpus" / f"synthetic-{recipe.language}.txt", recipe.language, TINY_DOCS)
-        info(f"no --data: preparing a synthetic {recipe.language} corpus of {TINY_DOCS} short stories in {data}")
-        prepare(recipe, PrepareOptions(inputs=[corpus], out=data, workers=0, quiet=True))
+        held = write_corpus(out / "corpus" / f"synthetic-{recipe.language}-validation.txt", recipe.language,
+                            TINY_VALIDATION_DOCS, seed=1)
+        info(f"no --data: preparing a synthetic {recipe.language} corpus of {TINY_DOCS} short stories "
+             f"(and {TINY_VALIDATION_DOCS} held out for validation) in {data}")
+        prepare(recipe, PrepareOptions(inputs=[corpus], out=data, workers=0, quiet=True, validation_inputs=[held]))
     return data
+
+
+def validation_for(recipe: Recipe, spec, sources: list[tuple[Path, float]], dist):
+    """The validation set of the run (``train.eval_every``): the sources' validation parts, mixed
+    as in training; None — with a warning — when a prepared folder has no validation part."""
+    if not spec.eval_every:
+        return None
+    from fpm.data.mixture import build_mixture
+    from fpm.engine.validation import Validation
+
+    try:
+        part = build_mixture(recipe, sources, part="validation")
+    except FpmError as exc:
+        if "no validation part" not in str(exc):
+            raise
+        if dist.rank == 0:
+            warn(f"train.eval_every={spec.eval_every} but {exc}: training without validation")
+        return None
+    return Validation(part, spec.global_batch, spec.micro_batch, spec.eval_batches, dist)
 
 
 def _device_name() -> str:
@@ -83,7 +107,7 @@ def _device_name() -> str:
 
 
 def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,
-             data: Path | None = None, out: Path | None = None, max_steps: int | None = None,
+             data: Path | str | list | None = None, out: Path | None = None, max_steps: int | None = None,
              save_every: int | None = None, seed: int | None = None, resume: str = "auto") -> int:
     """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
     sets = list(overrides or [])
@@ -99,7 +123,7 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
         uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
-def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data: Path | None, out: Path | None,
+def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data, out: Path | None,
               resume: str) -> int:
     recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
     if resume not in ("auto", "never"):
@@ -114,10 +138,21 @@ def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data: Path 
             teardown()
 
 
-def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int:
+def data_sources(data, recipe: Recipe) -> list[tuple[Path, float]]:
+    """``--data`` (one or more ``DIR[:WEIGHT]``), else the recipe's ``data.path``; [] for none."""
+    from fpm.data.mixture import parse_source
+
+    given = data if data else recipe.data.path
+    if not given:
+        return []
+    items = [given] if isinstance(given, (str, Path)) else list(given)
+    return [parse_source(str(x)) for x in items]
+
+
+def _run(recipe: Recipe, dist, out: Path, data, resume: str) -> int:
     import torch
 
-    from fpm.data.datasets import build_dataset
+    from fpm.data.mixture import build_mixture
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.peak import resolve as resolve_peak
     from fpm.engine.setup import check_precision, model_init_context, seed_everything
@@ -130,16 +165,17 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
         out.mkdir(parents=True, exist_ok=True)
         check_run_dir(out, recipe, resume)
     barrier()
-    data_dir = Path(data) if data else (Path(recipe.data.path) if recipe.data.path else None)
-    if data_dir is None:
+    sources = data_sources(data, recipe)
+    if not sources:
         if not recipe.tokenizer.train:
             raise FpmError("no data: prepare shards with `fpm data prepare` and pass --data DIR "
                            "(only the tiny preset makes a corpus of its own)")
         if rank0:
             tiny_data(recipe, out)
         barrier()
-        data_dir = out / "data"
-    dataset = build_dataset(recipe, data_dir)
+        sources = [(out / "data", 1.0)]
+    data_dir = sources[0][0]  # the vocabulary (and, with one source, the data) the run adopts
+    dataset = build_mixture(recipe, sources)
     sp = dataset.tok.specials
     rd = RunDir(out)
     if rank0:  # from here on the run directory holds everything its model needs to be used
@@ -148,6 +184,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
         rd.adopt_data(data_dir, MANIFEST, manifest["tokenizer"]["dir"])
         rd.write_status(recipe=recipe.name, status="running", exit_code=None, reason=None, step=None,
                         max_steps=recipe.train.max_steps, world_size=dist.world_size, data=str(data_dir.resolve()),
+                        data_sources=[{"path": str(p.resolve()), "weight": w} for p, w in sources],
                         started=time.time(), torch=torch.__version__, python=platform.python_version(),
                         host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
     seed_everything(recipe.train.seed)
@@ -160,7 +197,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
                             seed=recipe.train.seed)
     peak = resolve_peak(recipe.train.precision, given=recipe.train.peak_tflops, cache=rd / PEAK)
     trainer = Trainer(spec, objective(recipe.model, model), dataset, out, dist, peak_tflops=peak.tflops,
-                      resume=resume == "auto")
+                      resume=resume == "auto", validation=validation_for(recipe, spec, sources, dist))
     if rank0:  # the trainer writes ds_config.json when it builds the engine
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         info(f"{recipe.name}: {n_params:,} parameters, {dist.world_size} "
@@ -179,7 +216,7 @@ def _run(recipe: Recipe, dist, out: Path, data: Path | None, resume: str) -> int
     if rank0:
         rd.write_status(status=result.reason, exit_code=result.exit_code, reason=result.reason, step=result.step,
                         max_steps=spec.max_steps, wall_s=time.time() - t0, threads=torch.get_num_threads(),
-                        allocator=allocator.in_use(), peak=peak.as_dict())
+                        allocator=allocator.in_use(), peak=peak.as_dict(), validation=result.validation)
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
     return result.exit_code

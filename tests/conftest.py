@@ -27,6 +27,19 @@ def run_fpm(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return proc
 
 
+def sigkill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str, timeout: float = 600) -> None:
+    """SIGKILL ``proc`` (an `fpm pretrain`) as soon as its ``latest`` names ``tag`` or a later one."""
+    import signal
+    import time
+
+    latest, t0 = Path(run_dir) / "checkpoints" / "latest", time.time()
+    while not (latest.is_file() and latest.read_text().strip() >= tag):
+        assert proc.poll() is None and time.time() - t0 < timeout, f"the run ended before its checkpoint {tag}"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture
 def fpm():
     return run_fpm

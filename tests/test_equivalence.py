@@ -160,10 +160,12 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scale_lowered(results):
 def test_cli_zero0_accumulation_equals_two_processes_zero3_accumulation(tmp_path):
     # issue 16's reproduction, through the command line: one process ZeRO-0 micro 4 x accum 4
     # against two processes ZeRO-3 micro 2 x accum 4 (fp32, dropout 0, global batch 16)
-    _, data, _ = prepared(tmp_path, "gpt", 400)
+    # with validation every 6 steps: the validation loss of (nearly) the same weights, ZeRO-0 on one
+    # process against ZeRO-3 on two (each forward gathering the partitions) — issue 19
+    _, data, _ = prepared(tmp_path, "gpt", 400, validation=0.1)
     common = ["pretrain", "cpm-x-s", "--preset", "tiny", "--data", str(data), "--max-steps", "12",
               "--save-every", "100", "--set", "train.log_every=1", "--set", "model.dropout=0",
-              "--set", "model.attention_dropout=0", "--set", "train.grad_accum=4"]
+              "--set", "model.attention_dropout=0", "--set", "train.grad_accum=4", "--set", "train.eval_every=6"]
     one = [sys.executable, "-m", "fpm", *common, "--out", str(tmp_path / "one"), "--set", "train.micro_batch=4"]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fpm",
            *common, "--out", str(tmp_path / "two"), "--set", "train.micro_batch=2", "--set", "deepspeed.zero_stage=3"]
@@ -172,9 +174,14 @@ def test_cli_zero0_accumulation_equals_two_processes_zero3_accumulation(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
     from fpm.engine.metrics import read_metrics
 
-    a, b = ([m["loss"] for m in read_metrics(tmp_path / r)] for r in ("one", "two"))
+    a, b = ([m["loss"] for m in read_metrics(tmp_path / r) if "loss" in m] for r in ("one", "two"))
     assert len(a) == len(b) == 12
     assert max(abs(x - y) / y for x, y in zip(a, b)) <= 1e-4
+    va, vb = ([m for m in read_metrics(tmp_path / r) if m.get("split") == "validation"] for r in ("one", "two"))
+    assert [m["step"] for m in va] == [m["step"] for m in vb] == [6, 12]
+    assert va[0]["val_samples"] == vb[0]["val_samples"] > 16  # min(eval_batches 4 x global batch 16, the part)
+    for x, y in zip(va, vb):
+        assert abs(x["val_loss"] - y["val_loss"]) / y["val_loss"] <= 1e-5, (x, y)
 
 
 def test_gpt_references_of_every_micro_batch_size_agree(results):

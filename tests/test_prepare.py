@@ -67,11 +67,12 @@ def test_bert_shards_hold_sentences_and_word_starts(tmp_path):
     assert set(docs.tolist()) <= set(np.asarray(shard.sent_offsets).tolist())
 
 
-def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
+@pytest.mark.parametrize("validation", [0.0, 0.1])
+def test_interrupted_prepare_resumes_to_identical_shards(tmp_path, validation):
     recipe = tiny_recipe("gpt")
     corpus = write_corpus(tmp_path / "c.txt", "zh", 3000)
     full = tmp_path / "full"
-    prepare(recipe, PrepareOptions(inputs=[corpus], out=full, workers=0, shard_tokens=4000, quiet=True))
+    prepare(recipe, PrepareOptions(inputs=[corpus], out=full, workers=0, shard_tokens=4000, quiet=True, validation=validation))
     part = tmp_path / "part"
     recipe = tiny_recipe("gpt", "tokenizer.train=false", f"tokenizer.path={full / 'tokenizer'}")
     # stop after a few chunks: some shards are finished, one is half written
@@ -81,25 +82,32 @@ def test_interrupted_prepare_resumes_to_identical_shards(tmp_path):
     prep.CHUNK_DOCS = 100
     try:
         with pytest.raises(KeyboardInterrupt):
-            prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True,
+            prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True, validation=validation,
                                            max_chunks=12))
         state = json.loads((part / "progress.json").read_text())
         assert 0 < len(state["shards"]) and state["records_done"] < 3000
         assert not list(part.glob("*.tmp"))  # the half-written shard was removed
-        manifest = prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True))
+        manifest = prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True, validation=validation))
     finally:
         prep.CHUNK_DOCS = old
-    assert manifest["n_docs"] == 3000
-    a = np.concatenate([s.tokens for s in ShardSet(full).shards])
-    b = np.concatenate([s.tokens for s in ShardSet(part).shards])
-    assert np.array_equal(a, b)
+    held = manifest.get("validation", {}).get("n_docs", 0)
+    assert manifest["n_docs"] + held == 3000 and (held > 200) == (validation > 0)
+    parts = ["train", "validation"] if validation else ["train"]
+    for name in parts:  # the same documents in each part, in the same order
+        a = np.concatenate([s.tokens for s in ShardSet(full, name).shards])
+        b = np.concatenate([s.tokens for s in ShardSet(part, name).shards])
+        assert np.array_equal(a, b), name
+    if validation:
+        full_val = json.loads((full / "manifest.json").read_text())["validation"]
+        assert manifest["validation"]["n_chars"] == full_val["n_chars"] > 0
     assert not (part / "progress.json").exists()
     # a finished folder is skipped; a different input into the same folder is refused
-    again = prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True))
+    again = prepare(recipe, PrepareOptions(inputs=[corpus], out=part, workers=0, shard_tokens=4000, quiet=True, validation=validation))
     assert again == manifest
     other = write_corpus(tmp_path / "other.txt", "zh", 10)
     with pytest.raises(FpmError, match="holds a different preparation"):
-        prepare(recipe, PrepareOptions(inputs=[other], out=part, workers=0, shard_tokens=4000, quiet=True))
+        prepare(recipe, PrepareOptions(inputs=[other], out=part, workers=0, shard_tokens=4000, quiet=True,
+                                       validation=validation))
 
 
 def _planted_jsonl() -> tuple[bytes, int]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 
 from fpm.engine.metrics import read_metrics
 
-from conftest import run_fpm
+from conftest import run_fpm, sigkill_after_checkpoint
 
 # the CLI's environment: no TOKENIZERS_PARALLELISM=false (the test suite's default; the CLI sets true)
 CLI_ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
@@ -32,6 +30,8 @@ def _portable(manifest: dict) -> dict:
     """A manifest without what names its folder (the corpus path and the key derived from it)."""
     manifest = {k: v for k, v in manifest.items() if k != "config_key"}
     manifest["sources"] = [{k: v for k, v in src.items() if k != "path"} for src in manifest["sources"]]
+    if "validation" in manifest:
+        manifest["validation"] = {k: v for k, v in manifest["validation"].items() if k != "inputs"}
     return manifest
 
 
@@ -46,17 +46,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_the_same_command_in_two_fresh_folders_and_a_killed_resumed_run_agree_bit_for_bit(tmp_path):
+    # b validates every 10 steps (issue 19), a never: evaluation must not change what trains
     a, b = tmp_path / "a", tmp_path / "b"
-    run_fpm(*ARGS, "--out", str(a), env=CLI_ENV, check=True, timeout=900)
-    proc = subprocess.Popen([sys.executable, "-m", "fpm", *ARGS, "--out", str(b)], env={**CLI_ENV},
+    with_val = ["--set", "train.eval_every=10"]
+    run_fpm(*ARGS, "--out", str(a), "--set", "train.eval_every=0", env=CLI_ENV, check=True, timeout=900)
+    proc = subprocess.Popen([sys.executable, "-m", "fpm", *ARGS, *with_val, "--out", str(b)], env={**CLI_ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest, t0 = b / "checkpoints" / "latest", time.time()
-    while not (latest.is_file() and latest.read_text().strip() >= "step-00000020"):
-        assert proc.poll() is None and time.time() - t0 < 600, "the run ended before its second checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = run_fpm(*ARGS, "--out", str(b), env=CLI_ENV, check=True, timeout=900)
+    sigkill_after_checkpoint(proc, b, "step-00000020")
+    resumed = run_fpm(*ARGS, *with_val, "--out", str(b), env=CLI_ENV, check=True, timeout=900)
     assert "resumed from" in resumed.stdout
     # two fresh folders, each with its own corpus, vocabulary and shards
     fa, fb = _files(a / "data"), _files(b / "data")
@@ -69,6 +66,17 @@ def test_the_same_command_in_two_fresh_folders_and_a_killed_resumed_run_agree_bi
     assert sorted(lb) == list(range(1, 31)) and la == lb
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # validation rows (metrics.jsonl, TensorBoard, run.json), and `fpm evaluate lm` on the last checkpoint
+    # scores the same samples with the same weights
+    rows = [m for m in read_metrics(b) if m.get("split") == "validation"]
+    assert [m["step"] for m in rows] == [10, 20, 30] and not any(m.get("split") for m in read_metrics(a))
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] and 0 <= rows[-1]["val_mlm_acc"] <= 1
+    assert json.loads((b / "run.json").read_text())["validation"]["step"] == 30
+    assert list((b / "tb").glob("events.*"))
+    run_fpm("evaluate", "lm", "--model", str(b), "--out", str(tmp_path / "lm.json"), env=CLI_ENV, check=True)
+    lm = json.loads((tmp_path / "lm.json").read_text())
+    assert lm["checkpoint"] == "step-00000030" and lm["val_samples"] == rows[-1]["val_samples"]
+    assert lm["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("kind, language", [("wordpiece", "en"), ("wordpiece", "zh"), ("bpe", "en"),

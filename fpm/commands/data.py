@@ -15,12 +15,14 @@ from fpm.runlock import RunLock
 
 
 def prepare_command(recipe_name: str, inputs: list[Path], out: Path, *, preset: str | None, overrides: list[str],
-                    fmt: str, text_mode: str, text_field: str, workers: int, shard_tokens: int) -> dict:
+                    fmt: str, text_mode: str, text_field: str, workers: int, shard_tokens: int,
+                    validation: float = 0.0, validation_inputs: list[Path] = ()) -> dict:
     recipe = load_recipe(recipe_name, preset=preset, overrides=overrides, kind="pretrain")
     t0 = time.perf_counter()
     with RunLock(out, "fpm data prepare " + recipe_name):
         manifest = prepare(recipe, PrepareOptions(inputs=inputs, out=out, fmt=fmt, text_mode=text_mode,
-                                                  text_field=text_field, workers=workers, shard_tokens=shard_tokens))
+                                                  text_field=text_field, workers=workers, shard_tokens=shard_tokens,
+                                                  validation=validation, validation_inputs=validation_inputs))
     elapsed = time.perf_counter() - t0
     table = Table(title=f"{out}: {manifest['n_tokens']:,} tokens, {manifest['n_docs']:,} documents, "
                         f"{len(manifest['shards'])} shard(s)")
@@ -30,6 +32,8 @@ def prepare_command(recipe_name: str, inputs: list[Path], out: Path, *, preset: 
         bad = ", ".join(f"{k} {v}" for k, v in s["bad"].items()) or "none"
         table.add_row(s["path"], s["format"], f"{s['records']:,}", f"{s['documents']:,}", bad)
     console().print(table)
+    if val := manifest.get("validation"):
+        info(f"validation part: {val['n_tokens']:,} tokens, {val['n_docs']:,} documents, {len(val['shards'])} shard(s)")
     if manifest["bad_records"]:
         info(f"[yellow]{manifest['bad_records']:,} bad records skipped[/yellow] (counted per file in {out}/manifest.json)")
     info(f"done in {elapsed:.1f}s ({manifest['n_tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)")

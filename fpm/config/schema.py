@@ -89,7 +89,7 @@ class TokenizerCfg(Section):
 class DataCfg(Section):
     corpus: str = ""  # what the paper trained on, for people and reports
     corpus_size: str = ""
-    path: str | None = None  # prepared shards (fpm data prepare); None = tiny built-in corpus
+    path: str | list[str] | None = None  # prepared folder(s), "DIR" or "DIR:WEIGHT" each; None = tiny built-in corpus
     seq_len: int = Field(ge=8)
     objective: Literal["mlm_sop", "clm", "span"]
     # BERT: whole-word n-gram masking + sentence order prediction
@@ -142,6 +142,8 @@ class TrainCfg(Section):
     keep_last: int = Field(3, ge=1)
     max_nonfinite_steps: int = Field(20, ge=1)
     seed: int = 1234
+    eval_every: int = Field(0, ge=0)  # validation loss every this many steps and at the end; 0: off
+    eval_batches: int = Field(10, ge=1)  # global batches of the data's validation part scored each time
     peak_tflops: float | None = Field(None, gt=0)  # MFU's denominator per device; None: detected or measured
 
     @model_validator(mode="after")

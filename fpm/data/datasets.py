@@ -241,9 +241,10 @@ def checked_tokenizer(manifest: dict, folder: Path, manifest_path: Path) -> Toke
     return tok
 
 
-def build_dataset(recipe, data_dir: Path | str, seed: int | None = None) -> PretrainDataset:
-    """The recipe's pretraining dataset over a prepared folder (checks it fits the recipe)."""
-    shards = ShardSet(data_dir)
+def build_dataset(recipe, data_dir: Path | str, seed: int | None = None, part: str = "train") -> PretrainDataset:
+    """The recipe's pretraining dataset over a prepared folder's ``train`` or ``validation`` part
+    (checks it fits the recipe)."""
+    shards = ShardSet(data_dir, part)
     m = shards.manifest
     if m["objective"] != recipe.data.objective:
         raise FpmError(f"{data_dir}: prepared for objective {m['objective']}, the recipe trains {recipe.data.objective}")

@@ -18,7 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from dataclasses import dataclass
@@ -28,11 +28,12 @@ import numpy as np
 
 from fpm.console import Progress, info, warn
 from fpm.data import shards as sh
+from fpm.data.assemble import HELD_OUT_RULE, PROGRESS, ShardAssembler, held_out
 from fpm.data.readers import Reader, check_text_input, split_sentences
 from fpm.data.tokenizers import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path, train_tokenizer
 from fpm.errors import FpmError
+from fpm.rundir import write_json
 
-PROGRESS = "progress.json"
 TOKENIZER_DIR = "tokenizer"
 CHUNK_CHARS = 1 << 18
 CHUNK_DOCS = 1024
@@ -49,6 +50,12 @@ class PrepareOptions:
     shard_tokens: int = 1 << 27
     max_chunks: int | None = None  # stop after this many chunks (tests: simulate an interruption)
     quiet: bool = False
+    validation: float = 0.0  # share of documents held out for validation, chosen by hash (assemble.held_out)
+    validation_inputs: Sequence[Path] = ()  # files held out whole for validation
+
+    @property
+    def all_inputs(self) -> list[Path]:
+        return [*self.inputs, *self.validation_inputs]
 
 
 # ------------------------------------------------------------------ worker side
@@ -103,14 +110,12 @@ def _config_key(recipe, tok: Tokenizer, opts: PrepareOptions) -> str:
     for p in opts.inputs:
         st = Path(p).stat()
         parts += [str(Path(p).resolve()), str(st.st_size)]
+    if opts.validation or opts.validation_inputs:  # (absent before validation parts existed: same keys)
+        parts += [f"validation={opts.validation!r}"]
+        for p in opts.validation_inputs:
+            parts += [str(Path(p).resolve()), str(Path(p).stat().st_size)]
     h.update("\0".join(parts).encode())
     return h.hexdigest()[:16]
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def _chunks(readers: list[Reader], skip: int) -> Iterator[tuple[int, list[str], list[int], int]]:
@@ -165,74 +170,6 @@ def _obtain_tokenizer(recipe, opts: PrepareOptions) -> Tokenizer:
     return tok
 
 
-class ShardAssembler:
-    """Appends tokenized chunks to shards of ``shard_tokens`` tokens, finishing a shard at the
-    document that fills it; after each finished shard, ``progress.json`` records the shards so far
-    and how many input records they cover (what a resumed preparation skips)."""
-
-    def __init__(self, out: Path, key: str, dtype, sentences: bool, word_starts: bool, shard_tokens: int,
-                 done_shards: list[dict], records_done: int, empty_after: dict[int, int]):
-        self.out, self.key, self.dtype = out, key, dtype
-        self.sentences, self.word_starts, self.shard_tokens = sentences, word_starts, shard_tokens
-        self.shards = list(done_shards)
-        self.records_done = records_done
-        self.empty_after = Counter(empty_after)  # per input: documents with no token left
-        self.writer: sh.ShardWriter | None = None
-
-    @property
-    def tokens(self) -> int:
-        return sum(s["n_tokens"] for s in self.shards) + (self.writer.n_tokens if self.writer else 0)
-
-    def _finish_shard(self, records: int) -> None:
-        self.shards.append(self.writer.close())
-        self.writer = None
-        self.records_done = records
-        _atomic_json(self.out / PROGRESS, {"config_key": self.key, "shards": self.shards,
-                                           "records_done": records, "empty_after": dict(self.empty_after)})
-
-    def feed(self, ri: int, where: list[int], chunk_end: int, res: dict) -> None:
-        """Append a chunk's documents (input ``ri``; ``where``: each document's record number;
-        ``chunk_end``: records consumed at the chunk's end)."""
-        lens = res["doc_lens"]
-        tok_off = np.concatenate([[0], np.cumsum(lens)])
-        sent_off = sent_tok = None
-        if self.sentences:
-            sent_off = np.concatenate([[0], np.cumsum(res["sents_per_doc"])])
-            sent_tok = np.concatenate([[0], np.cumsum(res["sent_lens"])])
-        i, n = 0, len(lens)
-        while i < n:
-            if self.writer is None:
-                self.writer = sh.ShardWriter(self.out, f"shard_{len(self.shards):05d}", self.dtype, self.sentences,
-                                             self.word_starts)
-            room = self.shard_tokens - self.writer.n_tokens
-            # first document j at which the shard is full (or the chunk's last document)
-            j = min(int(np.searchsorted(tok_off[i + 1:] - tok_off[i], room, side="left")) + i, n - 1)
-            self.empty_after[ri] += int((lens[i:j + 1] == 0).sum())
-            a, b = int(tok_off[i]), int(tok_off[j + 1])
-            if b > a:
-                kept = lens[i:j + 1][lens[i:j + 1] > 0]
-                if self.sentences:
-                    sa, sb = int(sent_off[i]), int(sent_off[j + 1])
-                    self.writer.add(res["tokens"][a:b], kept, res["sent_lens"][sa:sb], res["word_starts"][a:b])
-                    assert sent_tok[sb] - sent_tok[sa] == b - a
-                else:
-                    self.writer.add(res["tokens"][a:b], kept)
-            if self.writer.n_tokens >= self.shard_tokens:
-                self._finish_shard(where[j] if j < n - 1 else chunk_end)
-            i = j + 1
-        if n == 0 and self.writer is not None and self.writer.n_tokens >= self.shard_tokens:
-            self._finish_shard(chunk_end)
-
-    def close(self, records: int) -> None:
-        """Finish the last, partly filled shard (``records``: every input record read)."""
-        if self.writer is not None and self.writer.n_tokens:
-            self._finish_shard(records)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()  # no half-written shard stays behind under a final name
-
-
 def _nonempty_inputs(opts: PrepareOptions) -> None:
     """Refuse when every input is empty; warn about (and skip) the empty ones otherwise."""
     if not opts.inputs:
@@ -249,21 +186,27 @@ def _nonempty_inputs(opts: PrepareOptions) -> None:
         raise empty[0]
     for exc in empty:
         warn(f"{exc}; skipped")
+    if not 0.0 <= opts.validation < 1.0:
+        raise FpmError(f"--validation {opts.validation}: a share of the documents in [0, 1)")
+    for p in opts.validation_inputs:
+        check_text_input(Path(p), text_only=False)
 
 
-def _resume_point(out: Path, key: str, quiet: bool) -> tuple[list[dict], int, dict[int, int]]:
-    """(finished shards, records they cover, empty documents per input) of an interrupted
-    preparation of the same inputs and settings in ``out``; nothing when there is none."""
+def _resume_point(out: Path, key: str, quiet: bool) -> tuple[list[dict], int, dict[int, int], dict]:
+    """(finished shards, records they cover, empty documents per input, the validation part's
+    state) of an interrupted preparation of the same inputs and settings in ``out``; nothing when
+    there is none."""
     progress_path = out / PROGRESS
     if not progress_path.is_file():
-        return [], 0, {}
+        return [], 0, {}, {}
     state = json.loads(progress_path.read_text())
     if state.get("config_key") != key:
         raise FpmError(f"{out}: holds an unfinished preparation of other inputs or settings; "
                        "choose another --out or delete it")
     if not quiet:
         info(f"resuming after {len(state['shards'])} finished shards ({state['records_done']:,} records)")
-    return state["shards"], state["records_done"], {int(k): v for k, v in state.get("empty_after", {}).items()}
+    return (state["shards"], state["records_done"], {int(k): v for k, v in state.get("empty_after", {}).items()},
+            state.get("validation", {}))
 
 
 def _encode_into(assembler: ShardAssembler, readers: list[Reader], skip: int, init_args: tuple,
@@ -276,7 +219,16 @@ def _encode_into(assembler: ShardAssembler, readers: list[Reader], skip: int, in
         pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args)
     else:
         _init_worker(*init_args)
-    total_bytes = sum(Path(p).stat().st_size for p in opts.inputs)
+    total_bytes = sum(Path(p).stat().st_size for p in opts.all_inputs)
+    held_out_file = set(range(len(opts.inputs), len(opts.all_inputs)))
+    val = assembler.validation
+
+    def encode(docs: list[str]):
+        return pool.apply_async(_encode_chunk, (docs,)) if pool is not None else _encode_chunk(docs)
+
+    def result(fut) -> dict:
+        return fut.get() if pool is not None else fut
+
     pending: deque = deque()
     bytes_seen = n_chunks = 0
     try:
@@ -287,8 +239,15 @@ def _encode_into(assembler: ShardAssembler, readers: list[Reader], skip: int, in
                 """Feed finished chunks in order until at most ``limit`` are in flight; returns the
                 input bytes read so far (the progress bar's position)."""
                 while len(pending) > limit:
-                    ri, where, chunk_end, fut = pending.popleft()
-                    assembler.feed(ri, where, chunk_end, fut.get() if pool is not None else fut)
+                    ri, where, chunk_end, fut, held, held_chars = pending.popleft()
+                    if val is None:
+                        assembler.feed(ri, where, chunk_end, result(fut))
+                    else:  # both parts up to the chunk's end, then (maybe) a finished training shard
+                        assembler.feed(ri, where, chunk_end, result(fut), split=False)
+                        if held is not None:
+                            val.chars += held_chars
+                            val.feed(ri, [], chunk_end, result(held), split=False)
+                        assembler.finish_if_full(chunk_end)
                     now = sum(r.stats.bytes for r in readers[:ri]) + readers[ri].stats.bytes
                     bar.update(max(0, now - bytes_seen), tokens=f"{assembler.tokens:,}")
                     bytes_seen = max(bytes_seen, now)
@@ -298,8 +257,13 @@ def _encode_into(assembler: ShardAssembler, readers: list[Reader], skip: int, in
                 if opts.max_chunks is not None and n_chunks >= opts.max_chunks:
                     raise KeyboardInterrupt  # simulated interruption (tests)
                 n_chunks += 1
-                fut = pool.apply_async(_encode_chunk, (docs,)) if pool is not None else _encode_chunk(docs)
-                pending.append((ri, where, chunk_end, fut))
+                held: list[str] = []
+                if val is not None:  # whole documents to the validation part (in input order)
+                    side = [ri in held_out_file or held_out(d, opts.validation) for d in docs]
+                    held = [d for d, v in zip(docs, side) if v]
+                    docs, where = [d for d, v in zip(docs, side) if not v], [w for w, v in zip(where, side) if not v]
+                pending.append((ri, where, chunk_end, encode(docs), encode(held) if held else None,
+                                sum(map(len, held))))
                 bytes_seen = drain(2 * max(1, opts.workers), bytes_seen)
             drain(0, bytes_seen)
             assembler.close(sum(r.stats.records for r in readers))
@@ -331,16 +295,22 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
                 info(f"{out}: already prepared ({manifest['n_tokens']:,} tokens in {len(manifest['shards'])} shards)")
             return manifest
         raise FpmError(f"{out}: holds a different preparation; choose another --out or delete it")
-    done_shards, skip, empty_after = _resume_point(out, key, opts.quiet)
+    done_shards, skip, empty_after, val_state = _resume_point(out, key, opts.quiet)
     for stale in out.glob("*.tmp"):
         stale.unlink()
 
     objective = recipe.data.objective
     sentences = word_starts = objective == "mlm_sop"
     dtype = sh.token_dtype(tok.vocab_size)
-    readers = [Reader(p, opts.fmt, opts.text_mode, opts.text_field) for p in opts.inputs]
+    readers = [Reader(p, opts.fmt, opts.text_mode, opts.text_field) for p in opts.all_inputs]
+    val = None
+    if opts.validation or opts.validation_inputs:
+        val_empty = {int(k): v for k, v in val_state.get("empty_after", {}).items()}
+        val = ShardAssembler(out, key, dtype, sentences, word_starts, sys.maxsize, val_state.get("shards", []),
+                             skip, val_empty, prefix="val")  # never finished by size: see ShardAssembler
+        val.chars = val_state.get("chars", 0)
     assembler = ShardAssembler(out, key, dtype, sentences, word_starts, opts.shard_tokens, done_shards, skip,
-                               empty_after)
+                               empty_after, validation=val)
     init_args = (str(out / TOKENIZER_DIR), tok.kind, recipe.tokenizer.lowercase, recipe.language, objective)
     _encode_into(assembler, readers, skip, init_args, opts)
     shards = assembler.shards
@@ -348,10 +318,11 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     sources = []
     for ri, reader in enumerate(readers):
         stats = reader.stats
-        if assembler.empty_after[ri]:
-            stats.bad["empty_after_tokenization"] += assembler.empty_after[ri]
-            stats.documents -= assembler.empty_after[ri]
-        sources.append(stats.to_json())
+        empty = assembler.empty_after[ri] + (val.empty_after[ri] if val is not None else 0)
+        if empty:
+            stats.bad["empty_after_tokenization"] += empty
+            stats.documents -= empty
+        sources.append({**stats.to_json(), **({"part": "validation"} if ri >= len(opts.inputs) else {})})
     if not shards:
         bad = ", ".join(f"{k} {v}" for src in sources for k, v in src["bad"].items()) or "none"
         raise FpmError(f"{', '.join(map(str, opts.inputs))}: no document to prepare "
@@ -369,6 +340,15 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
         "sources": sources,
         "bad_records": sum(sum(s["bad"].values()) for s in sources),
     }
-    _atomic_json(manifest_path, manifest)
+    if val is not None:
+        manifest["validation"] = {
+            "fraction": opts.validation, "rule": HELD_OUT_RULE, "inputs": [str(p) for p in opts.validation_inputs],
+            "shards": val.shards, "n_docs": sum(s["n_docs"] for s in val.shards),
+            "n_sents": sum(s["n_sents"] for s in val.shards), "n_tokens": sum(s["n_tokens"] for s in val.shards),
+            "n_chars": val.chars}
+        if not val.shards and not opts.quiet:
+            warn(f"{out}: no document fell into the validation part (--validation {opts.validation}); "
+                 "hold out a larger share or give --validation-input")
+    write_json(manifest_path, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     return manifest

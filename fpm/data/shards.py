@@ -189,9 +189,10 @@ def read_shard(folder: Path, name: str, dtype: np.dtype, entry: dict | None = No
 
 
 class ShardSet:
-    """A prepared folder: manifest + shards, memory-mapped."""
+    """A prepared folder: manifest + shards, memory-mapped; ``part="validation"``: its held-out
+    validation part (``fpm data prepare --validation``)."""
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, part: str = "train"):
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
@@ -200,13 +201,15 @@ class ShardSet:
         if self.manifest.get("format") != FORMAT or not self.manifest.get("complete"):
             raise FpmError(f"{path}: not a complete fpm shard folder (re-run `fpm data prepare` to finish it)")
         self.dtype = np.dtype(self.manifest["dtype"])
-        self.shards = [read_shard(self.folder, s["name"], self.dtype, s) for s in self.manifest["shards"]]
+        self.part = part
+        self.entries = part_entries(self.manifest, part, path)
+        self.shards = [read_shard(self.folder, s["name"], self.dtype, s) for s in self.entries]
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
 
     def damaged(self, shard_index: int, what: str) -> FpmError:
         """The error for a shard found wrong while reading it (a token outside the vocabulary, an
         offset outside the shard): names the file whose checksum fails, if one does."""
-        entry = self.manifest["shards"][shard_index]
+        entry = self.entries[shard_index]
         problem = verify_shard(self.folder, entry) if entry.get("files") else None
         return _damaged(self.folder / f"{entry['name']}.bin", what) if problem is None else FpmError(
             f"{problem}: the shard folder was damaged after `fpm data prepare` wrote it (prepare it again)")
@@ -223,6 +226,19 @@ class ShardSet:
         for shard in self.shards:
             for i in range(shard.n_docs):
                 yield shard.document(i)
+
+
+def part_entries(manifest: dict, part: str, path: Path) -> list[dict]:
+    """The shard entries of a prepared folder's ``train`` or ``validation`` part."""
+    if part == "train":
+        return manifest["shards"]
+    if part != "validation":
+        raise ValueError(part)
+    val = manifest.get("validation")
+    if not val or not val.get("shards"):
+        raise FpmError(f"{path}: no validation part (prepare with `fpm data prepare --validation 0.01` or "
+                       "--validation-input FILE)")
+    return val["shards"]
 
 
 def verify_folder(folder: Path | str) -> tuple[int, list[str]]:
@@ -242,7 +258,7 @@ def verify_folder(folder: Path | str) -> tuple[int, list[str]]:
     dtype, vocab = np.dtype(manifest["dtype"]), int(manifest["tokenizer"]["vocab_size"])
     problems: list[str] = []
     checked = 0
-    for entry in manifest["shards"]:
+    for entry in manifest["shards"] + (manifest.get("validation") or {}).get("shards", []):
         if not entry.get("files"):
             problems.append(f"{folder / entry['name']}.*: no checksums in the manifest (prepared by an older "
                             "fpm): sizes and contents checked only")

@@ -40,10 +40,10 @@ class MetricsLogger:
         except OSError as exc:  # a full disk reports no file name: name it
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         if self._tb is not None:
-            step = record["step"]
+            step, split = record["step"], record.get("split", "train")
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
         if self._tb is not None:

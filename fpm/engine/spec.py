@@ -40,6 +40,8 @@ class TrainSpec:
     num_workers: int = 1
     activation_checkpointing: bool = True
     compile: bool = False
+    eval_every: int = 0  # validation every this many steps and at the end (0: none)
+    eval_batches: int = 10  # global batches of the validation part scored each time
 
 
 def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSpec:
@@ -59,6 +61,7 @@ def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSp
         zero=ZeroSettings.of(recipe.deepspeed),
         log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
+        eval_every=t.eval_every, eval_batches=t.eval_batches,
         flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 

@@ -27,6 +27,7 @@ from fpm.engine.distributed import Dist
 from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.setup import build_engine
+from fpm.engine.validation import Validation
 from fpm.engine.signals import (
     EXIT_NONFINITE,
     EXIT_OK,
@@ -47,6 +48,7 @@ class FitResult:
     exit_code: int
     step: int
     reason: str
+    validation: dict | None = None  # the last validation metrics (with their step)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -57,12 +59,14 @@ class Trainer:
     def __init__(self, spec: TrainSpec, objective: Objective, dataset, run_dir: Path,
                  dist: Dist, *, peak_tflops: float | None = None, resume: bool = True,
                  on_step: Callable[[int], dict | None] | None = None, on_step_every: int = 0,
-                 quiet: bool = False):
+                 quiet: bool = False, validation: Validation | None = None):
         """``objective(batch)`` is the loss (:class:`fpm.models.objective.Objective`); the loop
         calls it through the DeepSpeed engine, ``engine(batch)``, one micro-batch at a time."""
         self.spec, self.objective, self.model, self.dataset = spec, objective, objective.model, dataset
         self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
         self.on_step, self.on_step_every, self.quiet = on_step, on_step_every, quiet
+        self.validation = validation if spec.eval_every else None
+        self.last_validation: dict | None = None
         self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.engine = None
         self._scale_loss = False  # fp16 without ZeRO: fpm applies the loss scale (see setup)
@@ -145,6 +149,14 @@ class Trainer:
             td.all_reduce(value, op=td.ReduceOp.SUM)
         return float(value.item())
 
+    def _all_sum_vector(self, value: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as td
+
+        value = value.detach().clone().to(self.engine.device)
+        if self.dist.world_size > 1:
+            td.all_reduce(value, op=td.ReduceOp.SUM)
+        return value.cpu()
+
     def _all_mean(self, value: torch.Tensor) -> float:
         import torch.distributed as td
 
@@ -202,6 +214,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         loss_n = 0
         tokens = torch.zeros((), dtype=torch.int64, device=device)  # real (non-padding) tokens this window
+        sources = getattr(self.dataset, "names", None)  # a mixture (fpm.data.mixture): samples per source
+        source_counts = torch.zeros(len(sources or ()), dtype=torch.float64)
         t_window = time.perf_counter()
         t_start = time.perf_counter()
         elapsed_before = self._elapsed_before(start)
@@ -215,7 +229,11 @@ class Trainer:
                 while step < s.max_steps:
                     step_loss = torch.zeros((), dtype=torch.float32, device=device)
                     for micro in range(s.grad_accum):
-                        batch = _to_device(next(loader), device)
+                        batch = next(loader)
+                        source = batch.pop("source", None)
+                        if source is not None:
+                            source_counts += torch.bincount(source, minlength=len(source_counts)).double()
+                        batch = _to_device(batch, device)
                         loss = self.engine(batch)
                         if self._scale_loss:
                             self._scale_used = self._loss_scale()
@@ -256,6 +274,10 @@ class Trainer:
                                   "mfu": mfu, "elapsed_s": elapsed_before + now - t_start,
                                   "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
                                   "samples": step * s.global_batch}
+                        if sources:  # the window's share of samples from each source (all ranks)
+                            counts = self._all_sum_vector(source_counts)
+                            record["source_share"] = dict(zip(sources, (counts / max(1.0, counts.sum())).tolist()))
+                            source_counts.zero_()
                         if torch.device(device).type == "cuda":  # the highest allocation so far, this rank
                             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                         metrics.log(record)
@@ -263,6 +285,13 @@ class Trainer:
                         loss_sum.zero_()
                         tokens.zero_()
                         loss_n = 0
+                        t_window = time.perf_counter()
+                    if self.validation is not None and (step % s.eval_every == 0 or step == s.max_steps):
+                        val = self.validation.run(self.engine)
+                        metrics.log({"step": step, "split": "validation", **val})
+                        bar.update(0, val_loss=f"{val['val_loss']:.4f}")
+                        self.last_validation = {"step": step, **val}
+                        tokens.zero_()  # the evaluation's time is not training throughput
                         t_window = time.perf_counter()
                     if self.on_step is not None and self.on_step_every and step % self.on_step_every == 0:
                         extra = self.on_step(step)
@@ -283,7 +312,9 @@ class Trainer:
                 stop.restore()
                 metrics.close()
                 _shutdown(loader)
-        return result if result is not None else FitResult(EXIT_OK, step, "done")
+        result = result if result is not None else FitResult(EXIT_OK, step, "done")
+        result.validation = self.last_validation
+        return result
 
     def _elapsed_before(self, start: int) -> float:
         if not start:

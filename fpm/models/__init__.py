@@ -57,7 +57,8 @@ def _no_init_weights():
 
 def objective(cfg: ModelCfg, model: nn.Module) -> Objective:
     """``model`` with its family's pretraining loss: ``objective(batch)`` is the loss."""
-    return Objective(model, FAMILIES[cfg.family].pretraining_loss)
+    family = FAMILIES[cfg.family]
+    return Objective(model, family.pretraining_loss, family.validation_sums)
 
 
 def count_params(recipe: Recipe) -> int:

@@ -17,7 +17,7 @@ from transformers.models.megatron_bert import modeling_megatron_bert as hf
 
 from fpm.config.schema import ModelCfg
 from fpm.models.bert_attention import use_sdpa
-from fpm.models.losses import linear_cross_entropy
+from fpm.models.losses import linear_cross_entropy, token_losses
 
 
 def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> MegatronBertConfig:
@@ -77,3 +77,20 @@ def heads_loss(model: nn.Module, masked: torch.Tensor, pooled: torch.Tensor, mlm
     mlm = linear_cross_entropy(head.transform(masked), head.decoder, mlm_labels)  # fused: no fp32 logits
     sop = F.cross_entropy(model.cls.seq_relationship(pooled).float(), sop_labels)
     return mlm + sop
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per sample: MLM cross-entropy summed over the masked tokens, their number and how many are
+    predicted right; SOP cross-entropy and whether it is right."""
+    hidden, pooled = model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                attention_mask=batch["attention_mask"], return_dict=False)[:2]
+    labels = batch["labels"]
+    head = model.cls.predictions
+    loss, correct = token_losses(head.transform(hidden.reshape(-1, hidden.shape[-1])), head.decoder,
+                                 labels.reshape(-1))
+    sop_logits = model.cls.seq_relationship(pooled).float()
+    return {"mlm_loss_sum": loss.view(labels.shape).sum(1), "mlm_tokens": (labels != -100).sum(1),
+            "mlm_correct": correct.view(labels.shape).sum(1),
+            "sop_loss": F.cross_entropy(sop_logits, batch["sop_labels"], reduction="none"),
+            "sop_correct": (sop_logits.argmax(-1) == batch["sop_labels"]).long()}

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2 import modeling_gpt2 as hf
 
 from fpm.config.schema import ModelCfg
-from fpm.models.losses import linear_cross_entropy
+from fpm.models.losses import linear_cross_entropy, token_losses
 
 
 def hf_config(cfg: ModelCfg, vocab_size: int, pad_id: int = 0, eos_id: int | None = None) -> GPT2Config:
@@ -56,3 +56,11 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     """
     hidden = model.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
     return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head, batch["labels"].reshape(-1))
+
+
+def validation_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per sample: the summed next-token cross-entropy and the number of scored tokens."""
+    hidden = model.transformer(input_ids=batch["input_ids"], return_dict=False)[0]
+    labels = batch["labels"]
+    loss, _ = token_losses(hidden.reshape(-1, hidden.shape[-1]), model.lm_head, labels.reshape(-1))
+    return {"lm_loss_sum": loss.view(labels.shape).sum(1), "lm_tokens": (labels != -100).sum(1)}

@@ -236,3 +236,19 @@ def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, labels: torch.
         return F.cross_entropy(linear(hidden).float(), labels, ignore_index=-100)
     fn = _LinearCrossEntropyLate if hidden.dtype == torch.float16 else _LinearCrossEntropy
     return fn.apply(hidden, linear.weight, linear.bias, labels, chunk)
+
+
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, linear: nn.Module, labels: torch.Tensor,
+                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy of ``linear(hidden)`` against ``labels`` (0 where the label is -100)
+    and whether the top prediction is the label, a chunk of rows at a time (evaluation: no
+    gradient, never the whole logits tensor). Calls the module, so ZeRO-3 gathers its weight."""
+    loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        logits = linear(hidden[s:s + chunk]).float()
+        y = labels[s:s + chunk]
+        loss[s:s + chunk] = F.cross_entropy(logits, y, ignore_index=-100, reduction="none")
+        correct[s:s + chunk] = (logits.argmax(-1) == y) & (y != -100)
+    return loss, correct

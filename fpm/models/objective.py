@@ -22,22 +22,29 @@ from torch import nn
 PREFIX = "model."
 
 Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Sums = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class Objective(nn.Module):
-    """``forward(batch)`` -> the scalar training loss of ``model`` on ``batch``.
+    """``forward(batch)`` -> the scalar training loss of ``model`` on ``batch``;
+    ``forward(batch, validate=True)`` -> per-sample validation sums.
 
     ``loss(model, batch)`` takes the bare model (no engine); ``tokens(batch)`` counts the tokens a
     batch really trains on (throughput and MFU): by default the attention mask's ones where there
     is one (padding excluded), else every input position.
     """
 
-    def __init__(self, model: nn.Module, loss: Loss):
+    def __init__(self, model: nn.Module, loss: Loss, validation_sums: Sums | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.validation_sums = validation_sums
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], validate: bool = False):
+        """The training loss, or with ``validate`` the family's per-sample validation sums
+        (:mod:`fpm.engine.validation`) — also through the engine, so ZeRO-3 gathers the weights."""
+        if validate:
+            return self.validation_sums(self.model, batch)
         return self.loss(self.model, batch)
 
     @staticmethod

@@ -60,3 +60,14 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     ).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
                            ignore_index=-100)
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per sample: the decoder's summed cross-entropy over its targets and their number."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"],
+                   decoder_attention_mask=batch["decoder_attention_mask"]).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return {"lm_loss_sum": loss.sum(1), "lm_tokens": (labels != -100).sum(1)}

@@ -48,8 +48,10 @@ def collect(out: Path) -> tuple[dict, list[dict]]:
             row["fields"] = res.get("fields")
             preds = [json.loads(x) for x in (cdir / "finetune" / "predictions_dev.jsonl").read_text().splitlines()]
             row["_correct"] = {p["id"]: bool(p["correct"]) for p in preds}
-        curve = [(m["step"], m["loss"]) for m in read_metrics(cdir / "pretrain") if "loss" in m]
+        logged = read_metrics(cdir / "pretrain")
+        curve = [(m["step"], m["loss"]) for m in logged if "loss" in m]
         row["pretrain_loss"] = curve
+        row["validation_loss"] = [(m["step"], m["val_loss"]) for m in logged if m.get("split") == "validation"]
         run = RunDir(cdir / "pretrain").status()
         if RunDir(cdir / "pretrain").recipe.is_file():
             r = load_resolved(RunDir(cdir / "pretrain").recipe)
@@ -183,15 +185,18 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         fig.savefig(files["metrics"], dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for d in depths:
-        curves = [c["pretrain_loss"] for c in cells if c["depth"] == d and c["pretrain_loss"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        steps = [s for s, _ in curves[0][:n]]
-        ax.plot(steps, np.mean([[v for _, v in c[:n]] for c in curves], axis=0), label=f"depth {d}")
+    for i, d in enumerate(depths):
+        color = f"C{i % 10}"
+        for key, style, label in (("pretrain_loss", "-", "train"), ("validation_loss", "o--", "validation")):
+            curves = [c.get(key) for c in cells if c["depth"] == d and c.get(key)]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = [s for s, _ in curves[0][:n]]
+            ax.plot(steps, np.mean([[v for _, v in c[:n]] for c in curves], axis=0), style, color=color,
+                    label=f"depth {d}, {label}", markersize=3)
     ax.set_xlabel("pretraining step")
-    ax.set_ylabel("loss (MLM + SOP)")
+    ax.set_ylabel("loss (MLM + SOP); dashed: held-out validation part")
     ax.legend(fontsize=8)
     fig.tight_layout()
     files["loss"] = pdir / "pretrain_loss.png"
@@ -278,6 +283,12 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
         c = e["cost"]
         lines.append(f"| {d} | {c['pretrain_wall_s'] or 0:.0f} | {c['pretrain_tokens'] or 0:,.0f} | "
                      f"{c['pretrain_flops'] or 0:.3g} | {c['finetune_wall_s'] or 0:.0f} |")
+    val = {c["depth"]: c["validation_loss"][-1] for c in cells if c.get("validation_loss")}
+    if val:
+        lines += ["", "Validation loss (the prepared folder's held-out part) at the end of pretraining: "
+                  + ", ".join(f"depth {d}: {v:.3f} (step {s})" for d, (s, v) in sorted(val.items()))
+                  + ". The pretraining-loss plot draws it dashed beside the training loss: a gap that widens "
+                    "with training is overfitting, one that does not is the model learning the language."]
     lines += ["", "## Plots", ""]
     for key, path in files.items():
         lines.append(f"![{key}](plots/{path.name})")

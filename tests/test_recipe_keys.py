@@ -76,7 +76,7 @@ PRETRAIN = {
         "global_batch", "micro_batch", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "schedule",
         "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "precision", "activation_checkpointing",
         "compile", "log_every", "save_every", "keep_last", "max_nonfinite_steps", "seed", "eval_every",
-        "eval_batches")},
+        "eval_batches", "spike_factor", "spike_window", "spike_rollback")},
     "train.peak_tflops": (PRE, "peak_tflops"),
     **{f"train.loss_scale.{k}": (SPEC, k) for k in ("initial_scale_power", "loss_scale_window", "hysteresis",
                                                   "min_loss_scale")},

@@ -144,6 +144,9 @@ class TrainCfg(Section):
     seed: int = 1234
     eval_every: int = Field(0, ge=0)  # validation loss every this many steps and at the end; 0: off
     eval_batches: int = Field(10, ge=1)  # global batches of the data's validation part scored each time
+    spike_factor: float = Field(0.0, ge=0.0)  # skip a step whose loss > factor x median of recent ones; 0: off
+    spike_window: int = Field(100, ge=2)  # applied steps in that median; spikes counted within this many steps
+    spike_rollback: int = Field(3, ge=0)  # this many spikes within the window: roll back, skip their data; 0: never
     peak_tflops: float | None = Field(None, gt=0)  # MFU's denominator per device; None: detected or measured
 
     @model_validator(mode="after")

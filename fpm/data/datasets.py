@@ -270,15 +270,17 @@ class StreamSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, global_batch: int, micro_batch: int, grad_accum: int, rank: int, world_size: int,
-                 start_step: int, max_steps: int):
+                 start_step: int, max_steps: int, data_step=None):
         assert global_batch == micro_batch * grad_accum * world_size
         self.G, self.B, self.A, self.rank, self.W = global_batch, micro_batch, grad_accum, rank, world_size
         self.start_step, self.max_steps = start_step, max_steps
+        self.data_step = data_step or (lambda s: s)  # step -> the data step it reads (skipped windows)
 
     def __iter__(self):
         for s in range(self.start_step, self.max_steps):
+            d = self.data_step(s)
             for m in range(self.A):
-                base = s * self.G + m * self.B * self.W + self.rank * self.B
+                base = d * self.G + m * self.B * self.W + self.rank * self.B
                 yield list(range(base, base + self.B))
 
     def __len__(self) -> int:

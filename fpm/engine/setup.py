@@ -42,6 +42,7 @@ class Engine:
     scheduler: object
     scale_loss: bool  # fp16 without ZeRO: fpm applies the loss scale itself (see build_engine)
     flat_master: bool
+    client_optimizer: object  # the optimizer fpm built, inside DeepSpeed's wrappers
 
 
 def cpu_adam(spec: TrainSpec, quiet: bool = False):
@@ -102,7 +103,7 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
     if flat:
         model.to(torch.bfloat16)  # bf16 model weights; the fp32 masters live in the optimizer
     with library_chatter():  # "Adam Optimizer #0 is created…"
-        optimizer = build_optimizer(s, model, adam, flat)
+        optimizer = client = build_optimizer(s, model, adam, flat)
     factor = lambda step: lr_factor(step, lr=s.lr, min_lr=s.min_lr, warmup=s.warmup_steps,  # noqa: E731
                                     max_steps=s.max_steps, schedule=s.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -128,7 +129,7 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
         # nobody to average gradients with: DeepSpeed would still flatten them all into one buffer,
         # "all-reduce" it over a group of one and copy it back (~60 ms a step on the bench's BERT shape)
         engine.enable_backward_allreduce = False
-    return Engine(engine, optimizer, scheduler, scale_loss, flat)
+    return Engine(engine, optimizer, scheduler, scale_loss, flat, client)
 
 
 def check_precision(kind: str) -> None:

@@ -42,6 +42,9 @@ class TrainSpec:
     compile: bool = False
     eval_every: int = 0  # validation every this many steps and at the end (0: none)
     eval_batches: int = 10  # global batches of the validation part scored each time
+    spike_factor: float = 0.0  # the loss-spike guard (fpm.engine.spikes); 0: off
+    spike_window: int = 100
+    spike_rollback: int = 3
 
 
 def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSpec:
@@ -62,6 +65,7 @@ def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSp
         log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
         eval_every=t.eval_every, eval_batches=t.eval_batches,
+        spike_factor=t.spike_factor, spike_window=t.spike_window, spike_rollback=t.spike_rollback,
         flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 

@@ -27,6 +27,7 @@ from fpm.engine.distributed import Dist
 from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.setup import build_engine
+from fpm.engine.spikes import SpikeGuard, StepGate
 from fpm.engine.validation import Validation
 from fpm.engine.signals import (
     EXIT_NONFINITE,
@@ -49,6 +50,7 @@ class FitResult:
     step: int
     reason: str
     validation: dict | None = None  # the last validation metrics (with their step)
+    spikes: dict | None = None  # the loss-spike guard's counts and skipped data windows
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -66,6 +68,8 @@ class Trainer:
         self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
         self.on_step, self.on_step_every, self.quiet = on_step, on_step_every, quiet
         self.validation = validation if spec.eval_every else None
+        self.guard = SpikeGuard(spec.spike_factor, spec.spike_window, spec.spike_rollback)
+        self.gate: StepGate | None = None
         self.last_validation: dict | None = None
         self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.engine = None
@@ -81,6 +85,8 @@ class Trainer:
         built = build_engine(s, self.objective, self.dist, self.run_dir, quiet=self.quiet)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         self._scale_loss, self.flat_master = built.scale_loss, built.flat_master
+        if self.guard.enabled:
+            self.gate = StepGate(built.client_optimizer)
         start = 0
         if self.resume:
             found = ckpt.find_resumable(self.ckpt_dir)
@@ -88,6 +94,7 @@ class Trainer:
                 folder, seal = found
                 client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero.stage)
                 start = int(client["step"])
+                self.guard.load_state(client.get("spike_guard"))
                 if not self.quiet:
                     info(f"resumed from {folder} (step {start})")
         return start
@@ -95,7 +102,7 @@ class Trainer:
     def _loader(self, start_step: int):
         s = self.spec
         sampler = StreamSampler(s.global_batch, s.micro_batch, s.grad_accum, self.dist.rank, self.dist.world_size,
-                                start_step, s.max_steps)
+                                start_step, s.max_steps, data_step=self.guard.data_step)
         if s.num_workers:
             register_exit_kill()
         # the loader gets its own generator: drawing its worker seed from the global RNG would shift
@@ -167,8 +174,8 @@ class Trainer:
         return float(value.item())
 
     def save(self, step: int) -> Path:
-        client = {"step": step, "samples": step * self.spec.global_batch, "seed": self.spec.seed,
-                  "world_size": self.dist.world_size}
+        client = {"step": step, "samples": self.guard.data_step(step) * self.spec.global_batch,
+                  "seed": self.spec.seed, "world_size": self.dist.world_size, "spike_guard": self.guard.state()}
         return ckpt.save(self.engine, self.ckpt_dir, step, client, self.dist.rank, self.dist.world_size,
                          self.spec.keep_last)
 
@@ -244,7 +251,14 @@ class Trainer:
                         if (micro == s.grad_accum - 1 and s.zero.stage == 0 and not flat
                                 and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
+                        if micro == s.grad_accum - 1 and self.gate is not None:  # before the update
+                            self.gate.skip = self.guard.observe(step, self._all_mean(step_loss / s.grad_accum))
+                            if self.gate.skip and rank0:
+                                warn(f"step {step + 1}: loss spike ({float(step_loss) / s.grad_accum:.4f}); "
+                                     f"update skipped ({self.guard.skipped} so far)")
                         self.engine.step()
+                        if self.gate is not None:
+                            self.gate.skip = False
                     step += 1
                     step_loss /= s.grad_accum
                     nonfinite = torch.where(torch.isfinite(step_loss), torch.zeros_like(nonfinite), nonfinite + 1)
@@ -273,7 +287,9 @@ class Trainer:
                                   "grad_norm": norm, "loss_scale": self._loss_scale(), "tokens_per_s": tok_s,
                                   "mfu": mfu, "elapsed_s": elapsed_before + now - t_start,
                                   "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
-                                  "samples": step * s.global_batch}
+                                  "samples": self.guard.data_step(step) * s.global_batch}
+                        if self.guard.enabled:
+                            record.update(spikes_skipped=self.guard.skipped, rollbacks=self.guard.rollbacks)
                         if sources:  # the window's share of samples from each source (all ranks)
                             counts = self._all_sum_vector(source_counts)
                             record["source_share"] = dict(zip(sources, (counts / max(1.0, counts.sum())).tolist()))
@@ -299,6 +315,18 @@ class Trainer:
                             metrics.log({"step": step, **extra})
                         tokens.zero_()
                         t_window = time.perf_counter()
+                    if self.guard.wants_rollback():
+                        restored = self._roll_back(step, metrics)
+                        if restored is not None:
+                            bar.update(restored - step)  # the progress goes back with the weights
+                            step = restored
+                            _shutdown(loader)
+                            loader = iter(self._loader(step))
+                            loss_sum.zero_()
+                            tokens.zero_()
+                            loss_n = 0
+                            t_window = time.perf_counter()
+                            continue
                     preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
                         self._save(step)
@@ -314,7 +342,31 @@ class Trainer:
                 _shutdown(loader)
         result = result if result is not None else FitResult(EXIT_OK, step, "done")
         result.validation = self.last_validation
+        if self.guard.enabled:
+            result.spikes = {"skipped": self.guard.skipped, "rollbacks": self.guard.rollbacks,
+                             "skipped_data_steps": self.guard.skips}
         return result
+
+    def _roll_back(self, step: int, metrics: MetricsLogger) -> int | None:
+        """Return to the newest intact checkpoint, skipping the data window of the recent spikes;
+        the step resumed from, or None (no checkpoint yet: the spikes stay skipped, training goes on)."""
+        found = ckpt.find_resumable(self.ckpt_dir)
+        if found is None:
+            warn(f"step {step}: {len(self.guard.recent)} loss spikes within {self.guard.window} steps, but no "
+                 "checkpoint to roll back to; continuing")
+            self.guard.recent.clear()
+            return None
+        folder, seal = found
+        client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, self.spec.zero.stage)
+        back = int(client["step"])
+        first, last = self.guard.roll_back(client.get("spike_guard"), back)
+        metrics.truncate_after(back)
+        metrics.log({"step": back, "event": "rollback", "from_step": step, "skipped_data_steps": [first, last],
+                     "spikes_skipped": self.guard.skipped, "rollbacks": self.guard.rollbacks})
+        if self.dist.rank == 0:
+            warn(f"step {step}: repeated loss spikes; rolled back to {folder.name} and skipping data steps "
+                 f"{first + 1}-{last + 1}")
+        return back
 
     def _elapsed_before(self, start: int) -> float:
         if not start:

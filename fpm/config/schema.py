@@ -146,6 +146,8 @@ class TrainCfg(Section):
     eval_batches: int = Field(10, ge=1)  # global batches of the data's validation part scored each time
     spike_factor: float = Field(0.0, ge=0.0)  # skip a step whose loss > factor x median of recent ones; 0: off
     spike_window: int = Field(100, ge=2)  # applied steps in that median; spikes counted within this many steps
+    hang_timeout_s: float = Field(1800.0, ge=0.0)  # no step finished for this long: stacks, exit 76; 0: off
+    hang_factor: float = Field(50.0, ge=0.0)  # ...or for this many median step times (never under 120 s)
     spike_rollback: int = Field(3, ge=0)  # this many spikes within the window: roll back, skip their data; 0: never
     peak_tflops: float | None = Field(None, gt=0)  # MFU's denominator per device; None: detected or measured
 

@@ -16,6 +16,7 @@ EXIT_USAGE = 2          # bad input: arguments, recipe, data, a run directory in
 EXIT_NONFINITE = 4      # the loss stayed non-finite; the last good checkpoint is intact
 EXIT_DISK = 74          # a file could not be written (full or read-only disk); `latest` is intact
 EXIT_PREEMPTED = 75     # a checkpoint was saved on SIGTERM/SIGINT/SIGUSR1; rerun the same command to resume
+EXIT_HANG = 76          # no step finished within train.hang_timeout_s: stacks dumped (fpm.engine.watchdog)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # honoured from process start on
 LOOP_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)    # and SIGINT while training

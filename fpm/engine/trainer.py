@@ -28,6 +28,7 @@ from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.setup import build_engine
 from fpm.engine.spikes import SpikeGuard, StepGate
+from fpm.engine.watchdog import Watchdog
 from fpm.engine.validation import Validation
 from fpm.engine.signals import (
     EXIT_NONFINITE,
@@ -70,6 +71,7 @@ class Trainer:
         self.validation = validation if spec.eval_every else None
         self.guard = SpikeGuard(spec.spike_factor, spec.spike_window, spec.spike_rollback)
         self.gate: StepGate | None = None
+        self.watchdog = Watchdog(spec.hang_timeout_s, spec.hang_factor, dist.rank)
         self.last_validation: dict | None = None
         self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.engine = None
@@ -216,6 +218,7 @@ class Trainer:
         stop = StopFlag().install()
         device = self.engine.device
         loader = iter(self._loader(start))
+        dog = self.watchdog.start(start)
         check_every = max(1, min(s.log_every, s.max_nonfinite_steps))
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -260,6 +263,7 @@ class Trainer:
                         if self.gate is not None:
                             self.gate.skip = False
                     step += 1
+                    dog.stepped(step)
                     step_loss /= s.grad_accum
                     nonfinite = torch.where(torch.isfinite(step_loss), torch.zeros_like(nonfinite), nonfinite + 1)
                     loss_sum += torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -303,20 +307,26 @@ class Trainer:
                         loss_n = 0
                         t_window = time.perf_counter()
                     if self.validation is not None and (step % s.eval_every == 0 or step == s.max_steps):
+                        dog.pause()  # not a step
                         val = self.validation.run(self.engine)
+                        dog.resume()
                         metrics.log({"step": step, "split": "validation", **val})
                         bar.update(0, val_loss=f"{val['val_loss']:.4f}")
                         self.last_validation = {"step": step, **val}
                         tokens.zero_()  # the evaluation's time is not training throughput
                         t_window = time.perf_counter()
                     if self.on_step is not None and self.on_step_every and step % self.on_step_every == 0:
+                        dog.pause()
                         extra = self.on_step(step)
+                        dog.resume()
                         if extra:
                             metrics.log({"step": step, **extra})
                         tokens.zero_()
                         t_window = time.perf_counter()
                     if self.guard.wants_rollback():
+                        dog.pause()
                         restored = self._roll_back(step, metrics)
+                        dog.resume()
                         if restored is not None:
                             bar.update(restored - step)  # the progress goes back with the weights
                             step = restored
@@ -329,7 +339,9 @@ class Trainer:
                             continue
                     preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
+                        dog.pause()
                         self._save(step)
+                        dog.resume()
                         last_saved = step
                     if preempt:
                         if rank0 and not self.quiet:
@@ -337,6 +349,7 @@ class Trainer:
                         result = FitResult(EXIT_PREEMPTED, step, "preempted")
                         break
             finally:
+                dog.stop()
                 stop.restore()
                 metrics.close()
                 _shutdown(loader)

@@ -318,6 +318,34 @@ def export_cmd(
     export(run_dir, out, tag)
 
 
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Argument(help="A GPT or T5 pretraining run directory, or a folder fpm export wrote.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable); T5: <s_0>, "
+                                                        "<s_1>... mark spans to fill in.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="A file: a prompt per line, or JSON lines "
+                                                    "with \"prompt\" or \"turns\".")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON lines here (default: standard output).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A run's checkpoint tag (default: the "
+                                                      "newest intact one).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampling.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sampling: keep the k likeliest tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sampling: keep the smallest set of tokens with this "
+                                         "probability.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="Above 1 discourages repeats.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    dialogue: Annotated[bool, typer.Option("--dialogue", help="CPM-X-EVA: a prompt is a dialogue's turns (tab-"
+                                           "separated in a file); the reply is one line.")] = False,
+) -> None:
+    """Generate text with a GPT or T5 model (transformers' generate with fpm's tokenizer)."""
+    from fpm.generate import Sampling, generate_command
+
+    generate_command(model, prompts=prompt or [], prompts_file=prompts, out=out, tag=checkpoint,
+                     sampling=Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed),
+                     dialogue=dialogue)
+
+
 @data_app.command("prepare")
 def data_prepare(
     recipe: Annotated[str, typer.Argument(help="Recipe whose tokenizer and objective to prepare for.")],

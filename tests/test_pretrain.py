@@ -96,7 +96,7 @@ def test_tiny_loss_falls_within_200_steps_and_starts_on_the_golden_losses(tmp_pa
     assert last < first - 1.0, (recipe, first, last)  # at least one nat better
     run = json.loads((out / "run.json").read_text())
     assert run["exit_code"] == 0 and run["step"] == 200
-    m = read_metrics(out)[-1]
+    m = [row for row in read_metrics(out) if "loss" in row][-1]  # the last training row (validation follows)
     assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "elapsed_s"} <= set(m)
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and m["grad_norm"] > 0
     assert (out / "tb").is_dir() and list((out / "tb").iterdir())
@@ -178,7 +178,7 @@ def test_zero_stages_and_bf16_train(tmp_path, bert_data, stage, precision):
              "--set", f"train.precision={precision}", data=bert_data)
     l = losses(out)
     assert l[60] < l[10] - 0.5
-    assert read_metrics(out)[-1]["grad_norm"] > 0  # every optimizer path reports its gradient norm
+    assert [m for m in read_metrics(out) if "loss" in m][-1]["grad_norm"] > 0  # every optimizer path reports its gradient norm
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage
     # bf16 without ZeRO on CPU: bf16 weights with fpm's flat fp32 master weights, DeepSpeed's wrapper off
@@ -307,6 +307,40 @@ def test_export_gpt_and_t5_match_plain_transformers(tmp_path, recipe, cls):
     out = tmp_path / "run"
     pretrain(out, "--max-steps", "10", "--save-every", "10", "--set", "deepspeed.zero_stage=2", recipe=recipe)
     export_and_compare(out, tmp_path / "hf", cls)
+    generate_like_transformers(out, tmp_path / "hf", recipe)
+
+
+def generate_like_transformers(run: Path, exported: Path, recipe: str) -> None:
+    """`fpm generate` on the run directory writes what transformers' generate writes with the
+    exported folder and the same settings (greedy, and sampled with a seed)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from fpm.data.tokenizers import load_tokenizer_path
+    from fpm.generate import encode_prompt, infill
+
+    tok = load_tokenizer_path(json.loads((exported / "fpm_tokenizer" / "fpm_tokenizer.json").read_text())["kind"],
+                              exported / "fpm_tokenizer")
+    family = "t5" if recipe.startswith("cpm-2") else "gpt"
+    model = (AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM).from_pretrained(exported).eval()
+    prompt = "小明<s_0>市场。" if family == "t5" else "小明去了"
+    stop = tok.specials.eos if family == "t5" else tok.specials.eod
+    for flags, kwargs in (([], {"do_sample": False}),
+                          (["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"],
+                           {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9})):
+        proc = run_fpm("generate", str(run), "--prompt", prompt, "--max-new-tokens", "12", *flags, check=True)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        ids = torch.tensor([encode_prompt(tok, family, prompt)])
+        torch.manual_seed(3 if kwargs["do_sample"] else 0)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 eos_token_id=stop, pad_token_id=tok.specials.pad, **kwargs)[0].tolist()
+        new = out[ids.shape[1]:] if family == "gpt" else out[1:]
+        new = new[:new.index(stop)] if stop in new else new
+        assert got["tokens"] == len(new) > 0
+        if family == "gpt":
+            assert got["text"] == tok.decode(new)
+        else:  # the spans after each sentinel, filled into the prompt
+            assert (got["text"], got["spans"]) == infill(tok, prompt, new) and got["text"].startswith("小明")
 
 
 def test_export_bert_with_tokenizer(tmp_path, bert_data):

@@ -44,6 +44,8 @@ app.add_typer(recipes_app, name="recipes")
 data_app = typer.Typer(help="Tokenizers and corpus preparation (corpus files -> binary token shards).",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+checkpoint_app = typer.Typer(help="Checkpoints of a pretraining run.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 # shared options
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset to apply, e.g. 'tiny' (CPU-sized).")]
@@ -344,6 +346,18 @@ def generate_cmd(
     generate_command(model, prompts=prompt or [], prompts_file=prompts, out=out, tag=checkpoint,
                      sampling=Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed),
                      dialogue=dialogue)
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(
+    run_dir: Annotated[Path, typer.Argument(help="A pretraining run directory.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="A checkpoint tag (default: the newest intact one).")] = None,
+) -> None:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format, which resumes at any world size and
+    ZeRO stage 1-3 (a resume on another shape converts by itself)."""
+    from fpm.engine.reshard import convert_run
+
+    convert_run(run_dir, tag)
 
 
 @data_app.command("prepare")

@@ -31,7 +31,7 @@ from fpm.runlock import RunLock
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
                      ("train", "eval_every"), ("train", "eval_batches"),  # evaluation draws no random numbers
                      ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("train", "peak_tflops"),
-                     ("data", "path"),
+                     ("data", "path"), ("deepspeed",), ("train", "micro_batch"), ("train", "grad_accum"),  # reshard
                      ("data", "num_workers"), ("description",), ("cluster",)}
 TINY_DOCS = 4000
 TINY_VALIDATION_DOCS = 300  # held out whole, from another seed of the same generator

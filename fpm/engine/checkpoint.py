@@ -52,6 +52,15 @@ def rng_state() -> dict:
     return state
 
 
+def seed_new_shape(seed: int, step: int, rank: int) -> None:
+    """Every RNG of a rank resuming a checkpoint of another shape (fpm.engine.reshard): the old
+    ranks' streams do not map onto the new ones, so they are a function of (seed, step, rank)."""
+    s = (seed * 1_000_003 + step * 7_919 + rank) % 2**63
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -61,7 +70,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, world_size: int,
-         keep_last: int) -> Path:
+         keep_last: int, zero_stage: int = 0) -> Path:
     """Save on every rank; rank 0 then seals it, moves ``latest`` and prunes old checkpoints."""
     from fpm.engine.distributed import barrier
 
@@ -75,7 +84,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, world
     torch.save(rng_state(), folder / "rng" / f"rank{rank:05d}.pt")
     barrier()
     if rank == 0:
-        seal = {"step": step, "world_size": world_size, "files": _inventory(folder)}
+        seal = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": _inventory(folder)}
         tmp = folder / (COMPLETE + ".tmp")
         tmp.write_text(json.dumps(seal))
         os.replace(tmp, folder / COMPLETE)
@@ -84,6 +93,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, world
         os.replace(latest_tmp, ckpt_dir / LATEST)
         for old in sorted(complete_tags(ckpt_dir))[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / "universal" / old, ignore_errors=True)  # its conversion (fpm.engine.reshard)
     barrier()
     return folder
 
@@ -131,10 +141,19 @@ def find_resumable(ckpt_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load(engine, folder: Path, seal: dict, rank: int, world_size: int, zero_stage: int) -> dict:
-    """Load a checkpoint into ``engine``; returns the client state. Refuses a data-parallel size
-    change that DeepSpeed cannot reshape, saying how to convert."""
+def load(engine, folder: Path, seal: dict, rank: int, world_size: int, zero_stage: int,
+         universal: Path | None = None) -> dict:
+    """Load a checkpoint into ``engine``; returns the client state. With ``universal`` (its
+    conversion, :mod:`fpm.engine.reshard`; the engine built with ``checkpoint.load_universal``),
+    at another world size or ZeRO stage, each rank's RNG then seeded for the new shape."""
     saved_world = int(seal["world_size"])
+    if universal is not None:
+        _, client = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise FpmError(f"{universal}: DeepSpeed could not load this universal checkpoint")
+        seed_new_shape(int(client.get("seed", 0)), int(client["step"]), rank)
+        return client
     if saved_world != world_size and zero_stage > 0:
         raise FpmError(
             f"{folder} was written by {saved_world} data-parallel ranks, this run has {world_size}; ZeRO "

@@ -138,3 +138,36 @@ def barrier() -> None:
 
     if td.is_initialized() and td.get_world_size() > 1:
         td.barrier()
+
+
+def all_max(value: float, world_size: int, device) -> float:
+    """The largest ``value`` over the ranks (every rank gets it)."""
+    if world_size == 1:
+        return value
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_sum(value, world_size: int):
+    """``value`` (in float64, on its device) summed over the ranks."""
+    value = value.detach().clone().double()
+    if world_size > 1:
+        import torch.distributed as td
+
+        td.all_reduce(value, op=td.ReduceOp.SUM)
+    return value
+
+
+def all_mean(value, world_size: int, device) -> float:
+    """The mean of a scalar ``value`` over the ranks, in its own dtype."""
+    if world_size > 1:
+        import torch.distributed as td
+
+        value = value.detach().clone().to(device)
+        td.all_reduce(value, op=td.ReduceOp.SUM)
+        value = value / world_size
+    return float(value.item())

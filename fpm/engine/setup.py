@@ -87,7 +87,8 @@ def build_optimizer(spec: TrainSpec, model: torch.nn.Module, adam, flat: bool):
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, **kwargs)
 
 
-def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Path, *, quiet: bool = False) -> Engine:
+def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Path, *, quiet: bool = False,
+                 load_universal: bool = False) -> Engine:
     """The DeepSpeed engine training ``objective`` (see the module's docstring for the order)."""
     import deepspeed
 
@@ -108,6 +109,8 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
                                     max_steps=s.max_steps, schedule=s.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     config = spec_ds_config(s, flat_master=flat)
+    if load_universal:  # resuming a checkpoint of another shape (fpm.engine.reshard)
+        config["checkpoint"] = {"load_universal": True}
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         RunDir(run_dir).ds_config.write_text(json.dumps(config, indent=1))

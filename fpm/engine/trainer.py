@@ -23,7 +23,8 @@ import torch
 from fpm.console import Progress, info, warn
 from fpm.data.datasets import StreamSampler
 from fpm.engine import checkpoint as ckpt
-from fpm.engine.distributed import Dist
+from fpm.engine import reshard
+from fpm.engine.distributed import Dist, all_max, all_mean, all_sum, barrier
 from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.setup import build_engine
@@ -84,17 +85,28 @@ class Trainer:
     def setup(self) -> int:
         """Build the DeepSpeed engine and restore the newest intact checkpoint; returns the start step."""
         s = self.spec
-        built = build_engine(s, self.objective, self.dist, self.run_dir, quiet=self.quiet)
+        found = ckpt.find_resumable(self.ckpt_dir) if self.resume else None
+        universal = None
+        if found is not None and reshard.needs_reshard(found[0], found[1], self.dist.world_size, s.zero.stage):
+            universal = reshard.universal_folder(self.ckpt_dir, found[0].name)
+            if self.dist.rank == 0:
+                if not self.quiet:
+                    info(f"{found[0]} was written by {found[1]['world_size']} rank(s) at ZeRO stage "
+                         f"{reshard.saved_stage(*found)}; converting it to DeepSpeed's universal format in {universal}")
+                reshard.convert(found[0], universal)
+            barrier()
+        built = build_engine(s, self.objective, self.dist, self.run_dir, quiet=self.quiet,
+                             load_universal=universal is not None)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         self._scale_loss, self.flat_master = built.scale_loss, built.flat_master
         if self.guard.enabled:
             self.gate = StepGate(built.client_optimizer)
         start = 0
         if self.resume:
-            found = ckpt.find_resumable(self.ckpt_dir)
             if found is not None:
                 folder, seal = found
-                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero.stage)
+                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero.stage,
+                                   universal=universal)
                 start = int(client["step"])
                 self.guard.load_state(client.get("spike_guard"))
                 if not self.quiet:
@@ -141,45 +153,11 @@ class Trainer:
                 return float(v)
         return 1.0
 
-    def _all_max(self, value: float) -> float:
-        import torch.distributed as td
-
-        if self.dist.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
-        td.all_reduce(t, op=td.ReduceOp.MAX)
-        return float(t.item())
-
-    def _all_sum(self, value: torch.Tensor) -> float:
-        import torch.distributed as td
-
-        value = value.detach().clone().double()
-        if self.dist.world_size > 1:
-            td.all_reduce(value, op=td.ReduceOp.SUM)
-        return float(value.item())
-
-    def _all_sum_vector(self, value: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as td
-
-        value = value.detach().clone().to(self.engine.device)
-        if self.dist.world_size > 1:
-            td.all_reduce(value, op=td.ReduceOp.SUM)
-        return value.cpu()
-
-    def _all_mean(self, value: torch.Tensor) -> float:
-        import torch.distributed as td
-
-        if self.dist.world_size > 1:
-            value = value.detach().clone().to(self.engine.device)
-            td.all_reduce(value, op=td.ReduceOp.SUM)
-            value = value / self.dist.world_size
-        return float(value.item())
-
     def save(self, step: int) -> Path:
         client = {"step": step, "samples": self.guard.data_step(step) * self.spec.global_batch,
                   "seed": self.spec.seed, "world_size": self.dist.world_size, "spike_guard": self.guard.state()}
         return ckpt.save(self.engine, self.ckpt_dir, step, client, self.dist.rank, self.dist.world_size,
-                         self.spec.keep_last)
+                         self.spec.keep_last, self.spec.zero.stage)
 
     def _save(self, step: int) -> Path:
         """Save, or explain on one line why the storage refused it: the partial folder is removed and
@@ -255,7 +233,7 @@ class Trainer:
                                 and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
                         if micro == s.grad_accum - 1 and self.gate is not None:  # before the update
-                            self.gate.skip = self.guard.observe(step, self._all_mean(step_loss / s.grad_accum))
+                            self.gate.skip = self.guard.observe(step, all_mean(step_loss / s.grad_accum, self.dist.world_size, device))
                             if self.gate.skip and rank0:
                                 warn(f"step {step + 1}: loss spike ({float(step_loss) / s.grad_accum:.4f}); "
                                      f"update skipped ({self.guard.skipped} so far)")
@@ -270,7 +248,7 @@ class Trainer:
                     loss_n += 1
                     bar.update(1)
                     if step % check_every == 0 or step == s.max_steps:
-                        bad = self._all_max(float(nonfinite.item()))
+                        bad = all_max(float(nonfinite.item()), self.dist.world_size, device)
                         if bad >= s.max_nonfinite_steps:
                             last = (f"; the last good checkpoint is {self.ckpt_dir / ckpt.tag_for(last_saved)}"
                                     if last_saved else "; no checkpoint had been saved yet")
@@ -280,8 +258,8 @@ class Trainer:
                     if step % s.log_every == 0 or step == s.max_steps:
                         now = time.perf_counter()
                         dt = now - t_window
-                        tok_s = self._all_sum(tokens) / dt if dt > 0 else 0.0
-                        mean_loss = self._all_mean(loss_sum / max(1, loss_n))
+                        tok_s = float(all_sum(tokens, self.dist.world_size)) / dt if dt > 0 else 0.0
+                        mean_loss = all_mean(loss_sum / max(1, loss_n), self.dist.world_size, device)
                         norm = self._grad_norm()
                         if norm is None:
                             norm = manual_norm
@@ -295,7 +273,7 @@ class Trainer:
                         if self.guard.enabled:
                             record.update(spikes_skipped=self.guard.skipped, rollbacks=self.guard.rollbacks)
                         if sources:  # the window's share of samples from each source (all ranks)
-                            counts = self._all_sum_vector(source_counts)
+                            counts = all_sum(source_counts.to(device), self.dist.world_size).cpu()
                             record["source_share"] = dict(zip(sources, (counts / max(1.0, counts.sum())).tolist()))
                             source_counts.zero_()
                         if torch.device(device).type == "cuda":  # the highest allocation so far, this rank
@@ -337,7 +315,7 @@ class Trainer:
                             loss_n = 0
                             t_window = time.perf_counter()
                             continue
-                    preempt = self._all_max(1.0 if stop.requested else 0.0) > 0
+                    preempt = all_max(1.0 if stop.requested else 0.0, self.dist.world_size, device) > 0
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
                         dog.pause()
                         self._save(step)

@@ -1,0 +1,114 @@
+"""Resuming a checkpoint on another cluster shape: DeepSpeed's universal checkpoints.
+
+A ZeRO-1/2/3 checkpoint holds the optimizer state in one partition per data-parallel rank, so it
+loads only on the world size and stage that wrote it. DeepSpeed's universal format holds every
+parameter's fp32 weight and Adam moments whole (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``)
+and loads at any world size and ZeRO stage 1-3 (``checkpoint.load_universal``). fpm converts a
+checkpoint the first time a run resumes it on another shape (or on ``fpm checkpoint convert``):
+``RUN/checkpoints/universal/step-N/`` holds the converted states beside a copy of the checkpoint's
+model-states file (DeepSpeed reads the client state — step, data position, the spike guard — from
+it). The data position carries over exactly: the stream is a function of the global step and the
+global batch is the recipe's, whatever the world size. Dropout's RNG streams cannot carry over
+(one per rank of the old shape); the new ranks are seeded from (seed, step, rank).
+
+Not covered: ZeRO-0 checkpoints (no partitions to convert: they load at any world size at
+ZeRO-0 as they are; to another stage they would lose the optimizer state, which fpm refuses), and
+loading a universal checkpoint at ZeRO-0 (DeepSpeed cannot).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+from fpm.errors import FpmError
+
+UNIVERSAL = "universal"
+
+
+def saved_stage(folder: Path, seal: dict) -> int:
+    """The ZeRO stage a checkpoint was written at (its seal; else read from its file names)."""
+    if "zero_stage" in seal:
+        return int(seal["zero_stage"])
+    names = [p.name for p in folder.iterdir()]
+    if any(n.startswith("zero_pp_rank_") and "_model_states" in n for n in names):
+        return 3
+    return 2 if any(n.startswith("zero_pp_rank_") for n in names) else 0
+
+
+def needs_reshard(folder: Path, seal: dict, world_size: int, stage: int) -> bool:
+    """Whether ``folder`` must go through the universal format to resume at (world_size, stage)."""
+    old_stage, old_world = saved_stage(folder, seal), int(seal["world_size"])
+    if old_stage == 0 and stage == 0:
+        return False  # whole optimizer state: loads at any world size
+    if old_stage == stage and old_world == world_size:
+        return False
+    if old_stage == 0 or stage == 0:
+        raise FpmError(f"{folder}: written at ZeRO stage {old_stage} by {old_world} rank(s); resuming at ZeRO stage "
+                       f"{stage} on {world_size} needs DeepSpeed's universal checkpoint, which has no ZeRO-0 side: "
+                       f"resume at ZeRO stage {old_stage or 'ZeRO 1-3'} instead")
+    return True
+
+
+def universal_folder(ckpt_dir: Path, tag: str) -> Path:
+    return ckpt_dir / UNIVERSAL / tag
+
+
+def convert(folder: Path, out: Path) -> Path:
+    """Convert the checkpoint ``folder`` to DeepSpeed's universal format in ``out`` (once)."""
+    if (out / "zero").is_dir() and any(out.glob("mp_rank_*_model_states.pt")):
+        return out
+    from deepspeed.checkpoint import ds_to_universal
+
+    from fpm.console import library_chatter
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = _Args(input_folder=str(folder), output_folder=str(tmp))
+    try:
+        with library_chatter():
+            ds_to_universal.main(args)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FpmError(f"{folder}: DeepSpeed could not convert it to a universal checkpoint ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    for model_states in folder.glob("mp_rank_*_model_states.pt"):
+        shutil.copy2(model_states, tmp / model_states.name)
+    shutil.rmtree(tmp / "tmp", ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def convert_run(run_dir: Path, tag: str | None = None) -> Path:
+    """`fpm checkpoint convert`: a run's checkpoint (the newest intact one by default) to the
+    universal format, in ``RUN/checkpoints/universal/TAG``."""
+    from fpm.console import info
+    from fpm.engine import checkpoint as ckpt
+    from fpm.rundir import RunDir
+
+    ckpt_dir = RunDir(run_dir).checkpoints
+    if tag:
+        folder = ckpt_dir / tag
+        problem = ckpt.verify(folder) if folder.is_dir() else "no such checkpoint"
+        if problem:
+            raise FpmError(f"{folder}: {problem}")
+    else:
+        found = ckpt.find_resumable(ckpt_dir)
+        if found is None:
+            raise FpmError(f"{run_dir}: no complete checkpoint")
+        folder = found[0]
+    out = convert(folder, universal_folder(ckpt_dir, folder.name))
+    info(f"{folder} -> {out} (DeepSpeed's universal format: resumes at any world size, ZeRO stage 1-3)")
+    return out
+
+
+class _Args:
+    """ds_to_universal's command-line arguments."""
+
+    def __init__(self, input_folder: str, output_folder: str):
+        self.input_folder, self.output_folder = input_folder, output_folder
+        self.num_extract_workers, self.num_merge_workers = 1, 1
+        self.keep_temp_folder, self.strict, self.inject_missing_state = False, True, True

@@ -113,3 +113,40 @@ def test_a_rank_without_a_validation_sample_does_not_hang(tmp_path):
     rows = [m for m in read_metrics(out) if m.get("split") == "validation"]
     assert [m["step"] for m in rows] == [3, 6] and rows[0]["val_samples"] == 1
     assert 0.0 <= rows[0]["val_mlm_acc"] <= 1.0 and rows[0]["val_sop_acc"] in (0.0, 1.0)
+
+
+def _validate_worker(rank: int, world: int, port: int, recipe_name: str, data: str, out) -> None:
+    import torch.distributed as td
+
+    from fpm.config import load_recipe
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        td.init_process_group("gloo", rank=rank, world_size=world)
+    recipe = load_recipe(recipe_name, preset="tiny")
+    part = build_dataset(recipe, data, part="validation")
+    torch.manual_seed(0)
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size)
+    v = Validation(part, global_batch=16, micro_batch=1, eval_batches=2, dist=SimpleNamespace(rank=rank, world_size=world))
+    out[(world, rank)] = v.run(LocalEngine(objective(recipe.model, model), torch.device("cpu")))
+    if world > 1:
+        td.destroy_process_group()
+
+
+@pytest.mark.parametrize("family, recipe_name", [("gpt", "cpm-x-s"), ("bert", "bert-e-l")])
+def test_the_same_weights_give_the_same_validation_loss_on_one_process_and_two(tmp_path, family, recipe_name):
+    import torch.multiprocessing as mp
+
+    from fpm.engine.distributed import _free_port
+
+    _, data, _ = prepared(tmp_path, family, 300, validation=0.2)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        _validate_worker(0, 1, 0, recipe_name, str(data), out)
+        mp.spawn(_validate_worker, args=(2, _free_port(), recipe_name, str(data), out), nprocs=2)
+        got = dict(out)
+    one, a, b = got[(1, 0)], got[(2, 0)], got[(2, 1)]
+    assert a == b  # every rank reports the all-reduced result
+    assert one.keys() == a.keys() and one["val_samples"] == 32
+    for key in one:  # per-sample sums are the same; only the float64 order of adding them differs
+        assert a[key] == pytest.approx(one[key], rel=1e-12, abs=0), key

@@ -374,6 +374,8 @@ def data_prepare(
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard.")] = 1 << 27,
     validation: Annotated[float, typer.Option("--validation", help="Share of the documents held out for validation, "
                                               "chosen by a hash of their text (e.g. 0.01).")] = 0.0,
+    validation_tokens: Annotated[int, typer.Option("--validation-tokens", help="Instead of --validation: hold out "
+                                                   "about this many tokens (documents chosen by hash).")] = 0,
     validation_inputs: Annotated[list[Path] | None, typer.Option(
         "--validation-input", help="A file held out whole as validation data (repeatable).")] = None,
 ) -> None:
@@ -382,7 +384,7 @@ def data_prepare(
 
     prepare_command(recipe, inputs, out, preset=preset, overrides=sets or [], fmt=fmt, text_mode=text_mode,
                     text_field=text_field, workers=workers, shard_tokens=shard_tokens, validation=validation,
-                    validation_inputs=validation_inputs or [])
+                    validation_inputs=validation_inputs or [], validation_tokens=validation_tokens)
 
 
 @data_app.command("verify")

@@ -69,6 +69,16 @@ def test_bits_per_character_against_a_hand_computation():
     assert bits_per_char({"val_loss": 2.0, "val_tokens": 50}, {"n_tokens": 100, "n_chars": 300}) is None  # BERT
 
 
+def test_a_token_count_holds_out_about_that_many_tokens_by_hash(tmp_path):
+    _, _, manifest = prepared(tmp_path, "gpt", 600, validation_tokens=3000)
+    val = manifest["validation"]
+    assert val["tokens_requested"] == 3000 and 0 < val["fraction"] < 1
+    assert 0.7 * 3000 <= val["n_tokens"] <= 1.4 * 3000, val["n_tokens"]  # tokens per character measured on a sample
+    from fpm.data.synthetic import document
+
+    assert val["n_docs"] == sum(held_out(document("zh", 0, i), val["fraction"]) for i in range(600))
+
+
 def test_held_out_documents_are_chosen_by_their_text_alone():
     docs = [f"document number {i}" for i in range(4000)]
     picked = [d for d in docs if held_out(d, 0.1)]

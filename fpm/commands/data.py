@@ -16,13 +16,14 @@ from fpm.runlock import RunLock
 
 def prepare_command(recipe_name: str, inputs: list[Path], out: Path, *, preset: str | None, overrides: list[str],
                     fmt: str, text_mode: str, text_field: str, workers: int, shard_tokens: int,
-                    validation: float = 0.0, validation_inputs: list[Path] = ()) -> dict:
+                    validation: float = 0.0, validation_inputs: list[Path] = (), validation_tokens: int = 0) -> dict:
     recipe = load_recipe(recipe_name, preset=preset, overrides=overrides, kind="pretrain")
     t0 = time.perf_counter()
     with RunLock(out, "fpm data prepare " + recipe_name):
         manifest = prepare(recipe, PrepareOptions(inputs=inputs, out=out, fmt=fmt, text_mode=text_mode,
                                                   text_field=text_field, workers=workers, shard_tokens=shard_tokens,
-                                                  validation=validation, validation_inputs=validation_inputs))
+                                                  validation=validation, validation_inputs=validation_inputs,
+                                                  validation_tokens=validation_tokens))
     elapsed = time.perf_counter() - t0
     table = Table(title=f"{out}: {manifest['n_tokens']:,} tokens, {manifest['n_docs']:,} documents, "
                         f"{len(manifest['shards'])} shard(s)")

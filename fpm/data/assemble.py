@@ -22,12 +22,36 @@ PROGRESS = "progress.json"
 HELD_OUT_RULE = "blake2b-64(document text, utf-8) < fraction x 2^64"
 
 
+def text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def held_out(text: str, fraction: float) -> bool:
     """Whether a document belongs to the validation part at ``fraction``."""
-    if fraction <= 0.0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h < fraction * 2.0 ** 64
+    return fraction > 0.0 and text_hash(text) < fraction * 2.0 ** 64
+
+
+def fraction_for_tokens(texts, tokens: int, encode_batch, sample: int = 256) -> float:
+    """The hash fraction whose held-out documents hold about ``tokens`` tokens: every document's
+    hash and length are read (one pass, no tokenizing), tokens per character are measured on the
+    first ``sample`` documents, and the documents are taken in hash order until the estimate
+    reaches ``tokens``."""
+    hashes, chars, first = [], [], []
+    for text in texts:
+        hashes.append(text_hash(text))
+        chars.append(len(text))
+        if len(first) < sample:
+            first.append(text)
+    if not hashes:
+        return 0.0
+    per_char = sum(len(ids) for ids in encode_batch(first)) / max(1, sum(map(len, first)))
+    order = np.argsort(np.asarray(hashes, dtype=np.uint64), kind="stable")
+    estimate = np.cumsum(np.asarray(chars, dtype=np.float64)[order]) * per_char
+    at = int(np.searchsorted(estimate, tokens, side="left"))
+    if at >= len(order) - 1:
+        raise ValueError(f"the corpus holds about {int(estimate[-1]):,} tokens; {tokens:,} cannot be held out "
+                         "and leave anything to train on")
+    return (hashes[int(order[at])] + 1) / 2.0 ** 64
 
 
 class ShardAssembler:

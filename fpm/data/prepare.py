@@ -21,14 +21,14 @@ import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import chain
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from fpm.console import Progress, info, warn
 from fpm.data import shards as sh
-from fpm.data.assemble import HELD_OUT_RULE, PROGRESS, ShardAssembler, held_out
+from fpm.data.assemble import HELD_OUT_RULE, PROGRESS, ShardAssembler, fraction_for_tokens, held_out
 from fpm.data.readers import Reader, check_text_input, split_sentences
 from fpm.data.tokenizers import META_FILE, Tokenizer, load_tokenizer, load_tokenizer_path, train_tokenizer
 from fpm.errors import FpmError
@@ -52,6 +52,7 @@ class PrepareOptions:
     quiet: bool = False
     validation: float = 0.0  # share of documents held out for validation, chosen by hash (assemble.held_out)
     validation_inputs: Sequence[Path] = ()  # files held out whole for validation
+    validation_tokens: int = 0  # instead of a share: about this many tokens, documents chosen by hash
 
     @property
     def all_inputs(self) -> list[Path]:
@@ -170,6 +171,18 @@ def _obtain_tokenizer(recipe, opts: PrepareOptions) -> Tokenizer:
     return tok
 
 
+def _fraction_for(opts: PrepareOptions, tok: Tokenizer) -> float:
+    """``--validation-tokens``: the hash fraction that holds out about that many tokens."""
+    texts = (doc for p in opts.inputs for doc in Reader(p, opts.fmt, opts.text_mode, opts.text_field) if doc is not None)
+    try:
+        fraction = fraction_for_tokens(texts, opts.validation_tokens, tok.encode_batch)
+    except ValueError as exc:
+        raise FpmError(f"--validation-tokens {opts.validation_tokens}: {exc}") from None
+    if not opts.quiet:
+        info(f"holding out about {opts.validation_tokens:,} tokens: documents with a text hash below {fraction:.6f} x 2^64")
+    return fraction
+
+
 def _nonempty_inputs(opts: PrepareOptions) -> None:
     """Refuse when every input is empty; warn about (and skip) the empty ones otherwise."""
     if not opts.inputs:
@@ -286,6 +299,8 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     _nonempty_inputs(opts)
     tok = _obtain_tokenizer(recipe, opts)
+    if opts.validation_tokens:
+        opts = replace(opts, validation=_fraction_for(opts, tok))
     key = _config_key(recipe, tok, opts)
     manifest_path = out / sh.MANIFEST
     if manifest_path.is_file():
@@ -342,7 +357,7 @@ def prepare(recipe, opts: PrepareOptions) -> dict:
     }
     if val is not None:
         manifest["validation"] = {
-            "fraction": opts.validation, "rule": HELD_OUT_RULE, "inputs": [str(p) for p in opts.validation_inputs],
+            "fraction": opts.validation, "tokens_requested": opts.validation_tokens or None, "rule": HELD_OUT_RULE, "inputs": [str(p) for p in opts.validation_inputs],
             "shards": val.shards, "n_docs": sum(s["n_docs"] for s in val.shards),
             "n_sents": sum(s["n_sents"] for s in val.shards), "n_tokens": sum(s["n_tokens"] for s in val.shards),
             "n_chars": val.chars}

@@ -217,7 +217,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str) -> int:
         rd.write_status(status=result.reason, exit_code=result.exit_code, reason=result.reason, step=result.step,
                         max_steps=spec.max_steps, wall_s=time.time() - t0, threads=torch.get_num_threads(),
                         allocator=allocator.in_use(), peak=peak.as_dict(), validation=result.validation,
-                        spikes=result.spikes)
+                        spikes=result.spikes, source_shares=result.sources)
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
     return result.exit_code

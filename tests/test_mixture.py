@@ -3,6 +3,7 @@ vocabulary, and an exact resume through the CLI."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,20 @@ def test_shares_are_the_weights_and_every_source_position_is_read_once_in_order(
     assert [int(other_seed[g]["source"]) for g in range(64)] != src[:64].tolist()
 
 
+def test_shares_far_from_their_weights_are_reported(monkeypatch):
+    import torch
+
+    from fpm.engine import trainer
+
+    said = []
+    monkeypatch.setattr(trainer, "warn", said.append)
+    got = trainer.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([760.0, 240.0]), warn_if_off=True)
+    assert got == {"a": {"weight": 0.75, "share": 0.76, "samples": 760},
+                   "b": {"weight": 0.25, "share": 0.24, "samples": 240}} and said == []
+    trainer.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([900.0, 100.0]), warn_if_off=True)
+    assert len(said) == 2 and "90.0% of the samples, its weight says 75.0%" in said[0]
+
+
 def two_sources(tmp_path: Path, same_vocabulary: bool = True):
     recipe, first, _ = prepared(tmp_path, "gpt", 300, validation=0.1)
     sets = ["tokenizer.train=false", f"tokenizer.path={first / 'tokenizer'}"] if same_vocabulary else []
@@ -103,6 +118,8 @@ def test_a_3_to_1_mixture_trains_at_its_shares_and_resumes_exactly_after_sigkill
     assert [m["loss"] for m in ma if "loss" in m] == [m["loss"] for m in mb if "loss" in m]  # bit for bit
     assert [m["val_loss"] for m in ma if "val_loss" in m] == [m["val_loss"] for m in mb if "val_loss" in m]
     shares = np.array([[m["source_share"][str(first)], m["source_share"][str(second)]] for m in ma if "loss" in m])
+    summary = json.loads((a / "run.json").read_text())["source_shares"]
+    assert summary[str(first)]["weight"] == 0.75 and summary[str(first)]["share"] == pytest.approx(shares[:, 0].mean())
     assert shares.sum(1) == pytest.approx(1.0)
     # 24 steps x 16 samples = 384 draws; the binomial standard deviation of a 75% share is 2.2 points
     assert abs(shares[:, 0].mean() - 0.75) < 3 * (0.75 * 0.25 / 384) ** 0.5

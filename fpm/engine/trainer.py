@@ -11,6 +11,7 @@ Building the engine (speed-ups, optimizer, DeepSpeed's configuration) is :mod:`f
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class FitResult:
     reason: str
     validation: dict | None = None  # the last validation metrics (with their step)
     spikes: dict | None = None  # the loss-spike guard's counts and skipped data windows
+    sources: dict | None = None  # a mixture: each source's weight and share of this process's samples
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -204,6 +206,7 @@ class Trainer:
         tokens = torch.zeros((), dtype=torch.int64, device=device)  # real (non-padding) tokens this window
         sources = getattr(self.dataset, "names", None)  # a mixture (fpm.data.mixture): samples per source
         source_counts = torch.zeros(len(sources or ()), dtype=torch.float64)
+        source_total = torch.zeros(len(sources or ()), dtype=torch.float64)  # logged windows, all ranks
         t_window = time.perf_counter()
         t_start = time.perf_counter()
         elapsed_before = self._elapsed_before(start)
@@ -274,6 +277,7 @@ class Trainer:
                             record.update(spikes_skipped=self.guard.skipped, rollbacks=self.guard.rollbacks)
                         if sources:  # the window's share of samples from each source (all ranks)
                             counts = all_sum(source_counts.to(device), self.dist.world_size).cpu()
+                            source_total += counts
                             record["source_share"] = dict(zip(sources, (counts / max(1.0, counts.sum())).tolist()))
                             source_counts.zero_()
                         if torch.device(device).type == "cuda":  # the highest allocation so far, this rank
@@ -333,6 +337,8 @@ class Trainer:
                 _shutdown(loader)
         result = result if result is not None else FitResult(EXIT_OK, step, "done")
         result.validation = self.last_validation
+        if sources and source_total.sum() > 0:
+            result.sources = mixture_shares(sources, self.dataset.weights, source_total, warn_if_off=rank0)
         if self.guard.enabled:
             result.spikes = {"skipped": self.guard.skipped, "rollbacks": self.guard.rollbacks,
                              "skipped_data_steps": self.guard.skips}
@@ -366,6 +372,19 @@ class Trainer:
 
         before = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= start and "elapsed_s" in m]
         return float(before[-1]["elapsed_s"]) if before else 0.0
+
+
+def mixture_shares(names: list[str], weights: list[float], counts: torch.Tensor, warn_if_off: bool) -> dict:
+    """Each source's weight and share of the samples counted, with a warning for a share more than
+    four binomial standard deviations (plus one block's rounding) from its weight."""
+    n = float(counts.sum())
+    out = {}
+    for name, w, c in zip(names, weights, counts.tolist()):
+        share = c / n
+        out[name] = {"weight": w, "share": share, "samples": int(c)}
+        if warn_if_off and abs(share - w) > 4 * math.sqrt(w * (1 - w) / n) + 1 / 1024:
+            warn(f"--data {name}: {100 * share:.1f}% of the samples, its weight says {100 * w:.1f}%")
+    return out
 
 
 def _shutdown(loader) -> None:

@@ -50,6 +50,10 @@ app.add_typer(checkpoint_app, name="checkpoint")
 # shared options
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset to apply, e.g. 'tiny' (CPU-sized).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=3e-4 (repeatable).")]
+DataSets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set "
+                                                       "tokenizer.vocab_size=32000 (repeatable).")]
+TaskSets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a task recipe key: --set "
+                                                       "task.max_bad_fraction=0.01 (repeatable).")]
 Out = Annotated[Path, typer.Option("--out", help="Output directory.")]
 
 
@@ -133,7 +137,7 @@ def baseline_cmd(
     task: Task,
     data_dir: DataDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory.")] = None,
-    sets: Sets = None,
+    sets: TaskSets = None,
 ) -> None:
     """The floors: majority class and TF-IDF + logistic regression, trained on train, scored on dev."""
     from fpm.baseline import baseline_command
@@ -366,7 +370,7 @@ def data_prepare(
     inputs: Annotated[list[Path], typer.Option("--input", help="Corpus file (repeatable).")],
     out: Out,
     preset: Preset = None,
-    sets: Sets = None,
+    sets: DataSets = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, pile (JSON lines, .zst ok), wudao, stc or text.")] = "auto",
     text_mode: Annotated[str, typer.Option("--text-mode", help="Plain text: one document per 'line' or per blank-line 'paragraph'.")] = "line",
     text_field: Annotated[str, typer.Option("--text-field", help="JSON field holding the text (pile format).")] = "text",
@@ -403,7 +407,7 @@ def data_audit(
     task: Task,
     data_dir: DataDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write audit.json here.")] = None,
-    sets: Sets = None,
+    sets: TaskSets = None,
 ) -> None:
     """Label distribution, duplicates within train and between train and dev/test, empty fields, lengths."""
     from fpm.audit import audit_command

@@ -78,11 +78,13 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
     try:
         recipe = finetune_recipe(task, preset, overrides, epochs, max_steps, seed)
         out = Path(out) if out else Path("runs") / f"finetune-{recipe.task.name}"
+        synthetic = data_dir is None and preset == "tiny"  # as the sweep does: a synthetic task of its own
+        data_dir = out / "task" if synthetic else data_dir
         dist = resolve_env()
         with RunLock(out, "fpm finetune " + task) if dist.rank == 0 else contextlib.nullcontext():
             dist_init(dist)
             try:
-                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors)
+                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic)
             finally:
                 teardown()
     finally:
@@ -90,7 +92,7 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
 
 
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
-              with_floors: bool = True) -> int:
+              with_floors: bool = True, synthetic: bool = False) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
     from fpm.engine.setup import check_precision, seed_everything
@@ -102,6 +104,13 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     check_precision(t.precision)
     if recipe.deepspeed.zero_stage == 3:
         raise FpmError("fine-tuning supports ZeRO stages 0-2 (the best model is saved from whole weights)")
+    if synthetic and rank0 and not (data_dir / "dev.tsv").is_file() and not (data_dir / "dev.json").is_file():
+        from fpm.data.synthetic import write_qqp, write_tnews
+
+        info(f"no --data-dir: writing a synthetic {recipe.task.name} task (official layout) in {data_dir}; "
+             "its scores say whether fpm learns, not how the paper's model does")
+        (write_qqp if recipe.task.name == "qqp" else write_tnews)(data_dir)
+    barrier()
     splits = {name: load_split(recipe.task, data_dir, name, required=name != "test")
               for name in ("train", "dev", "test")}
     if rank0:

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from fpm.config import load_recipe
-from fpm.data.synthetic import write_qqp, write_tnews
+from fpm.data.synthetic import write_tnews
 from fpm.data.tasks import load_split
 from fpm.errors import FpmError
 from fpm.eval.metrics import classification_metrics
@@ -103,20 +103,23 @@ def test_tnews_loader_fields_and_faults(tmp_path):
 def test_end_to_end_tiny_pretrain_finetune_evaluate(tmp_path):
     pre = tmp_path / "pre"
     run_fpm("pretrain", "bert-e-s", "--preset", "tiny", "--out", str(pre), "--max-steps", "60", check=True)
-    data = write_qqp(tmp_path / "qqp", n_train=600, n_dev=200, n_test=50)
     out = tmp_path / "ft"
-    proc = run_fpm("finetune", "qqp", "--init", str(pre), "--data-dir", str(data), "--preset", "tiny", "--out",
-                   str(out), "--max-steps", "40", "--set", "train.eval_every=20", check=True)
+    # no --data-dir with the tiny preset: a synthetic QQP task of its own, as the README's first run does
+    proc = run_fpm("finetune", "qqp", "--init", str(pre), "--preset", "tiny", "--out", str(out), "--max-steps", "40",
+                   "--set", "train.eval_every=20", check=True)
+    assert "no --data-dir: writing a synthetic qqp task" in proc.stdout
+    data = out / "task"
+    assert (data / "train.tsv").is_file() and (data / "test.tsv").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "qqp" and results["split"] == "dev" and results["n_examples"] == 200
+    assert results["task"] == "qqp" and results["split"] == "dev" and results["n_examples"] == 500
     assert {"accuracy", "f1", "precision", "recall"} <= set(results)
     assert results["fields"] == ["question1", "question2"]
     preds = [json.loads(line) for line in (out / "predictions_dev.jsonl").read_text().splitlines()]
-    assert len(preds) == 200
+    assert len(preds) == 500
     acc = np.mean([p["correct"] for p in preds])
     assert results["accuracy"] == pytest.approx(acc)  # the summary is the predictions file, recomputed
     sub = (out / "QQP.tsv").read_text().splitlines()
-    assert sub[0] == "index\tprediction" and len(sub) == 51
+    assert sub[0] == "index\tprediction" and len(sub) == 201
     assert "test" not in {json.loads((out / "results.json").read_text())["split"]}
     assert "paper (dev)" in proc.stdout and "GLUE *test* scores" in proc.stdout
     assert (out / "best" / "config.json").is_file() and json.loads((out / "best.json").read_text())["step"] in (20, 40)

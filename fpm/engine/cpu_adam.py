@@ -15,8 +15,58 @@ before. Same update as DeepSpeed's otherwise; same state layout, so checkpoints 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+
+def _machine_key() -> str:
+    """What identifies this machine's CPU for compile flags: model names and flags of
+    /proc/cpuinfo (not its clock readings), the architecture and the processor count."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = sorted({line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")})
+    text = "\n".join([os.uname().machine, str(os.cpu_count()), *keep])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_cpu_info() -> None:
+    """py-cpuinfo's ``get_cpu_info`` runs a Python subprocess (about a second here), and DeepSpeed's
+    op builder calls it twice for every op it loads, in every process. The answer is a property of
+    the machine: keep it in memory and in a file beside the JIT-built ops, keyed by the CPU."""
+    import cpuinfo
+
+    if getattr(cpuinfo.get_cpu_info, "fpm_cached", False):
+        return
+    original = cpuinfo.get_cpu_info
+    cache_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+    @functools.lru_cache(maxsize=1)
+    def get_cpu_info():
+        path = cache_dir / f"fpm-cpuinfo-{_machine_key()}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        info = original()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: the answer is still kept in memory
+            pass
+        return info
+
+    get_cpu_info.fpm_cached = True
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 class ResumableCPUAdam(DeepSpeedCPUAdam):
@@ -25,6 +75,7 @@ class ResumableCPUAdam(DeepSpeedCPUAdam):
         """Build (JIT, cached) and load the C++ op; raises where it cannot be built."""
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
+        cache_cpu_info()
         return CPUAdamBuilder().load()
 
     def _restart_powers(self) -> None:

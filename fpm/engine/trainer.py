@@ -236,9 +236,10 @@ class Trainer:
                                 and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
                         if micro == s.grad_accum - 1 and self.gate is not None:  # before the update
-                            self.gate.skip = self.guard.observe(step, all_mean(step_loss / s.grad_accum, self.dist.world_size, device))
+                            mean = all_mean(step_loss / s.grad_accum, self.dist.world_size, device)
+                            self.gate.skip = self.guard.observe(step, mean)
                             if self.gate.skip and rank0:
-                                warn(f"step {step + 1}: loss spike ({float(step_loss) / s.grad_accum:.4f}); "
+                                warn(f"step {step + 1}: loss spike ({mean:.4f}); "
                                      f"update skipped ({self.guard.skipped} so far)")
                         self.engine.step()
                         if self.gate is not None:

@@ -98,7 +98,8 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain a recipe with DeepSpeed (one process, torchrun, srun or the deepspeed launcher).
 
-    Exit codes: 0 done, 2 bad input, 4 loss not finite, 75 pre-empted (checkpoint saved: rerun to resume).
+    Exit codes: 0 done, 2 bad input, 4 loss not finite, 74 disk full or read-only, 75 pre-empted (checkpoint
+    saved: rerun to resume), 76 hung (the watchdog dumped the stacks: rerun to resume).
     """
     from fpm.pretrain import pretrain
 

@@ -77,6 +77,10 @@ def test_a_token_count_holds_out_about_that_many_tokens_by_hash(tmp_path):
     from fpm.data.synthetic import document
 
     assert val["n_docs"] == sum(held_out(document("zh", 0, i), val["fraction"]) for i in range(600))
+    from fpm.errors import FpmError
+
+    with pytest.raises(FpmError, match="--validation-tokens -5"):
+        prepared(tmp_path / "bad", "gpt", 50, validation_tokens=-5)
 
 
 def test_held_out_documents_are_chosen_by_their_text_alone():

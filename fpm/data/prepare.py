@@ -199,6 +199,8 @@ def _nonempty_inputs(opts: PrepareOptions) -> None:
         raise empty[0]
     for exc in empty:
         warn(f"{exc}; skipped")
+    if opts.validation_tokens < 0:
+        raise FpmError(f"--validation-tokens {opts.validation_tokens}: a number of tokens, 0 or more")
     if not 0.0 <= opts.validation < 1.0:
         raise FpmError(f"--validation {opts.validation}: a share of the documents in [0, 1)")
     for p in opts.validation_inputs:

@@ -155,12 +155,10 @@ def load(engine, folder: Path, seal: dict, rank: int, world_size: int, zero_stag
         seed_new_shape(int(client.get("seed", 0)), int(client["step"]), rank)
         return client
     if saved_world != world_size and zero_stage > 0:
-        raise FpmError(
+        raise FpmError(  # the trainer converts such a checkpoint before it gets here (fpm.engine.reshard)
             f"{folder} was written by {saved_world} data-parallel ranks, this run has {world_size}; ZeRO "
-            f"stage {zero_stage} partitions the optimizer state per rank, so resume with {saved_world} ranks "
-            f"(the global batch is kept whatever the rank count), or convert it with DeepSpeed's "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder} --output_folder "
-            f"{folder}_universal` and load that with DeepSpeed's `checkpoint.load_universal` option"
+            f"stage {zero_stage} partitions the optimizer state per rank: convert it with `fpm checkpoint convert` "
+            f"and rerun, which resumes it through DeepSpeed's universal format"
         )
     _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -43,8 +43,11 @@ def classifier_from_pretraining(pre, num_labels: int, dropout: float):
     return model
 
 
-def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
-    """An encoder to fine-tune: an fpm run directory or checkpoint, or a Hugging Face model folder."""
+def load_init(path: Path, recipe: FinetuneRecipe, from_scratch: bool = False) -> Init:
+    """An encoder to fine-tune: an fpm run directory or checkpoint, or a Hugging Face model folder.
+    ``from_scratch``: the same architecture and tokenizer with freshly initialised weights (the
+    control that shows what pretraining adds; fpm's initialisation for fpm runs, the model class's
+    own for Hugging Face folders)."""
     path = Path(path)
     num_labels, L = recipe.task.num_labels, recipe.train.max_seq_len
     if not path.exists():
@@ -60,6 +63,11 @@ def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
             raise FpmError(f"--init {path}: a {pre_recipe.model.family} model; fine-tuning classifies with BERT encoders")
         if L > pre_recipe.model.max_positions:
             raise FpmError(f"train.max_seq_len={L} exceeds the model's {pre_recipe.model.max_positions} positions")
+        if from_scratch:
+            from fpm.models import build_model
+
+            pre = build_model(pre_recipe.model, pre_recipe.tokenizer.vocab_size, pad_id=tok.specials.pad)
+            folder = f"{folder} (from scratch)"
         model = classifier_from_pretraining(pre, num_labels, recipe.train.dropout)
         return Init(model, PairEncoder(L, fpm_tokenizer=tok), f"{folder}", tok, None)
     if (path / "config.json").is_file():
@@ -72,15 +80,22 @@ def load_init(path: Path, recipe: FinetuneRecipe) -> Init:
             meta = json.loads((path / "fpm_tokenizer" / "fpm_tokenizer.json").read_text())
             fpm_tok = load_tokenizer_path(meta["kind"], path / "fpm_tokenizer")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+            if hasattr(config, "hidden_dropout_prob"):  # the recipe's dropout, as the run-directory path sets it
+                config.hidden_dropout_prob = recipe.train.dropout
+            model = (AutoModelForSequenceClassification.from_config(config) if from_scratch else
+                     AutoModelForSequenceClassification.from_pretrained(str(path), config=config))
             hf_tok = None if fpm_tok is not None else AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:
             raise FpmError(f"--init {path}: cannot load a sequence-classification model ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200]})") from None
-        if hasattr(model.config, "hidden_dropout_prob"):
-            model.config.hidden_dropout_prob = recipe.train.dropout
+        from fpm.models.bert import use_sdpa
+
+        use_sdpa(model)  # an exported fpm BERT (MegatronBert) gets fpm's attention, as a run directory does
         encoder = PairEncoder(L, fpm_tokenizer=fpm_tok) if fpm_tok else PairEncoder(L, hf_tokenizer=hf_tok)
-        return Init(model, encoder, str(path), fpm_tok, hf_tok)
+        return Init(model, encoder, str(path) + (" (from scratch)" if from_scratch else ""), fpm_tok, hf_tok)
     raise FpmError(f"--init {path}: neither an fpm run directory/checkpoint nor a Hugging Face model folder")
 
 
@@ -122,9 +137,3 @@ def save_model(model, out: Path, init: Init) -> None:
         init.hf_tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-
-
-def classification_loss(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                   attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])

@@ -125,12 +125,15 @@ def finetune_cmd(
     seed: Seed = None,
     resume: Annotated[str, typer.Option("--resume", help="auto or never.")] = "auto",
     floors: Annotated[bool, typer.Option("--floors/--no-floors", help="Compute the majority and TF-IDF floors beside the model.")] = True,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="A control: --init's architecture and "
+                                               "tokenizer with freshly initialised weights (what pretraining adds).")] = False,
 ) -> None:
     """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
     from fpm.finetune import finetune
 
     raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
-                              max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors))
+                              max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors,
+                              from_scratch=from_scratch))
 
 
 @app.command("baseline")
@@ -202,16 +205,18 @@ def sweep_depth_cmd(
     nodes: Annotated[int, typer.Option("--nodes", help="slurm: nodes per pretraining job.")] = 1,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="slurm: GPUs per node (0: CPU tasks).")] = 0,
     cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="slurm: CPUs per process.")] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
-    account: Annotated[Optional[str], typer.Option("--account")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: the partition (sbatch --partition).")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="slurm: each job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="slurm: the account charged (sbatch --account).")] = None,
+    controls: Annotated[Optional[bool], typer.Option("--controls/--no-controls", help="Also fine-tune each cell's "
+                        "architecture from scratch: what pretraining adds (default: the sweep recipe's, on).")] = None,
 ) -> None:
     """The paper's depth study: pretrain at each depth, fine-tune, evaluate on dev, report with error bars."""
     from fpm.commands.sweep import sweep_depth
 
     code = sweep_depth(recipe, task=task, depths=_ints(depths), seeds=seeds, preset=preset, out=out, data=data,
                        data_dir=data_dir, executor=executor, dry_run=dry_run, pretrain_sets=sets or [],
-                       task_sets=task_sets or [],
+                       task_sets=task_sets or [], controls=controls,
                        slurm_options={"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition,
                                       "time": time_limit, "account": account, "cpus_per_task": cpus_per_task})
     raise typer.Exit(code)
@@ -282,9 +287,9 @@ def slurm_render(
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
     cpus_per_task: SlurmCpus = None,
-    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
-    account: Annotated[Optional[str], typer.Option("--account")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="The partition (sbatch --partition).")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="The job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="The account charged (sbatch --account).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script instead of writing it.")] = False,
 ) -> None:
@@ -302,9 +307,9 @@ def slurm_submit(
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
     cpus_per_task: SlurmCpus = None,
-    partition: Annotated[Optional[str], typer.Option("--partition")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time")] = None,
-    account: Annotated[Optional[str], typer.Option("--account")] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="The partition (sbatch --partition).")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="The job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="The account charged (sbatch --account).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write before submitting.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script and the sbatch command only.")] = False,
 ) -> None:
@@ -435,7 +440,7 @@ def data_train_tokenizer(
     inputs: Annotated[list[Path], typer.Option("--input", help="Plain-text training file (repeatable).")],
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Exact vocabulary size.")],
     out: Out,
-    lowercase: Annotated[bool, typer.Option("--lowercase/--no-lowercase")] = False,
+    lowercase: Annotated[bool, typer.Option("--lowercase/--no-lowercase", help="Lowercase the text (as BERT uncased does) before training and when encoding.")] = False,
     language: Annotated[str, typer.Option("--language", help="en or zh (zh: jieba word boundaries).")] = "en",
 ) -> None:
     """Train a vocabulary of an exact size from text with `tokenizers`."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpm.classifier import Init, classification_loss, load_init, save_model
+from fpm.classifier import Init, load_init, save_model
 from fpm.config import dump_recipe
 from fpm.config.schema import FinetuneRecipe
 from fpm.console import info, warn
@@ -33,6 +33,7 @@ from fpm.eval.predict import predict
 from fpm.eval.results import write_results
 from fpm.eval.summary import summary
 from fpm.evaluate import finetune_recipe
+from fpm.models.classification import classification_loss
 from fpm.rundir import RunDir, write_json
 from fpm.runlock import RunLock
 
@@ -69,7 +70,7 @@ class DevEvaluation:
 
 def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None = None, preset: str | None = None,
              overrides: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
-             seed: int | None = None, resume: str = "auto", with_floors: bool = True) -> int:
+             seed: int | None = None, resume: str = "auto", with_floors: bool = True, from_scratch: bool = False) -> int:
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
     from fpm.engine.signals import install_early, uninstall
@@ -84,7 +85,7 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
         with RunLock(out, "fpm finetune " + task) if dist.rank == 0 else contextlib.nullcontext():
             dist_init(dist)
             try:
-                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic)
+                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch)
             finally:
                 teardown()
     finally:
@@ -92,7 +93,7 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
 
 
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
-              with_floors: bool = True, synthetic: bool = False) -> int:
+              with_floors: bool = True, synthetic: bool = False, from_scratch: bool = False) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
     from fpm.engine.setup import check_precision, seed_everything
@@ -121,11 +122,11 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         RunDir(out).recipe.write_text(dump_recipe(recipe))
     barrier()
     seed_everything(t.seed)
-    init = load_init(init_path, recipe)
+    init = load_init(init_path, recipe, from_scratch=from_scratch)
     feats = {name: init.encoder.encode(s.examples) for name, s in splits.items() if s is not None}
     train = splits["train"]
     labels = np.asarray([e.label for e in train.examples], dtype=np.int64)
-    dataset = TaskDataset(feats["train"], labels, t.seed)
+    dataset = TaskDataset(feats["train"], labels, t.seed, group_by=t.batch_size if t.group_by_length else None)
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(train.examples) / t.batch_size))
     if t.batch_size % dist.world_size:
         raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {dist.world_size} processes")
@@ -157,7 +158,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     test_probs = predict(model, feats["test"]) if splits["test"] is not None else None
     if rank0:
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
-        extra = {"model": str(RunDir(out).best), "init": init.source, "best_step": best["step"], "steps": result.step,
+        extra = {"model": str(RunDir(out).best), "init": init.source, "from_scratch": from_scratch,
+                 "best_step": best["step"], "steps": result.step,
                  "device": str(next(model.parameters()).device)}
         results = write_results(out, recipe, dev, dev_probs, extra, names)
         if test_probs is not None:

@@ -145,3 +145,60 @@ def test_unpadded_with_the_fused_bf16_kernels_matches_the_stock_forward(monkeypa
     for name in g_stock:  # (the key bias's gradient is zero up to rounding: softmax ignores it)
         a, b = g_fast[name].float(), g_stock[name].float()
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-4, (name, float((a - b).norm() / b.norm()))
+
+
+def classifiers():
+    """fpm's classifier (MegatronBert, pre-LN, from a pretraining model) and a Hugging Face
+    BertForSequenceClassification (post-LN, as fine-tuning loads from a model folder)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fpm.classifier import classifier_from_pretraining
+
+    pre, _ = model_and_batch("model.dropout=0.0", "model.attention_dropout=0.0")
+    fpm_model = classifier_from_pretraining(pre, num_labels=3, dropout=0.0)
+    torch.manual_seed(2)
+    hf = BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=48, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=96, num_labels=3,
+                                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return {"megatron-bert": fpm_model, "bert": hf}
+
+
+@pytest.mark.parametrize("kind", ["megatron-bert", "bert"])
+def test_padding_free_classification_gives_the_padded_models_logits_and_gradients(kind):
+    from fpm.models.classification import classification_logits, classification_loss
+
+    model = classifiers()[kind]
+    speed_up(model, torch.device("cpu"))
+    assert bert_unpadded.applies(model.bert)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    b, t = 5, 20
+    ids = torch.randint(5, 300, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((20, 3, 11, 16, 7)):
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+    batch = {"input_ids": ids, "token_type_ids": (torch.arange(t) >= 4).long().expand(b, t) * mask,
+             "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 1, 0])}
+    results = []
+    for loss_fn, logits_fn in ((classification_loss, classification_logits),
+                               (bert_unpadded.classification_loss, bert_unpadded.classification_logits)):
+        model.zero_grad()
+        loss_fn(model, batch).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            results.append((logits_fn(model, batch), grads))
+    (stock, g_stock), (fast, g_fast) = results
+    assert torch.allclose(stock, fast, rtol=1e-5, atol=1e-6), (stock - fast).abs().max()
+    assert g_stock.keys() == g_fast.keys()
+    for name in g_stock:
+        assert torch.allclose(g_stock[name], g_fast[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_the_speed_up_gives_fine_tuning_the_padding_free_classification_loss():
+    from fpm.models.classification import classification_loss
+    from fpm.models.objective import Objective
+
+    objective = Objective(classifiers()["bert"], classification_loss)
+    assert "padding-free classification" in speed_up(objective, torch.device("cpu"))
+    assert objective.loss is bert_unpadded.classification_loss

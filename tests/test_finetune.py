@@ -1,5 +1,6 @@
 """Fine-tuning: metrics against hand computations and scikit-learn, task loaders on official layouts
-with planted faults, and an end-to-end tiny run (pretrain → finetune → results.json)."""
+with planted faults, length-grouped batches, prediction in length order, a TNEWS run end to end
+(the README's QQP first run is tests/test_readme.py)."""
 
 from __future__ import annotations
 
@@ -100,41 +101,6 @@ def test_tnews_loader_fields_and_faults(tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_tiny_pretrain_finetune_evaluate(tmp_path):
-    pre = tmp_path / "pre"
-    run_fpm("pretrain", "bert-e-s", "--preset", "tiny", "--out", str(pre), "--max-steps", "60", check=True)
-    out = tmp_path / "ft"
-    # no --data-dir with the tiny preset: a synthetic QQP task of its own, as the README's first run does
-    proc = run_fpm("finetune", "qqp", "--init", str(pre), "--preset", "tiny", "--out", str(out), "--max-steps", "40",
-                   "--set", "train.eval_every=20", check=True)
-    assert "no --data-dir: writing a synthetic qqp task" in proc.stdout
-    data = out / "task"
-    assert (data / "train.tsv").is_file() and (data / "test.tsv").is_file()
-    results = json.loads((out / "results.json").read_text())
-    assert results["task"] == "qqp" and results["split"] == "dev" and results["n_examples"] == 500
-    assert {"accuracy", "f1", "precision", "recall"} <= set(results)
-    assert results["fields"] == ["question1", "question2"]
-    preds = [json.loads(line) for line in (out / "predictions_dev.jsonl").read_text().splitlines()]
-    assert len(preds) == 500
-    acc = np.mean([p["correct"] for p in preds])
-    assert results["accuracy"] == pytest.approx(acc)  # the summary is the predictions file, recomputed
-    sub = (out / "QQP.tsv").read_text().splitlines()
-    assert sub[0] == "index\tprediction" and len(sub) == 201
-    assert "test" not in {json.loads((out / "results.json").read_text())["split"]}
-    assert "paper (dev)" in proc.stdout and "GLUE *test* scores" in proc.stdout
-    assert (out / "best" / "config.json").is_file() and json.loads((out / "best.json").read_text())["step"] in (20, 40)
-    # fpm evaluate reproduces the dev numbers from the saved best model, without training
-    ev = tmp_path / "ev"
-    run_fpm("evaluate", "qqp", "--model", str(out), "--data-dir", str(data), "--split", "dev", "--preset", "tiny",
-            "--out", str(ev), check=True)
-    again = json.loads((ev / "results.json").read_text())
-    assert again["accuracy"] == pytest.approx(results["accuracy"]) and again["f1"] == pytest.approx(results["f1"])
-    run_fpm("evaluate", "qqp", "--model", str(out), "--data-dir", str(data), "--split", "test", "--preset", "tiny",
-            "--out", str(ev / "t"), check=True)
-    assert (ev / "t" / "QQP.tsv").is_file() and not (ev / "t" / "results.json").exists()
-
-
-@pytest.mark.slow
 def test_tnews_tiny_finetune_writes_clue_submission(tmp_path):
     pre = tmp_path / "pre"
     run_fpm("pretrain", "bert-c", "--preset", "tiny", "--out", str(pre), "--max-steps", "30", check=True)
@@ -147,3 +113,98 @@ def test_tnews_tiny_finetune_writes_clue_submission(tmp_path):
     assert np.array(results["confusion"]).sum() == 100
     sub = [json.loads(line) for line in (out / "tnews_predict.json").read_text().splitlines()]
     assert len(sub) == 20 and set(sub[0]) == {"id", "label", "label_desc"} and sub[0]["label_desc"].startswith(("news", "stock"))
+
+
+def test_length_grouping_reads_every_example_once_per_epoch_in_batches_of_similar_length():
+    from fpm.data.pairs import MEGA_BATCHES, TaskDataset, length_grouped_order
+
+    rng = np.random.default_rng(0)
+    n, batch, L = 1000, 24, 64  # 1000 = 41 x 24 + 16: global batches straddle the epochs
+    lens = rng.integers(3, L + 1, n)
+    mask = (np.arange(L)[None, :] < lens[:, None]).astype(np.int64)
+    feats = {"input_ids": mask * 7, "token_type_ids": np.zeros_like(mask), "attention_mask": mask}
+    ds = TaskDataset(feats, np.arange(n) % 2, seed=3, group_by=batch)
+    plain = TaskDataset(feats, np.arange(n) % 2, seed=3)
+    for epoch in range(3):  # every example exactly once per epoch, a different order each epoch
+        read = [ds.index(epoch * n + i) for i in range(n)]
+        assert sorted(read) == list(range(n))
+        assert read != [ds.index(((epoch + 1) % 3) * n + i) for i in range(n)]
+    # a pure function of (seed, epoch, position): a fresh dataset (a resumed process) reads the same
+    again = TaskDataset(feats, np.arange(n) % 2, seed=3, group_by=batch)
+    assert [again.index(g) for g in range(2 * n - 5, 2 * n + 5)] == [ds.index(g) for g in range(2 * n - 5, 2 * n + 5)]
+    assert not np.array_equal(length_grouped_order(n, lens, batch, 4, 0), length_grouped_order(n, lens, batch, 3, 0))
+
+    def padded_positions(d, epochs=3):  # what the global batches cost once padded to their longest row
+        steps = epochs * n // batch
+        return sum(batch * max(lens[d.index(g)] for g in range(s * batch, (s + 1) * batch)) for s in range(steps))
+
+    real = sum(lens[ds.index(g)] for g in range(3 * n // batch * batch))
+    assert padded_positions(ds) < 0.7 * padded_positions(plain)
+    assert padded_positions(ds) < 1.15 * real  # in every epoch, not only the first
+    # batches are shuffled within each mega-batch: not sorted from long to short
+    firsts = [lens[ds.index(s)] for s in range(0, min(n, batch * MEGA_BATCHES), batch)]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_a_micro_batch_is_cut_to_its_longest_row_rounded_to_eight():
+    from fpm.data.pairs import TaskDataset
+
+    L = 64
+    lens = np.array([5, 11, 9])
+    mask = (np.arange(L)[None, :] < lens[:, None]).astype(np.int64)
+    feats = {"input_ids": mask * 7, "token_type_ids": np.zeros_like(mask), "attention_mask": mask}
+    ds = TaskDataset(feats, np.array([0, 1, 0]), seed=0, group_by=3)
+    batch = ds.collate([ds[g] for g in range(3)])
+    assert batch["input_ids"].shape == (3, 16) and batch["labels"].shape == (3,)
+    assert int(batch["attention_mask"].sum()) == 25  # nothing real was cut
+
+
+def test_prediction_in_length_order_returns_the_full_padding_probabilities_in_input_order():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fpm.eval.predict import predict
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=3))
+    rng = np.random.default_rng(1)
+    L, n = 40, 37
+    lens = rng.integers(2, L + 1, n)
+    mask = (np.arange(L)[None, :] < lens[:, None]).astype(np.int64)
+    feats = {"input_ids": rng.integers(1, 100, (n, L)) * mask, "token_type_ids": np.zeros_like(mask),
+             "attention_mask": mask}
+    with torch.no_grad():
+        full = torch.softmax(model.eval()(**{k: torch.as_tensor(v) for k, v in feats.items()}).logits, -1).numpy()
+    got = predict(model, feats, batch_size=8)
+    assert np.allclose(got, full, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_length_grouped_fine_tuning_resumes_exactly_after_sigkill(tmp_path):
+    """A fine-tuning run killed after its step-8 checkpoint and rerun logs the same losses, bit for bit,
+    as an uninterrupted one, across epoch boundaries of the length-grouped order (200 examples,
+    batches of 32: a new epoch every 6.25 steps)."""
+    import subprocess
+    import sys
+
+    from fpm.data.synthetic import write_qqp
+    from fpm.engine.metrics import read_metrics
+
+    from conftest import sigkill_after_checkpoint
+
+    pre = tmp_path / "pre"
+    run_fpm("pretrain", "bert-e-s", "--preset", "tiny", "--out", str(pre), "--max-steps", "2", check=True)
+    data = write_qqp(tmp_path / "task", n_train=200, n_dev=40, n_test=5)
+    args = ["finetune", "qqp", "--init", str(pre), "--data-dir", str(data), "--preset", "tiny", "--max-steps", "24",
+            "--no-floors", "--set", "train.save_every=8", "--set", "train.log_every=1", "--set", "train.eval_every=1000"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_fpm(*args, "--out", str(a), check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fpm", *args, "--out", str(b)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    sigkill_after_checkpoint(proc, b, "step-00000008")
+    assert "resumed from" in run_fpm(*args, "--out", str(b), check=True).stdout
+    la = [m["loss"] for m in read_metrics(a) if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
+    assert len(la) == 24 and la == lb
+    assert json.loads((a / "results.json").read_text())["accuracy"] == json.loads((b / "results.json").read_text())["accuracy"]

@@ -122,3 +122,22 @@ def test_the_readme_maps_every_package():
     packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("__init__.py"))
     missing = [p for p in packages if f"`{p}/`" not in readme]
     assert not missing, missing
+
+
+def test_every_option_and_argument_of_every_command_has_a_help_line():
+    import typer
+
+    from fpm.cli import app
+
+    def walk(cmd, path):
+        if getattr(cmd, "commands", None):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    commands = dict(walk(typer.main.get_command(app), ["fpm"]))
+    assert {"fpm pretrain", "fpm finetune", "fpm sweep-depth", "fpm plan", "fpm slurm submit"} <= set(commands)
+    missing = [f"{name} {p.opts or p.name}" for name, cmd in commands.items() for p in cmd.params
+               if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+    assert not missing, missing

@@ -102,13 +102,13 @@ FINETUNE = {
     "task.max_bad_fraction": ("fpm/data/tasks.py", "max_bad_fraction"),
     **{f"train.{k}": (SPEC, k) for k in ("batch_size", "lr", "warmup_ratio", "weight_decay", "grad_clip",
                                          "precision", "save_every", "keep_last", "log_every", "seed")},
-    **{f"train.{k}": (FT, k) for k in ("epochs", "max_steps", "eval_every")},
+    **{f"train.{k}": (FT, k) for k in ("epochs", "max_steps", "eval_every", "group_by_length")},
     **{f"train.{k}": ("fpm/classifier.py", k) for k in ("max_seq_len", "dropout")},
     "paper": (INFO, "the paper's fine-tuning figures (Table 3, §4.3), shown beside the results"),
 }
 SWEEP = {
     **COMMON,
-    **{k: (SW, k) for k in ("recipe", "task", "depths", "seeds", "bootstrap_samples", "confidence")},
+    **{k: (SW, k) for k in ("recipe", "task", "depths", "seeds", "bootstrap_samples", "confidence", "controls")},
 }
 
 

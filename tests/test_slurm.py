@@ -142,7 +142,8 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_requeues_and_resumes_ex
 
 
 def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):
-    """Pretraining and fine-tuning jobs per cell, fine-tuning after its pretraining (afterok)."""
+    """Pretraining, fine-tuning and from-scratch control jobs per cell, the last two after the
+    pretraining (afterok)."""
     out = tmp_path / "sweep"
     proc = subprocess.run([cluster["FPM"], "sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90",
                            "--seeds", "1", "--preset", "tiny", "--out", str(out), "--executor", "slurm",
@@ -154,15 +155,17 @@ def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):
     jobs = []
     for cell in ("d050-s1234", "d090-s1234"):
         state = json.loads((out / "cells" / cell / "cell.json").read_text())
-        assert state["status"] == "submitted" and len(state["jobs"]) == 2
+        assert state["status"] == "submitted" and len(state["jobs"]) == 3
         jobs.append(state["jobs"])
         detail = subprocess.run(["scontrol", "show", "job", state["jobs"][1]], env=cluster, capture_output=True,
                                 text=True).stdout
         assert f"Dependency=afterok:{state['jobs'][0]}" in detail or job_state(cluster, state["jobs"][1]) != "PENDING"
-    for pre, fin in jobs:
+    for pre, fin, control in jobs:
         assert wait_done(cluster, pre) == "COMPLETED" and wait_done(cluster, fin) == "COMPLETED"
+        assert wait_done(cluster, control) == "COMPLETED"
     report = subprocess.run([cluster["FPM"], "report", str(out)], env=cluster, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     res = json.loads((out / "results.json").read_text())
     assert [c["status"] for c in res["cells"]] == ["done", "done"]
+    assert all("accuracy" in c["scratch"] for c in res["cells"])  # the controls' results are in the report
     assert (out / "report.html").is_file()

@@ -34,8 +34,10 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     assert sorted({(c["depth"], c["layers"]) for c in cells}) == [(50, 5), (70, 7), (90, 9)]
     for c in cells:  # every cell's numbers are its own results file's
         own = json.loads((out / "cells" / c["name"] / "finetune" / "results.json").read_text())
+        control = json.loads((out / "cells" / c["name"] / "finetune-scratch" / "results.json").read_text())
+        assert control["from_scratch"] and not own["from_scratch"]
         for k in ("accuracy", "precision", "recall", "f1"):
-            assert c[k] == own[k]
+            assert c[k] == own[k] and c["scratch"][k] == control[k]
         layers = sum(1 for line in (out / "cells" / c["name"] / "pretrain" / "recipe.yaml").read_text().splitlines()
                      if line.strip() == f"n_layers: {c['layers']}")
         assert layers == 1
@@ -45,10 +47,14 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
         acc = [c["accuracy"] for c in rows]
         assert summ["per_depth"][d]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
         assert summ["per_depth"][d]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
+        scratch = [c["scratch"]["accuracy"] for c in rows]
+        assert summ["per_depth"][d]["scratch"]["accuracy"]["mean"] == pytest.approx(np.mean(scratch))
     assert summ["synthetic_data"] and summ["synthetic_task"]
     assert str(summ["bootstrap"]["best_depth"]) in ("50", "70", "90") and len(summ["neighbours"]) == 2
     md = (out / "report.md").read_text()
     assert "Synthetic data" in md and "Table 3" in md and summ["verdict"] in md
+    assert f"**In one sentence.** {summ['takeaway']}" in md and "pretraining adds" in summ["takeaway"]
+    assert "acc. from scratch" in md and md.count("What to see:") == 3
     d70 = summ["per_depth"]["70"]["accuracy"]
     assert f"{100 * d70['mean']:.2f} ± {100 * d70['std']:.2f}" in md
     html = (out / "report.html").read_text()
@@ -63,7 +69,7 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
 def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90", "--seeds", "1", "--preset", "tiny",
-            "--out", str(out), *FAST]
+            "--out", str(out), "--no-controls", *FAST]
     proc = subprocess.Popen([sys.executable, "-m", "fpm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=os.environ.copy(), start_new_session=True)
     first = out / "cells" / "d050-s1234"
@@ -90,7 +96,9 @@ def test_dry_run_prints_plan_commands_and_slurm_scripts(tmp_path):
     assert "depths [50, 60, 70, 80, 90]" in text and "5 cells" in text
     assert "d070-s1234: depth 70 -> 7 layers" in text
     assert "fpm pretrain bert-e-l --preset tiny" in text and "--set model.n_layers=7" in text
-    assert text.count("#SBATCH --job-name=fpm-d0") == 10  # a pretraining and a fine-tuning script per cell
+    # per cell: a pretraining, a fine-tuning and a from-scratch control script
+    assert text.count("#SBATCH --job-name=fpm-d0") == 15 and text.count("-ft0\n") == 5
+    assert text.count("--from-scratch") == 10  # in the command list and in the control scripts
     assert "synthetic qqp" in text
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 

@@ -48,12 +48,13 @@ def prepare_shared_data(plan: SweepPlan) -> None:
 
 def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seeds: int | None, preset: str | None,
                 out: Path | None, data: Path | None, data_dir: Path | None, executor: str, dry_run: bool,
-                pretrain_sets: list[str], task_sets: list[str], slurm_options: dict | None = None) -> int:
+                pretrain_sets: list[str], task_sets: list[str], slurm_options: dict | None = None,
+                controls: bool | None = None) -> int:
     if executor not in ("local", "slurm"):
         raise FpmError(f"--executor must be local or slurm, not {executor!r}")
     out = Path(out) if out else Path("runs") / f"sweep-{recipe}{'-' + preset if preset else ''}"
     plan = make_plan(recipe, task=task, depths=depths, seeds=seeds, preset=preset, out=out, data=data,
-                     data_dir=data_dir, pretrain_sets=pretrain_sets, task_sets=task_sets)
+                     data_dir=data_dir, pretrain_sets=pretrain_sets, task_sets=task_sets, controls=controls)
     plan_file = out / SWEEP_PLAN
     if plan_file.is_file():
         old = SweepPlan.from_json(json.loads(plan_file.read_text()))
@@ -106,11 +107,17 @@ def print_plan(plan: SweepPlan, executor: str, slurm_options: dict) -> None:
         c.print(f"  {cell.name}: depth {cell.depth} -> {cell.layers} layers, seed {cell.seed}")
         c.print(f"    fpm {' '.join(pretrain_argv(plan, cell))}", highlight=False)
         c.print(f"    fpm {' '.join(finetune_argv(plan, cell))}", highlight=False)
+        if plan.controls:
+            c.print(f"    fpm {' '.join(finetune_argv(plan, cell, scratch=True))}", highlight=False)
     if executor == "slurm":
         from fpm.study.slurm import sweep_scripts
 
-        for cell, (pre, fin) in zip(plan.cells, sweep_scripts(plan, slurm_options)):
+        for cell, (pre, fin, *control) in zip(plan.cells, sweep_scripts(plan, slurm_options)):
             c.print(f"  --- {cell.name}: pretraining job script ---", highlight=False)
             c.print(pre, highlight=False, markup=False)
             c.print(f"  --- {cell.name}: fine-tuning job script (afterok: pretraining job) ---", highlight=False)
             c.print(fin, highlight=False, markup=False)
+            if control:
+                c.print(f"  --- {cell.name}: from-scratch control job script (afterok: pretraining job) ---",
+                        highlight=False)
+                c.print(control[0], highlight=False, markup=False)

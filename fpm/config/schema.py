@@ -253,6 +253,7 @@ class TaskCfg(Section):
 class FinetuneTrainCfg(Section):
     batch_size: int = Field(32, ge=1)
     max_seq_len: int = Field(128, ge=8)
+    group_by_length: bool = True  # batches of similar lengths (each padded to its longest row only)
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     lr: float = Field(2e-5, gt=0)
@@ -291,6 +292,7 @@ class SweepRecipe(Section):
     seeds: int = Field(1, ge=1)
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    controls: bool = True  # each cell also fine-tunes its architecture from scratch (what pretraining adds)
 
     @model_validator(mode="after")
     def _check(self) -> SweepRecipe:

@@ -21,14 +21,16 @@ from torch import nn
 from fpm.cpu import bert_unpadded, kernels
 from fpm.cpu.bert_attention import use_cpu_attention
 from fpm.models import bert
+from fpm.models.classification import classification_loss
 from fpm.models.objective import Objective
 
 
 def speed_up(target: Objective | nn.Module, device: torch.device | None = None) -> list[str]:
     """Make ``target`` (a model, or a model with its loss) train faster; returns what was applied.
 
-    * BERT pretraining's loss runs the padding-free encoder, on any device (fewer positions are
-      fewer FLOPs everywhere; its kernels fall back to PyTorch's off the CPU).
+    * BERT pretraining's and sequence classification's losses run the padding-free encoder, on any
+      device (fewer positions are fewer FLOPs everywhere; its kernels fall back to PyTorch's off
+      the CPU).
     * When training on a CPU (``device``; by default: no CUDA device here): attention, dropout and
       linear layers (and GPT-2's ``Conv1D``) become fpm's kernel-backed subclasses.
     """
@@ -36,6 +38,9 @@ def speed_up(target: Objective | nn.Module, device: torch.device | None = None) 
     if isinstance(target, Objective) and target.loss is bert.pretraining_loss:
         target.loss = bert_unpadded.pretraining_loss
         applied.append("padding-free BERT")
+    if isinstance(target, Objective) and target.loss is classification_loss:
+        target.loss = bert_unpadded.classification_loss
+        applied.append("padding-free classification")
     on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
     if on_cpu:
         model = target.model if isinstance(target, Objective) else target

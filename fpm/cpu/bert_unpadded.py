@@ -1,4 +1,5 @@
-"""A padding-free forward pass for transformers' MegatronBert encoder (fpm's BERT family).
+"""A padding-free forward pass for transformers' BERT encoders: MegatronBert (fpm's BERT family,
+pre-LN) and Bert (post-LN, e.g. the Hugging Face checkpoints fine-tuning starts from).
 
 BERT batches are padded to the sequence length: on the bench's data 8.9% of positions are padding,
 and the Hugging Face encoder runs every projection, LayerNorm, GELU and dropout on them. This runs
@@ -13,9 +14,14 @@ Each residual branch ends in dropout, the residual add and the next sub-layer's 
 (pre-LN: ``x = x + dropout(f(LN(x)))``); :func:`fpm.cpu.kernels.dropout_add_layer_norm` does the
 three in one pass forward and one backward on CPU.
 
+Post-LN (Bert) layers are ``x = LN(x + dropout(f(x)))``: the same fused step, keeping its
+normalised output only.
+
 :func:`pretraining_loss` is BERT's pretraining loss on this forward where it applies
-(:func:`applies`), else the stock one; :func:`fpm.cpu.speed_up` installs it (on any device: fewer
-positions are fewer FLOPs on a GPU too, where the kernels below fall back to PyTorch's).
+(:func:`applies`), else the stock one; :func:`classification_loss` the same for sequence
+classification (fine-tuning, whose batches are padded to their longest row only: the rest of the
+padding goes here). :func:`fpm.cpu.speed_up` installs them (on any device: fewer positions are
+fewer FLOPs on a GPU too, where the kernels below fall back to PyTorch's).
 """
 
 from __future__ import annotations
@@ -26,13 +32,30 @@ from torch import nn
 from fpm.cpu import kernels
 from fpm.models import bert
 from fpm.models.bert_attention import SdpaSelfAttention
+from fpm.models.classification import classification_loss as stock_classification_loss
+
+
+def _post_ln(encoder: nn.Module) -> bool:
+    """transformers' Bert (LayerNorm after each residual add) rather than MegatronBert (before)."""
+    from transformers.models.bert.modeling_bert import BertModel
+
+    return isinstance(encoder, BertModel)
 
 
 def applies(bert: nn.Module) -> bool:
-    """True for an encoder whose modules this forward can run: fpm's SDPA attention, parameters not
-    partitioned by ZeRO-3, layers not compiled."""
+    """True for an encoder whose modules this forward can run: fpm's SDPA attention (MegatronBert)
+    or transformers' Bert self-attention with absolute positions, parameters not partitioned by
+    ZeRO-3, layers not compiled."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
     layers = bert.encoder.layer
-    return (all(isinstance(layer.attention.self, SdpaSelfAttention) for layer in layers)
+    if _post_ln(bert):
+        config = bert.config
+        attention_ok = (type(layers[0].attention.self) is BertSelfAttention and not config.is_decoder
+                        and getattr(config, "position_embedding_type", "absolute") == "absolute")
+    else:
+        attention_ok = all(isinstance(layer.attention.self, SdpaSelfAttention) for layer in layers)
+    return (attention_ok
             and not any(hasattr(p, "ds_id") for p in bert.parameters())
             and not any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers))
 
@@ -165,6 +188,16 @@ def _layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, next_ln: nn.Layer
                                 layer.training)
 
 
+def _post_ln_layer(layer: nn.Module, x: torch.Tensor, u: Unpadded, key_mask: torch.Tensor) -> torch.Tensor:
+    """One post-LN (Bert) layer on the unpadded residual stream."""
+    att = layer.attention
+    _, x = _dense_then_residual(att.output.dense, _attention(att.self, x, u, key_mask), x, att.output.LayerNorm,
+                                att.output.dropout.p, layer.training)
+    _, x = _dense_then_residual(layer.output.dense, layer.intermediate(x), x, layer.output.LayerNorm,
+                                layer.output.dropout.p, layer.training)
+    return x
+
+
 def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
            keep: torch.Tensor) -> tuple[torch.Tensor, Unpadded]:
     """The encoder's final hidden states (after its last LayerNorm) at the positions where ``keep``
@@ -177,11 +210,20 @@ def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tenso
     x = emb.word_embeddings(input_ids.reshape(-1)[u.index]) + emb.token_type_embeddings(
         token_type_ids.reshape(-1)[u.index])
     x = x + emb.position_embeddings(emb.position_ids[0, positions])
-    x = emb.dropout(x)
     layers = bert.encoder.layer
     dtype = x.dtype
     # additive key-padding mask, broadcast over heads and queries (the stock model's extended mask)
     key_mask = ((1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)
+    if _post_ln(bert):
+        ln = emb.LayerNorm
+        x = emb.dropout(nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
+        for layer in layers:
+            if getattr(layer, "gradient_checkpointing", False) and layer.training:
+                x = layer._gradient_checkpointing_func(_post_ln_layer, layer, x, u, key_mask)
+            else:
+                x = _post_ln_layer(layer, x, u, key_mask)
+        return x, u
+    x = emb.dropout(x)
     first = layers[0].attention.ln
     y = nn.functional.layer_norm(x, first.normalized_shape, first.weight, first.bias, first.eps)
     for i, layer in enumerate(layers):
@@ -191,6 +233,11 @@ def encode(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tenso
         else:
             x, y = _layer(layer, x, y, next_ln, u, key_mask)
     return y, u
+
+
+def _first_rows(hidden: torch.Tensor, u: Unpadded, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's first position ([CLS], which the pooler reads) from the unpadded hidden states."""
+    return hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
 
 
 def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -204,6 +251,25 @@ def pretraining_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     labels = batch["labels"].reshape(-1)
     picked = labels != -100
     masked = hidden[u.rows(picked.nonzero().squeeze(1))]
-    first = hidden[u.rows(torch.arange(keep.shape[0], device=keep.device) * keep.shape[1])]
-    pooled = model.bert.pooler.activation(model.bert.pooler.dense(first))
+    pooled = model.bert.pooler.activation(model.bert.pooler.dense(_first_rows(hidden, u, keep)))
     return bert.heads_loss(model, masked, pooled, labels[picked], batch["sop_labels"])
+
+
+def classification_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A ...ForSequenceClassification BERT's logits from its real tokens only (the caller checks
+    :func:`applies` to ``model.bert``)."""
+    keep = batch["attention_mask"] != 0  # a new tensor: the batch is not modified
+    keep[:, 0] = True  # the pooler's [CLS]
+    hidden, u = encode(model.bert, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], keep)
+    pooler = model.bert.pooler
+    pooled = pooler.activation(pooler.dense(_first_rows(hidden, u, keep)))
+    return model.classifier(model.dropout(pooled))
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`fpm.models.classification.classification_loss` on the real tokens only; the stock
+    loss for models this forward does not cover."""
+    base = getattr(model, "bert", None)
+    if base is None or getattr(base, "pooler", None) is None or not applies(base):
+        return stock_classification_loss(model, batch)
+    return nn.functional.cross_entropy(classification_logits(model, batch).float(), batch["labels"])

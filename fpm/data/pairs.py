@@ -47,20 +47,82 @@ class PairEncoder:
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
 
-class TaskDataset(torch.utils.data.Dataset):
-    """Stream positions over epochs of the training examples, each epoch a fresh permutation
-    (a pure function of (seed, position), as the pretraining datasets)."""
+# Per-batch padding is rounded up to a multiple of this: matmul rows of 8 (bf16: 16 bytes) keep
+# oneDNN and tensor cores on their fast paths, at most 7 padding positions per row.
+PAD_MULTIPLE = 8
+# Length grouping sorts mega-batches of this many global batches (transformers' LengthGroupedSampler
+# uses 50): long enough that a batch's rows have similar lengths, short enough that batches stay random.
+MEGA_BATCHES = 50
 
-    def __init__(self, features: dict[str, np.ndarray], labels: np.ndarray, seed: int):
-        self.features, self.labels, self.seed = features, labels, seed
+
+def lengths(features: dict[str, np.ndarray]) -> np.ndarray:
+    """The real (non-padding) length of every encoded row."""
+    return features["attention_mask"].sum(1).astype(np.int64)
+
+
+def trim(batch: dict, multiple: int = PAD_MULTIPLE) -> dict:
+    """A collated batch cut to its longest row, rounded up to ``multiple`` (padding is always at the
+    end of a row): the same rows, the same results, fewer padding positions."""
+    mask = batch["attention_mask"]
+    longest = int(mask.sum(1).max()) if len(mask) else 0
+    keep = min(mask.shape[1], -(-max(longest, 1) // multiple) * multiple)
+    return {k: v[:, :keep] if getattr(v, "ndim", 0) == 2 and v.shape[1] == mask.shape[1] else v
+            for k, v in batch.items()}
+
+
+def length_grouped_order(n: int, lens: np.ndarray, batch: int, seed: int, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s order of ``n`` examples, for global batches of ``batch`` stream positions: a
+    random permutation whose mega-batches of ``MEGA_BATCHES`` batches are each sorted by length, cut
+    where the global batches begin (the epoch starts at stream position ``epoch * n``, inside a batch
+    when ``n`` is not a multiple of ``batch``), the whole batches shuffled again; the first and last
+    (partial) pieces stay at the ends, where they complete the batches shared with the neighbouring
+    epochs. Every example exactly once; a pure function of (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch, 0x6C656E])
+    order = rng.permutation(n)
+    mega = batch * MEGA_BATCHES
+    ordered = np.concatenate([block[np.argsort(-lens[block], kind="stable")]
+                              for block in np.array_split(order, max(1, -(-n // mega)))])
+    head = min(n, (-epoch * n) % batch)  # completes the global batch the previous epoch began
+    full = (n - head) // batch
+    body = ordered[head:head + full * batch].reshape(full, batch)
+    return np.concatenate([ordered[:head], body[rng.permutation(full)].reshape(-1), ordered[head + full * batch:]])
+
+
+class TaskDataset(torch.utils.data.Dataset):
+    """Stream positions over epochs of the training examples (a pure function of (seed, position),
+    as the pretraining datasets, so a resumed run reads what an uninterrupted one reads).
+
+    With ``group_by`` (the global batch size) each epoch is a :func:`length_grouped_order`, so
+    that a batch's rows have similar lengths; without, a fresh keyed permutation per epoch.
+    :meth:`collate` pads each micro-batch only to its longest row (:func:`trim`)."""
+
+    def __init__(self, features: dict[str, np.ndarray], labels: np.ndarray, seed: int, group_by: int | None = None):
+        self.features, self.labels, self.seed, self.group_by = features, labels, seed, group_by
         self.n = len(labels)
+        self.lens = lengths(features)
+        self._epoch: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, g: int) -> dict:
+    def order(self, epoch: int) -> np.ndarray:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, length_grouped_order(self.n, self.lens, self.group_by, self.seed, epoch))
+        return self._epoch[1]
+
+    def index(self, g: int) -> int:
+        """The example read at stream position ``g``."""
         epoch, i = divmod(int(g), self.n)
-        item = int(permute(i, self.n, self.seed * 1_000_003 + epoch))
+        if self.group_by:
+            return int(self.order(epoch)[i])
+        return int(permute(i, self.n, self.seed * 1_000_003 + epoch))
+
+    def __getitem__(self, g: int) -> dict:
+        item = self.index(g)
         row = {k: v[item] for k, v in self.features.items()}
         row["labels"] = self.labels[item]
         return row
+
+    @staticmethod
+    def collate(rows: list[dict]) -> dict:
+        return trim(torch.utils.data.default_collate(rows))

@@ -123,7 +123,9 @@ class Trainer:
             register_exit_kill()
         # the loader gets its own generator: drawing its worker seed from the global RNG would shift
         # the dropout stream of a resumed run (the loader is created after the RNG is restored)
+        # a dataset may collate its own way (fine-tuning pads each micro-batch to its longest row)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=s.num_workers,
+                                           collate_fn=getattr(self.dataset, "collate", None),
                                            generator=torch.Generator().manual_seed(s.seed),
                                            worker_init_fn=ignore_in_worker,
                                            pin_memory=torch.cuda.is_available(),

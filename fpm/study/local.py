@@ -76,6 +76,9 @@ def _run_cells(plan: SweepPlan, fwd: _Forward) -> dict:
         if code == 0 and fwd.signal is None:
             code, wall = _run(finetune_argv(plan, cell), cdir / "cell.log", fwd)
             state["finetune"] = {"exit_code": code, "wall_s": wall}
+        if code == 0 and fwd.signal is None and plan.controls:
+            code, wall = _run(finetune_argv(plan, cell, scratch=True), cdir / "cell.log", fwd)
+            state["finetune_scratch"] = {"exit_code": code, "wall_s": wall}
         if code == EXIT_PREEMPTED or fwd.signal is not None:
             state["status"] = "preempted"
             write_cell_state(cdir, state)

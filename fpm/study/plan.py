@@ -2,7 +2,9 @@
 
 For every (depth, seed) cell: pretrain the recipe with only ``model.n_layers`` changed, fine-tune
 on the task, evaluate on dev — each step a plain `fpm pretrain` / `fpm finetune` process whose
-run directory lives under ``OUT/cells/dDDD-sS/``. ``OUT/sweep.json`` holds the plan; each cell's
+run directory lives under ``OUT/cells/dDDD-sS/`` — and, with ``controls`` (the default), fine-tune
+the same architecture from scratch (``finetune --from-scratch``, into ``finetune-scratch``): the
+control that shows what pretraining adds at that depth. ``OUT/sweep.json`` holds the plan; each cell's
 ``cell.json`` its status. Re-running skips finished cells and resumes unfinished ones (the
 commands resume from their own checkpoints); a failed cell is recorded and the others go on.
 The report (``fpm report OUT``) is rebuilt from the cells' files alone.
@@ -51,6 +53,7 @@ class SweepPlan:
     cells: list[Cell] = field(default_factory=list)
     bootstrap_samples: int = 2000
     confidence: float = 0.95
+    controls: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -64,7 +67,7 @@ class SweepPlan:
 
 def make_plan(recipe: str, *, task: str | None, depths: list[int] | None, seeds: int | None, preset: str | None,
               out: Path, data: Path | None, data_dir: Path | None, pretrain_sets: list[str],
-              task_sets: list[str]) -> SweepPlan:
+              task_sets: list[str], controls: bool | None = None) -> SweepPlan:
     sweep: SweepRecipe | None = None
     base = load_recipe(recipe, preset=preset)
     if base.kind == "sweep":
@@ -98,7 +101,8 @@ def make_plan(recipe: str, *, task: str | None, depths: list[int] | None, seeds:
                      data_dir=str(data_dir) if data_dir else None, synthetic_data=data is None,
                      synthetic_task=data_dir is None, pretrain_sets=list(pretrain_sets), task_sets=list(task_sets),
                      cells=cells, bootstrap_samples=sweep.bootstrap_samples if sweep else 2000,
-                     confidence=sweep.confidence if sweep else 0.95)
+                     confidence=sweep.confidence if sweep else 0.95,
+                     controls=controls if controls is not None else (sweep.controls if sweep else True))
 
 
 # ------------------------------------------------------------------ commands of a cell
@@ -117,10 +121,12 @@ def pretrain_argv(plan: SweepPlan, cell: Cell) -> list[str]:
     return argv
 
 
-def finetune_argv(plan: SweepPlan, cell: Cell) -> list[str]:
+def finetune_argv(plan: SweepPlan, cell: Cell, scratch: bool = False) -> list[str]:
+    """The cell's fine-tuning; ``scratch``: its from-scratch control (same architecture and tokenizer)."""
     out = Path(plan.out)
     argv = ["finetune", plan.task, *_preset(plan), "--init", str(cell.dir(out) / "pretrain"), "--data-dir",
-            str(task_folder(plan)), "--out", str(cell.dir(out) / "finetune"), "--seed", str(cell.seed), "--no-floors"]
+            str(task_folder(plan)), "--out", str(cell.dir(out) / ("finetune-scratch" if scratch else "finetune")),
+            "--seed", str(cell.seed), "--no-floors", *(["--from-scratch"] if scratch else [])]
     for s in plan.task_sets:
         argv += ["--set", s]
     return argv

@@ -7,8 +7,6 @@ during the sweep that is not recomputed here: the report is a pure function of t
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from fpm.config import load_resolved
 from fpm.errors import FpmError
+from fpm.eval.page import to_html
 from fpm.eval.stats import bootstrap_best, mean_std, neighbour_tests
 from fpm.paper import TABLE3_QQP_DEV
 from fpm.rundir import AUDIT, SWEEP_PLAN, RunDir, cell_state, read_json
@@ -48,6 +47,9 @@ def collect(out: Path) -> tuple[dict, list[dict]]:
             row["fields"] = res.get("fields")
             preds = [json.loads(x) for x in (cdir / "finetune" / "predictions_dev.jsonl").read_text().splitlines()]
             row["_correct"] = {p["id"]: bool(p["correct"]) for p in preds}
+        scratch = read_json(RunDir(cdir / "finetune-scratch").results)
+        if scratch is not None:  # the control: the same architecture fine-tuned from scratch
+            row["scratch"] = {k: scratch[k] for k in METRICS}
         logged = read_metrics(cdir / "pretrain")
         curve = [(m["step"], m["loss"]) for m in logged if "loss" in m]
         row["pretrain_loss"] = curve
@@ -79,6 +81,10 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
         for k in METRICS:
             m, s = mean_std([c[k] for c in rows])
             entry[k] = {"mean": m, "std": s}
+        controls = [c["scratch"] for c in rows if c.get("scratch")]
+        if controls:
+            entry["scratch"] = {k: dict(zip(("mean", "std"), mean_std([c[k] for c in controls]))) for k in METRICS}
+            entry["scratch"]["n"] = len(controls)
         costs = [c.get("cost", {}) for c in rows]
         entry["cost"] = {k: float(np.mean([c[k] for c in costs if c.get(k) is not None]))
                          if any(c.get(k) is not None for c in costs) else None
@@ -117,6 +123,7 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
              f"{', '.join(str(d) for d in per_depth if d not in beat) or 'none'}.")
             + ("" if same_inputs else f" (The floors used input {'+'.join(floors.get('fields') or [])}, the models "
                                       f"{'+'.join(summary['fields'] or [])}: not the same inputs.)"))
+    summary["takeaway"] = takeaway(summary)
     audit = read_json(Path(plan["out"]) / AUDIT)
     if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
         dv = audit["splits"]["dev"]
@@ -125,6 +132,32 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
                             "dev_also_in_train_normalised": dv["also_in_train_normalised"]["count"],
                             "unit": audit["unit"]}
     return summary
+
+
+def takeaway(summary: dict) -> str:
+    """The one sentence a reader should take from the report: where the depths land between the
+    floors, and what pretraining adds over the from-scratch controls."""
+    per = summary["per_depth"]
+    if not per:
+        return "No cell has finished yet."
+    acc = {d: 100 * e["accuracy"]["mean"] for d, e in per.items()}
+    lo, hi = min(acc.values()), max(acc.values())
+    parts = [f"Every depth reaches {lo:.1f}–{hi:.1f}% dev accuracy" if lo != hi else f"Dev accuracy is {lo:.1f}%"]
+    floors = summary.get("floors") or {}
+    majority = (floors.get("majority") or {}).get("accuracy")
+    tfidf = (floors.get("tfidf") or {}).get("accuracy")
+    if majority is not None:
+        parts.append(f"{lo - 100 * majority:+.1f} points or more over the majority class ({100 * majority:.1f}%)")
+    if tfidf is not None:
+        parts.append(f"against {100 * tfidf:.1f}% for TF-IDF + logistic regression")
+    sentence = ", ".join(parts)
+    gains = {d: acc[d] - 100 * e["scratch"]["accuracy"]["mean"] for d, e in per.items() if e.get("scratch")}
+    if gains:
+        above = [d for d, g in gains.items() if g > 0]
+        sentence += (f"; pretraining adds {min(gains.values()):+.1f} to {max(gains.values()):+.1f} points over the same "
+                     f"models fine-tuned from scratch (above their control at {len(above)} of {len(gains)} depths)")
+    sentence += "; " + summary["verdict"][0].lower() + summary["verdict"][1:] if summary.get("verdict") else ""
+    return sentence.rstrip(".") + "."
 
 
 def verdict(boot: dict, neighbours: list[dict]) -> str:
@@ -166,7 +199,12 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         for ax, k in zip(axes, METRICS):
             m = [100 * per[d][k]["mean"] for d in depths]
             s = [100 * per[d][k]["std"] for d in depths]
-            ax.errorbar(depths, m, yerr=s, marker="o", capsize=4, label="fpm (mean ± std over seeds)")
+            ax.errorbar(depths, m, yerr=s, marker="o", capsize=4, label="pretrained (mean ± std over seeds)")
+            ctl = [d for d in depths if per[d].get("scratch")]
+            if ctl:
+                ax.errorbar(ctl, [100 * per[d]["scratch"][k]["mean"] for d in ctl],
+                            yerr=[100 * per[d]["scratch"][k]["std"] for d in ctl], marker="x", linestyle="--",
+                            capsize=3, color="tab:gray", label="from scratch (control)")
             for c in cells:
                 if c.get(k) is not None:
                     ax.plot(c["depth"], 100 * c[k], ".", color="gray", alpha=0.5)
@@ -180,6 +218,8 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
             ax.set_title(k)
             ax.set_xticks(depths)
         axes[0].legend(fontsize=7)
+        fig.suptitle("Dev metrics by depth: pretrained models (solid) against the floors (dotted) and the same "
+                     "models trained from scratch (dashed)", fontsize=9)
         fig.tight_layout()
         files["metrics"] = pdir / "metrics_vs_depth.png"
         fig.savefig(files["metrics"], dpi=110)
@@ -235,20 +275,28 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
         lines += [f"> **Synthetic data.** The {' and the '.join(which)} are generated by fpm "
                   "(`fpm/data/synthetic.py`), not real text: these numbers show the pipeline works and how "
                   "sure the statistics are; they say nothing about the paper's claim.", ""]
+    lines += [f"**In one sentence.** {summary['takeaway']}", ""]
     lines += [f"Preset: {summary['preset'] or 'none'}. Input fields: {' + '.join(summary['fields'] or [])}. "
               f"Cells done: {summary['n_done']}/{summary['n_cells']}"
               + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else "")
               + (f"; not finished: {', '.join(summary['missing'])}" if summary["missing"] else "") + ".", ""]
     lines += ["## Results on dev (mean ± std over seeds, %)", "",
-              "| depth | layers run | seeds | precision | recall | f1 | acc. |", "|---|---|---|---|---|---|---|"]
+              "| depth | layers run | seeds | precision | recall | f1 | acc. | acc. from scratch | pretraining adds |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for d, e in per.items():
-        lines.append(f"| {d} | {e['layers']} | {len(e['seeds'])} | " + " | ".join(_pct(e[k]) for k in METRICS) + " |")
+        ctl = e.get("scratch")
+        extra = (f"{_pct(ctl['accuracy'])} | {100 * (e['accuracy']['mean'] - ctl['accuracy']['mean']):+.2f}"
+                 if ctl else "– | –")
+        lines.append(f"| {d} | {e['layers']} | {len(e['seeds'])} | " + " | ".join(_pct(e[k]) for k in METRICS)
+                     + f" | {extra} |")
     floors = summary.get("floors") or {}
     for name, f in floors.items():
         if isinstance(f, dict) and "accuracy" in f:
             lines.append(f"| floor: {name} ({'+'.join(floors.get('fields') or [])}) | – | – | "
-                         + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " |")
-    lines.append("")
+                         + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " | – | – |")
+    lines += ["", "\"acc. from scratch\" is the control: the same architecture and vocabulary fine-tuned with the "
+              "same settings from freshly initialised weights (`fpm finetune --from-scratch`); \"pretraining adds\" "
+              "is the difference in mean accuracy.", ""]
     if summary["task"] == "qqp":
         lines += ["Paper, Table 3 (GLUE QQP dev, one run per depth, %):", "",
                   "| depth | model | precision | recall | f1 | acc. |", "|---|---|---|---|---|---|"]
@@ -290,54 +338,22 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
                   + ". The pretraining-loss plot draws it dashed beside the training loss: a gap that widens "
                     "with training is overfitting, one that does not is the model learning the language."]
     lines += ["", "## Plots", ""]
+    captions = {
+        "metrics": "What to see: each depth's pretrained models (solid, with seed spread) above the majority floor "
+                   "and the dashed from-scratch controls; the gap to the controls is what pretraining adds.",
+        "loss": "What to see: every depth's pretraining loss falls; the dashed held-out loss follows it (no "
+                "overfitting) and deeper models end lower or level.",
+        "cost": "What to see: the cost of each depth, growing with the layer count; weigh it against the "
+                "accuracy differences above.",
+    }
     for key, path in files.items():
-        lines.append(f"![{key}](plots/{path.name})")
+        lines += [f"![{key}](plots/{path.name})", "", captions.get(key, ""), ""]
     lines += ["", "## Cells", "", "| cell | depth | seed | status | accuracy | f1 |", "|---|---|---|---|---|---|"]
     for c in cells:
         acc = f"{100 * c['accuracy']:.2f}" if "accuracy" in c else "–"
         f1 = f"{100 * c['f1']:.2f}" if "f1" in c else "–"
         lines.append(f"| {c['name']} | {c['depth']} | {c['seed']} | {c['status']} | {acc} | {f1} |")
     return "\n".join(lines) + "\n"
-
-
-def to_html(md: str, files: dict[str, Path], title: str) -> str:
-    """A small Markdown subset (headings, tables, quotes, paragraphs) → one self-contained page."""
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-           "blockquote{background:#fff3cd;padding:.5em 1em;border-left:4px solid #e0a800}img{max-width:100%}</style>",
-           "</head><body>"]
-    images = {f"plots/{p.name}": base64.b64encode(p.read_bytes()).decode() for p in files.values()}
-    rows: list[str] = []
-
-    def flush():
-        if rows:
-            out.append("<table>" + "".join(rows) + "</table>")
-            rows.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            tag = "th" if not rows else "td"
-            rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        flush()
-        if line.startswith("# "):
-            out.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("> "):
-            out.append(f"<blockquote>{html.escape(line[2:]).replace('**', '')}</blockquote>")
-        elif line.startswith("!["):
-            src = line[line.index("(") + 1: -1]
-            out.append(f"<p><img alt='{html.escape(src)}' src='data:image/png;base64,{images.get(src, '')}'></p>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 def build_report(out: Path) -> dict[str, Path]:

@@ -208,8 +208,8 @@ def sweep_depth_cmd(
     partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: the partition (sbatch --partition).")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time", help="slurm: each job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
     account: Annotated[Optional[str], typer.Option("--account", help="slurm: the account charged (sbatch --account).")] = None,
-    controls: Annotated[Optional[bool], typer.Option("--controls/--no-controls", help="Also fine-tune each cell's "
-                        "architecture from scratch: what pretraining adds (default: the sweep recipe's, on).")] = None,
+    controls: Annotated[Optional[bool], typer.Option("--controls/--no-controls", help="Also fine-tune each depth's "
+                        "architecture from scratch (first seed): what pretraining adds (default: the sweep recipe's, on).")] = None,
 ) -> None:
     """The paper's depth study: pretrain at each depth, fine-tune, evaluate on dev, report with error bars."""
     from fpm.commands.sweep import sweep_depth

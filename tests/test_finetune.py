@@ -208,3 +208,18 @@ def test_length_grouped_fine_tuning_resumes_exactly_after_sigkill(tmp_path):
     lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
     assert len(la) == 24 and la == lb
     assert json.loads((a / "results.json").read_text())["accuracy"] == json.loads((b / "results.json").read_text())["accuracy"]
+
+
+def test_length_grouping_does_not_sort_rows_of_one_padded_length_by_their_exact_length():
+    """Rows padded to the same length stay in random order: exact sorting made batches of one class
+    where the length goes with the label (here: label = length parity), and fine-tuning stalled."""
+    from fpm.data.pairs import TaskDataset
+
+    rng = np.random.default_rng(1)
+    n, batch, L = 512, 32, 32
+    lens = rng.integers(9, 17, n)  # one padded length: 16
+    mask = (np.arange(L)[None, :] < lens[:, None]).astype(np.int64)
+    labels = lens % 2
+    ds = TaskDataset({"input_ids": mask, "token_type_ids": 0 * mask, "attention_mask": mask}, labels, 0, group_by=batch)
+    shares = [labels[[ds.index(g) for g in range(s, s + batch)]].mean() for s in range(0, n, batch)]
+    assert all(0.2 < x < 0.8 for x in shares), shares

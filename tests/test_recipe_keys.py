@@ -108,7 +108,8 @@ FINETUNE = {
 }
 SWEEP = {
     **COMMON,
-    **{k: (SW, k) for k in ("recipe", "task", "depths", "seeds", "bootstrap_samples", "confidence", "controls")},
+    **{k: (SW, k) for k in ("recipe", "task", "depths", "seeds", "bootstrap_samples", "confidence", "controls",
+                                "pretrain_set", "task_set")},
 }
 
 

@@ -34,10 +34,14 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     assert sorted({(c["depth"], c["layers"]) for c in cells}) == [(50, 5), (70, 7), (90, 9)]
     for c in cells:  # every cell's numbers are its own results file's
         own = json.loads((out / "cells" / c["name"] / "finetune" / "results.json").read_text())
-        control = json.loads((out / "cells" / c["name"] / "finetune-scratch" / "results.json").read_text())
-        assert control["from_scratch"] and not own["from_scratch"]
         for k in ("accuracy", "precision", "recall", "f1"):
-            assert c[k] == own[k] and c["scratch"][k] == control[k]
+            assert c[k] == own[k]
+        assert not own["from_scratch"]
+        scratch = out / "cells" / c["name"] / "finetune-scratch" / "results.json"
+        assert scratch.is_file() == (c["seed"] == 1234)  # each depth's first seed has the control
+        if c["seed"] == 1234:
+            control = json.loads(scratch.read_text())
+            assert control["from_scratch"] and all(c["scratch"][k] == control[k] for k in ("accuracy", "f1"))
         layers = sum(1 for line in (out / "cells" / c["name"] / "pretrain" / "recipe.yaml").read_text().splitlines()
                      if line.strip() == f"n_layers: {c['layers']}")
         assert layers == 1
@@ -47,8 +51,8 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
         acc = [c["accuracy"] for c in rows]
         assert summ["per_depth"][d]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
         assert summ["per_depth"][d]["accuracy"]["std"] == pytest.approx(np.std(acc, ddof=1))
-        scratch = [c["scratch"]["accuracy"] for c in rows]
-        assert summ["per_depth"][d]["scratch"]["accuracy"]["mean"] == pytest.approx(np.mean(scratch))
+        scratch = [c["scratch"]["accuracy"] for c in rows if c.get("scratch")]
+        assert len(scratch) == 1 and summ["per_depth"][d]["scratch"]["accuracy"]["mean"] == scratch[0]
     assert summ["synthetic_data"] and summ["synthetic_task"]
     assert str(summ["bootstrap"]["best_depth"]) in ("50", "70", "90") and len(summ["neighbours"]) == 2
     md = (out / "report.md").read_text()

@@ -12,7 +12,7 @@ from fpm.console import info
 from fpm.errors import FpmError
 from fpm.rundir import AUDIT, FLOORS, FLOORS_DIR, SWEEP_PLAN
 from fpm.runlock import RunLock
-from fpm.study.plan import SweepPlan, data_folder, finetune_argv, make_plan, pretrain_argv, task_folder
+from fpm.study.plan import SweepPlan, data_folder, finetune_argv, has_control, make_plan, pretrain_argv, task_folder
 
 
 def prepare_shared_data(plan: SweepPlan) -> None:
@@ -107,7 +107,7 @@ def print_plan(plan: SweepPlan, executor: str, slurm_options: dict) -> None:
         c.print(f"  {cell.name}: depth {cell.depth} -> {cell.layers} layers, seed {cell.seed}")
         c.print(f"    fpm {' '.join(pretrain_argv(plan, cell))}", highlight=False)
         c.print(f"    fpm {' '.join(finetune_argv(plan, cell))}", highlight=False)
-        if plan.controls:
+        if has_control(plan, cell):
             c.print(f"    fpm {' '.join(finetune_argv(plan, cell, scratch=True))}", highlight=False)
     if executor == "slurm":
         from fpm.study.slurm import sweep_scripts

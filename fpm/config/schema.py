@@ -292,7 +292,9 @@ class SweepRecipe(Section):
     seeds: int = Field(1, ge=1)
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    controls: bool = True  # each cell also fine-tunes its architecture from scratch (what pretraining adds)
+    controls: bool = True  # each depth's first seed also fine-tunes its architecture from scratch
+    pretrain_set: list[str] = Field(default_factory=list)  # KEY=VALUE for every cell's pretraining (before --set)
+    task_set: list[str] = Field(default_factory=list)  # KEY=VALUE for every cell's fine-tuning (before --task-set)
 
     @model_validator(mode="after")
     def _check(self) -> SweepRecipe:

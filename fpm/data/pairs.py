@@ -72,7 +72,8 @@ def trim(batch: dict, multiple: int = PAD_MULTIPLE) -> dict:
 
 def length_grouped_order(n: int, lens: np.ndarray, batch: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch ``epoch``'s order of ``n`` examples, for global batches of ``batch`` stream positions: a
-    random permutation whose mega-batches of ``MEGA_BATCHES`` batches are each sorted by length, cut
+    random permutation whose mega-batches of ``MEGA_BATCHES`` batches are each sorted by padded
+    length (rows of one padded length stay in random order), cut
     where the global batches begin (the epoch starts at stream position ``epoch * n``, inside a batch
     when ``n`` is not a multiple of ``batch``), the whole batches shuffled again; the first and last
     (partial) pieces stay at the ends, where they complete the batches shared with the neighbouring
@@ -80,7 +81,12 @@ def length_grouped_order(n: int, lens: np.ndarray, batch: int, seed: int, epoch:
     rng = np.random.default_rng([seed, epoch, 0x6C656E])
     order = rng.permutation(n)
     mega = batch * MEGA_BATCHES
-    ordered = np.concatenate([block[np.argsort(-lens[block], kind="stable")]
+    # sorted by the padded length a row costs (a multiple of PAD_MULTIPLE), random within one: batches
+    # that pad no more than exactly sorted ones, without grouping rows by their exact length (which can
+    # go with the label: on the synthetic paraphrase task exact sorting made batches of one class, and
+    # fine-tuning stalled at chance)
+    cost = -(-lens // PAD_MULTIPLE)
+    ordered = np.concatenate([block[np.argsort(-cost[block], kind="stable")]
                               for block in np.array_split(order, max(1, -(-n // mega)))])
     head = min(n, (-epoch * n) % batch)  # completes the global batch the previous epoch began
     full = (n - head) // batch

@@ -142,7 +142,7 @@ def qqp_pair(rng: np.random.Generator) -> tuple[str, str, int]:
     return a.capitalize(), b.capitalize(), int(duplicate)
 
 
-def write_qqp(folder: Path, n_train: int = 2000, n_dev: int = 500, n_test: int = 200, seed: int = 0) -> Path:
+def write_qqp(folder: Path, n_train: int = 8000, n_dev: int = 500, n_test: int = 200, seed: int = 0) -> Path:
     """A synthetic paraphrase task in GLUE QQP's exact file layout (train/dev/test.tsv)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0x515150])

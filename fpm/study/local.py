@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fpm.console import info, warn
 from fpm.rundir import cell_state, write_cell_state
-from fpm.study.plan import SweepPlan, finetune_argv, pretrain_argv
+from fpm.study.plan import SweepPlan, finetune_argv, has_control, pretrain_argv
 
 
 class _Forward:
@@ -76,7 +76,7 @@ def _run_cells(plan: SweepPlan, fwd: _Forward) -> dict:
         if code == 0 and fwd.signal is None:
             code, wall = _run(finetune_argv(plan, cell), cdir / "cell.log", fwd)
             state["finetune"] = {"exit_code": code, "wall_s": wall}
-        if code == 0 and fwd.signal is None and plan.controls:
+        if code == 0 and fwd.signal is None and has_control(plan, cell):
             code, wall = _run(finetune_argv(plan, cell, scratch=True), cdir / "cell.log", fwd)
             state["finetune_scratch"] = {"exit_code": code, "wall_s": wall}
         if code == EXIT_PREEMPTED or fwd.signal is not None:

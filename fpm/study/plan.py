@@ -2,9 +2,10 @@
 
 For every (depth, seed) cell: pretrain the recipe with only ``model.n_layers`` changed, fine-tune
 on the task, evaluate on dev — each step a plain `fpm pretrain` / `fpm finetune` process whose
-run directory lives under ``OUT/cells/dDDD-sS/`` — and, with ``controls`` (the default), fine-tune
-the same architecture from scratch (``finetune --from-scratch``, into ``finetune-scratch``): the
-control that shows what pretraining adds at that depth. ``OUT/sweep.json`` holds the plan; each cell's
+run directory lives under ``OUT/cells/dDDD-sS/`` — and, with ``controls`` (the default), the first
+seed of every depth fine-tunes the same architecture from scratch too (``finetune --from-scratch``,
+into ``finetune-scratch``): the control that shows what pretraining adds at that depth. A sweep
+recipe's ``pretrain_set`` / ``task_set`` are applied to every cell before the command line's. ``OUT/sweep.json`` holds the plan; each cell's
 ``cell.json`` its status. Re-running skips finished cells and resumes unfinished ones (the
 commands resume from their own checkpoints); a failed cell is recorded and the others go on.
 The report (``fpm report OUT``) is rebuilt from the cells' files alone.
@@ -75,6 +76,8 @@ def make_plan(recipe: str, *, task: str | None, depths: list[int] | None, seeds:
         recipe = sweep.recipe
     elif base.kind != "pretrain":
         raise FpmError(f"{recipe} is a {base.kind} recipe; sweep-depth takes a model or sweep recipe")
+    if sweep:
+        pretrain_sets, task_sets = [*sweep.pretrain_set, *pretrain_sets], [*sweep.task_set, *task_sets]
     task = task or (sweep.task if sweep else None)
     if task is None:
         raise FpmError("--task is required (qqp or tnews)")
@@ -119,6 +122,11 @@ def pretrain_argv(plan: SweepPlan, cell: Cell) -> list[str]:
     for s in plan.pretrain_sets:
         argv += ["--set", s]
     return argv
+
+
+def has_control(plan: SweepPlan, cell: Cell) -> bool:
+    """Whether ``cell`` also fine-tunes from scratch: the first seed of each depth, with controls on."""
+    return plan.controls and cell.seed == plan.seeds[0]
 
 
 def finetune_argv(plan: SweepPlan, cell: Cell, scratch: bool = False) -> list[str]:

@@ -285,8 +285,8 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for d, e in per.items():
         ctl = e.get("scratch")
-        extra = (f"{_pct(ctl['accuracy'])} | {100 * (e['accuracy']['mean'] - ctl['accuracy']['mean']):+.2f}"
-                 if ctl else "– | –")
+        shown = _pct(ctl["accuracy"]) if ctl and ctl["n"] > 1 else f"{100 * ctl['accuracy']['mean']:.2f}" if ctl else ""
+        extra = f"{shown} | {100 * (e['accuracy']['mean'] - ctl['accuracy']['mean']):+.2f}" if ctl else "– | –"
         lines.append(f"| {d} | {e['layers']} | {len(e['seeds'])} | " + " | ".join(_pct(e[k]) for k in METRICS)
                      + f" | {extra} |")
     floors = summary.get("floors") or {}
@@ -295,8 +295,8 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
             lines.append(f"| floor: {name} ({'+'.join(floors.get('fields') or [])}) | – | – | "
                          + " | ".join(f"{100 * f[k]:.2f}" for k in METRICS) + " | – | – |")
     lines += ["", "\"acc. from scratch\" is the control: the same architecture and vocabulary fine-tuned with the "
-              "same settings from freshly initialised weights (`fpm finetune --from-scratch`); \"pretraining adds\" "
-              "is the difference in mean accuracy.", ""]
+              "same settings from freshly initialised weights (`fpm finetune --from-scratch`; each depth's first "
+              "seed); \"pretraining adds\" is the difference in mean accuracy.", ""]
     if summary["task"] == "qqp":
         lines += ["Paper, Table 3 (GLUE QQP dev, one run per depth, %):", "",
                   "| depth | model | precision | recall | f1 | acc. |", "|---|---|---|---|---|---|"]

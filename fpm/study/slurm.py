@@ -1,5 +1,6 @@
 """The SLURM executor: one pretraining job per cell and a fine-tuning job that starts only if it
-succeeded (and, with controls, the from-scratch fine-tuning after it too), rendered from fpm's
+succeeded (and, for each depth's first seed with controls on, the from-scratch fine-tuning after it
+too), rendered from fpm's
 scripts in ``slurm/``. Cells already finished are skipped."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 from fpm.console import info
 from fpm.rundir import RunDir, write_cell_state
 from fpm.slurm import render, sbatch
-from fpm.study.plan import finetune_argv, pretrain_argv
+from fpm.study.plan import finetune_argv, has_control, pretrain_argv
 
 
 def sweep_scripts(plan, options: dict) -> list[tuple[str, ...]]:
@@ -23,7 +24,7 @@ def sweep_scripts(plan, options: dict) -> list[tuple[str, ...]]:
         fin = finetune_argv(plan, cell)[1:]
         scripts = (render("pretrain", pre, job_name=f"fpm-{cell.name}-pre", **shape),
                    render("finetune", fin, job_name=f"fpm-{cell.name}-ft", **ft_shape))
-        if plan.controls:
+        if has_control(plan, cell):
             scratch = finetune_argv(plan, cell, scratch=True)[1:]
             scripts += (render("finetune", scratch, job_name=f"fpm-{cell.name}-ft0", **ft_shape),)
         out.append(scripts)

@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -m fpm.cpu.prebuild   # fpm's and DeepSpeed's C++ ops, built side by side (~40 s once)
 	touch $@
 
 install: $(VENV)/.installed

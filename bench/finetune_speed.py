@@ -16,8 +16,9 @@ decay, clipping, maximum length (128) and precision (bf16) on each side.
   ``train_sampling_strategy="group_by_length"``, the v5 spelling of ``group_by_length=True``).
   examples/s: the Trainer's own ``train_samples_per_second``.
 
-Every run is a fresh process; per model the three run in rotated order, ``--repeats`` rounds.
-Dev accuracy and F1 of each are computed on the same dev rows from the final model.
+Every run is a fresh process; per model the three alternate, fpm and the dynamic-padding Trainer
+``--repeats`` times with seeds 42, 43, ... (the GLUE-default Trainer, far behind, once). Dev accuracy
+and F1 of each are computed on the same dev rows from the final model.
 Last line: ``fpm/hf finetune examples_per_s ratio: X.XX (glue-default) Y.YY (dynamic)`` (the
 ratio over all runs of both models).
 
@@ -96,9 +97,9 @@ def metrics(labels, preds) -> dict:
     return {"accuracy": m["accuracy"], "f1": m["f1"]}
 
 
-def worker_fpm(model: Path, data: Path, out: Path, epochs: float) -> dict:
+def worker_fpm(model: Path, data: Path, out: Path, epochs: float, seed: int) -> dict:
     cmd = [sys.executable, "-m", "fpm", "finetune", "qqp", "--init", str(model), "--data-dir", str(data), "--out",
-           str(out), "--epochs", str(epochs), "--resume", "never", "--set", f"train.batch_size={BATCH}", "--set",
+           str(out), "--epochs", str(epochs), "--resume", "never", "--seed", str(seed), "--set", f"train.batch_size={BATCH}", "--set",
            f"train.max_seq_len={MAX_LEN}", "--set", f"train.lr={LR}", "--set", "train.precision=bf16", "--set",
            "train.eval_every=1000000", "--set", "train.save_every=1000000", "--set", "train.log_every=50"]
     t0 = time.perf_counter()
@@ -113,7 +114,7 @@ def worker_fpm(model: Path, data: Path, out: Path, epochs: float) -> dict:
             "accuracy": res["accuracy"], "f1": res["f1"]}
 
 
-def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str) -> dict:
+def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str, seed: int) -> dict:
     import numpy as np
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -129,11 +130,11 @@ def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str) -> d
         return [{**{k: enc[k][i] for k in enc}, "labels": e.label} for i, e in enumerate(rows)]
 
     train, dev = encode("train"), encode("dev")
-    torch.manual_seed(42)
+    torch.manual_seed(seed)
     net = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=2)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=64,
                              num_train_epochs=epochs, learning_rate=LR, warmup_steps=0.1, weight_decay=0.01,
-                             max_grad_norm=1.0, lr_scheduler_type="linear", bf16=True, use_cpu=True, seed=42,
+                             max_grad_norm=1.0, lr_scheduler_type="linear", bf16=True, use_cpu=True, seed=seed,
                              train_sampling_strategy="group_by_length" if not glue else "random",
                              report_to=[], save_strategy="no", eval_strategy="no", logging_steps=50,
                              disable_tqdm=True, dataloader_num_workers=0)
@@ -148,10 +149,10 @@ def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str) -> d
 # ------------------------------------------------------------------ the driver
 
 
-def run(kind: str, model: Path, data: Path, out: Path, epochs: float) -> dict:
+def run(kind: str, model: Path, data: Path, out: Path, epochs: float, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
-                           "--out", str(out), "--epochs", str(epochs)], capture_output=True, text=True,
+                           "--out", str(out), "--epochs", str(epochs), "--seed", str(seed)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"{kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -176,17 +177,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA / "qqp" / "quora-pairs")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-finetune-speed")
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--train-rows", type=int, default=4000)
-    ap.add_argument("--dev-rows", type=int, default=4000)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--train-rows", type=int, default=1_000_000, help="first N rows of train.tsv (default: all)")
+    ap.add_argument("--dev-rows", type=int, default=1_000_000, help="first N rows of dev.tsv (default: all)")
+    ap.add_argument("--repeats", type=int, default=2, help="fpm and dynamic-padding runs per model (seeds 42, 43, ...)")
     ap.add_argument("--models", default="minilm,fpm-bert")
-    ap.add_argument("--pretrain-steps", type=int, default=200)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
     if args.worker:
         if args.worker == "fpm":
-            res = worker_fpm(args.model, args.data, args.out, args.epochs)
+            res = worker_fpm(args.model, args.data, args.out, args.epochs, args.seed)
         else:
-            res = worker_hf(args.model, args.data, args.out, args.epochs, args.worker)
+            res = worker_hf(args.model, args.data, args.out, args.epochs, args.worker, args.seed)
         print(json.dumps(res))
         return
 
@@ -210,21 +212,28 @@ def main() -> None:
     results: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in kinds} for m in models}
     for r in range(args.repeats):
         for name, model in models.items():
-            for kind in kinds[r % 3:] + kinds[:r % 3]:  # rotated order
-                res = run(kind, model, data, out / f"{name}-{kind}-{r}", args.epochs)
+            order = ["fpm", "dynamic"] if r % 2 == 0 else ["dynamic", "fpm"]  # alternating
+            for kind in order + (["glue-default"] if r == 0 else []):
+                seed = 42 + r
+                res = run(kind, model, data, out / f"{name}-{kind}-{r}", args.epochs, seed)
                 results[name][kind].append(res)
-                print(f"  {name:9s} {kind:13s} {res['examples_per_s']:7.1f} examples/s ({res['train_s']:.0f} s), "
-                      f"dev accuracy {100 * res['accuracy']:.2f} F1 {100 * res['f1']:.2f}", flush=True)
+                print(f"  {name:9s} {kind:13s} seed {seed}: {res['examples_per_s']:7.1f} examples/s "
+                      f"({res['train_s']:.0f} s), dev accuracy {100 * res['accuracy']:.2f} F1 {100 * res['f1']:.2f}",
+                      flush=True)
     ratios = {"glue-default": [], "dynamic": []}
     for name in models:
         med = {k: statistics.median(x["examples_per_s"] for x in results[name][k]) for k in kinds}
         acc = {k: statistics.mean(x["accuracy"] for x in results[name][k]) for k in kinds}
+        acc_dyn = [x["accuracy"] for x in results[name]["dynamic"]]
+        acc_fpm = [x["accuracy"] for x in results[name]["fpm"]]
         for base in ratios:
             ratios[base].append(med["fpm"] / med[base])
         print(f"{name}: fpm {med['fpm']:.1f} examples/s | glue-default {med['glue-default']:.1f} "
               f"(x{med['fpm'] / med['glue-default']:.2f}) | dynamic {med['dynamic']:.1f} "
               f"(x{med['fpm'] / med['dynamic']:.2f}); dev accuracy fpm {100 * acc['fpm']:.2f}, glue-default "
-              f"{100 * acc['glue-default']:.2f}, dynamic {100 * acc['dynamic']:.2f}", flush=True)
+              f"{100 * acc['glue-default']:.2f}, dynamic {100 * acc['dynamic']:.2f} (per seed: fpm "
+              f"{', '.join(f'{100 * a:.2f}' for a in acc_fpm)}; dynamic {', '.join(f'{100 * a:.2f}' for a in acc_dyn)})",
+              flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     g = statistics.geometric_mean(ratios["glue-default"])
     d = statistics.geometric_mean(ratios["dynamic"])

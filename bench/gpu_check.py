@@ -296,8 +296,35 @@ def finetune_stage(ctx) -> dict:
         "--out", str(out), "--max-steps", "20", "--no-floors", "--set", "train.eval_every=10",
         log=ctx.work / "logs" / "finetune.log")
     res = json.loads((out / "results.json").read_text())
+    unpadded = padding_free_logit_diff(ctx, out / "best", task)
     return {"dev_accuracy": res["accuracy"], "device": res.get("device"), "n_dev": res["n_examples"],
-            "ok": str(res.get("device", "")).startswith(ctx.device.type)}
+            "padding_free_max_abs_logit_diff": unpadded,
+            "ok": str(res.get("device", "")).startswith(ctx.device.type) and unpadded <= 1e-4}
+
+
+def padding_free_logit_diff(ctx, model_dir: Path, task: Path) -> float:
+    """The fine-tuned classifier's logits on dev, padding-free (what fine-tuning trains with) against
+    the padded model, fp32 on the device: the largest difference."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from fpm.classifier import load_init
+    from fpm.config import load_recipe
+    from fpm.cpu import bert_unpadded
+    from fpm.data.pairs import trim
+    from fpm.data.tasks import load_split
+    from fpm.models.bert import use_sdpa
+
+    recipe = load_recipe("qqp", preset="tiny", kind="finetune")
+    encoder = load_init(model_dir, recipe).encoder
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(ctx.device, torch.float32).eval()
+    use_sdpa(model)
+    rows = encoder.encode(load_split(recipe.task, task, "dev").examples[:64])
+    batch = {k: v.to(ctx.device) for k, v in trim({k: torch.as_tensor(v) for k, v in rows.items()}).items()}
+    with torch.no_grad():
+        padded = model(**batch).logits
+        free = bert_unpadded.classification_logits(model, batch)
+    return float((padded - free).abs().max())
 
 
 # ------------------------------------------------------------------ throughput
@@ -465,7 +492,8 @@ def table(results: dict) -> str:
             lines.append(head + f"logits vs plain transformers: max |d| {r['max_abs_logit_diff']:.2e}")
         elif name == "finetune":
             lines.append(head + f"dev accuracy {r['dev_accuracy']:.3f} on {r['n_dev']} examples, evaluated on "
-                         f"{r['device']}")
+                         f"{r['device']}; padding-free vs padded logits max |d| "
+                         f"{r['padding_free_max_abs_logit_diff']:.1e}")
         elif name == "throughput":
             lines.append(head + "fpm pretrain vs transformers.Trainer, same shape, data and precision")
             for k, v in r.items():

@@ -57,15 +57,17 @@ def evaluate_command(task: str, *, model_path: Path, data_dir: Path | None, spli
 def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None = None,
                 batches: int | None = None, out: Path | None = None) -> dict:
     """Validation loss, perplexity and bits per character of a pretraining run's checkpoint on a
-    prepared folder's validation part (by default the run's own data folder): the samples and the
-    computation of validation while training (:mod:`fpm.engine.validation`), so the loss equals
-    the one logged at that step. Bits per character = the part's summed cross-entropy (its mean
-    times its tokens) / ln 2 / its characters (recorded by ``fpm data prepare``): comparable across
-    vocabularies, and exact only when every validation sample is scored (``--batches`` large)."""
+    prepared folder's validation part (by default the run's own data: its sources' validation parts
+    mixed by the run's weights, as training validated): the samples and the computation of
+    validation while training (:mod:`fpm.engine.validation`), so the loss equals the one logged at
+    that step. Bits per character = the part's summed cross-entropy (its mean times its tokens) /
+    ln 2 / its characters (recorded by ``fpm data prepare``): comparable across vocabularies, exact
+    only when every validation sample is scored (``--batches`` large), and for one folder only."""
     import torch
 
-    from fpm.data.datasets import build_dataset
     from types import SimpleNamespace
+
+    from fpm.data.mixture import build_mixture
 
     from fpm.engine.distributed import device_for
     from fpm.engine.spec import pretraining_spec
@@ -76,12 +78,18 @@ def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None 
 
     run_dir = Path(run_dir)
     recipe, model, tok, folder = load_run_model(run_dir, tag)
-    if data_dir is None:
-        manifest = read_json(RunDir(run_dir).data_manifest) or {}
-        if not manifest.get("prepared_folder"):
-            raise FpmError(f"{run_dir}: no data folder recorded; pass --data-dir DIR (a prepared folder)")
-        data_dir = Path(manifest["prepared_folder"])
-    part = build_dataset(recipe, data_dir, part="validation")
+    if data_dir is not None:
+        sources = [(Path(data_dir), 1.0)]
+    else:  # the run's sources and weights (run.json), else the folder its manifest names
+        recorded = (read_json(RunDir(run_dir).run_json) or {}).get("data_sources") or []
+        sources = [(Path(x["path"]), float(x["weight"])) for x in recorded]
+        if not sources:
+            manifest = read_json(RunDir(run_dir).data_manifest) or {}
+            if not manifest.get("prepared_folder"):
+                raise FpmError(f"{run_dir}: no data folder recorded; pass --data-dir DIR (a prepared folder)")
+            sources = [(Path(manifest["prepared_folder"]), 1.0)]
+    data_dir = ", ".join(f"{p}:{w:g}" if len(sources) > 1 else str(p) for p, w in sources)
+    part = build_mixture(recipe, sources, part="validation")
     if part.tok.vocab_hash() != tok.vocab_hash():
         raise FpmError(f"{data_dir}: prepared with another vocabulary than {run_dir}'s; prepare it with the run's "
                        f"tokenizer ({RunDir(run_dir).tokenizer})")
@@ -89,7 +97,7 @@ def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None 
     n_batches = batches or recipe.train.eval_batches
     validation = Validation(part, spec.global_batch, spec.micro_batch, n_batches, SimpleNamespace(rank=0, world_size=1))
     metrics = validation.run(LocalEngine(objective(recipe.model, model), device_for(0)))
-    bpc = bits_per_char(metrics, part.shards.manifest["validation"])
+    bpc = bits_per_char(metrics, part.shards.manifest["validation"]) if len(sources) == 1 else None
     if bpc is not None:
         metrics["val_bits_per_char"] = bpc
     result = {"run": str(run_dir), "checkpoint": folder.name, "data": str(data_dir), "batches": n_batches,

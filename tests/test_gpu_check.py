@@ -29,6 +29,7 @@ def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
     assert r["resume"]["bit_identical"] and r["resume"]["ok"]
     assert r["export"]["ok"] and r["export"]["max_abs_logit_diff"] <= 1e-4
     assert r["finetune"]["ok"] and r["finetune"]["device"] == "cpu"
+    assert r["finetune"]["padding_free_max_abs_logit_diff"] <= 1e-4
     for row in r["throughput"].values():
         assert row["tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["ratio"] > 0 and 0 < row["mfu"] < 1
     assert "ratio" in proc.stdout and "equivalence" in proc.stdout  # the printed table

@@ -123,3 +123,9 @@ def test_a_3_to_1_mixture_trains_at_its_shares_and_resumes_exactly_after_sigkill
     assert shares.sum(1) == pytest.approx(1.0)
     # 24 steps x 16 samples = 384 draws; the binomial standard deviation of a 75% share is 2.2 points
     assert abs(shares[:, 0].mean() - 0.75) < 3 * (0.75 * 0.25 / 384) ** 0.5
+    # fpm evaluate lm on the run validates as training did: the mixture of both validation parts
+    run_fpm("evaluate", "lm", "--model", str(a), "--out", str(tmp_path / "lm.json"), check=True)
+    lm = json.loads((tmp_path / "lm.json").read_text())
+    logged = [m for m in ma if m.get("split") == "validation"][-1]
+    assert lm["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and lm["val_samples"] == logged["val_samples"]
+    assert str(first) in lm["data"] and str(second) in lm["data"]

@@ -141,6 +141,28 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_requeues_and_resumes_ex
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_a_two_node_run_continues_as_a_one_node_job(cluster, two_node_run, tmp_path):
+    """What a job requeued onto fewer nodes meets: the 2-node run's checkpoint (2 ranks) resumed by
+    the same script on 1 node (1 rank), at the same global batch, the data position carried on."""
+    _, reference, _ = two_node_run
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    job = sbatch(cluster, tmp_path, "--nodes=1", *CPU_SHAPE[1:], str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l",
+                 "--preset", "tiny", "--out", str(run), "--max-steps", "56", "--set", "train.log_every=1",
+                 "--save-every", "20")
+    assert wait_done(cluster, job) == "COMPLETED"
+    out = (tmp_path / f"slurm-fpm-pretrain-{job}.out").read_text()
+    assert "1 node(s) 1 task(s)" in out and "exited with 0" in out
+    rank0 = (tmp_path / "logs" / f"fpm-pretrain-{job}" / "rank-0.log").read_text()
+    assert "resumed from" in rank0 and "step 40" in rank0 and "Traceback" not in rank0
+    status = json.loads((run / "run.json").read_text())
+    assert status["world_size"] == 1 and status["exit_code"] == 0 and status["step"] == 56
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in rows if "loss" in m]
+    assert [m["step"] for m in trained] == list(range(1, 57))  # nothing lost, nothing repeated
+    assert [m["samples"] for m in trained[40:]] == [16 * s for s in range(41, 57)]  # global batch 16 throughout
+
+
 def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):
     """Pretraining, fine-tuning and from-scratch control jobs per cell, the last two after the
     pretraining (afterok)."""

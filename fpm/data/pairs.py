@@ -56,14 +56,18 @@ MEGA_BATCHES = 50
 
 
 def lengths(features: dict[str, np.ndarray]) -> np.ndarray:
-    """The real (non-padding) length of every encoded row."""
+    """The real (non-padding) length of every encoded row (the full width without an attention mask)."""
+    if "attention_mask" not in features:
+        return np.full(len(features["input_ids"]), features["input_ids"].shape[1], dtype=np.int64)
     return features["attention_mask"].sum(1).astype(np.int64)
 
 
 def trim(batch: dict, multiple: int = PAD_MULTIPLE) -> dict:
     """A collated batch cut to its longest row, rounded up to ``multiple`` (padding is always at the
     end of a row): the same rows, the same results, fewer padding positions."""
-    mask = batch["attention_mask"]
+    mask = batch.get("attention_mask")
+    if mask is None:  # no padding is known: nothing to cut
+        return batch
     longest = int(mask.sum(1).max()) if len(mask) else 0
     keep = min(mask.shape[1], -(-max(longest, 1) // multiple) * multiple)
     return {k: v[:, :keep] if getattr(v, "ndim", 0) == 2 and v.shape[1] == mask.shape[1] else v

@@ -95,6 +95,8 @@ def pretrain_cmd(
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint interval in steps.")] = None,
     seed: Seed = None,
     resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest intact checkpoint; never.")] = "auto",
+    memory_check: Annotated[bool, typer.Option("--memory-check/--no-memory-check", help="Refuse at launch a run "
+                                               "whose estimated memory exceeds what the device has (default on).")] = True,
 ) -> None:
     """Pretrain a recipe with DeepSpeed (one process, torchrun, srun or the deepspeed launcher).
 
@@ -104,7 +106,7 @@ def pretrain_cmd(
     from fpm.pretrain import pretrain
 
     code = pretrain(recipe, preset=preset, overrides=sets or [], data=data, out=out, max_steps=max_steps,
-                    save_every=save_every, seed=seed, resume=resume)
+                    save_every=save_every, seed=seed, resume=resume, memory_check=memory_check)
     raise typer.Exit(code)
 
 
@@ -370,6 +372,18 @@ def checkpoint_convert(
     convert_run(run_dir, tag)
 
 
+@checkpoint_app.command("verify")
+def checkpoint_verify(
+    run_dir: Annotated[Path, typer.Argument(help="A pretraining run directory.")],
+    tag: Annotated[Optional[str], typer.Option("--tag", help="A checkpoint tag (default: every complete one).")] = None,
+) -> None:
+    """Check every file of a run's checkpoints against the sizes and CRC32s of their seals, in one
+    process (a resume checks sizes and each rank's share of the checksums)."""
+    from fpm.commands.checkpoint import verify_command
+
+    verify_command(run_dir, tag)
+
+
 @data_app.command("prepare")
 def data_prepare(
     recipe: Annotated[str, typer.Argument(help="Recipe whose tokenizer and objective to prepare for.")],
@@ -526,6 +540,14 @@ def main() -> None:
         if kind == "Abort":
             print("aborted", file=sys.stderr)
             sys.exit(130)
+        from fpm.engine.timeouts import is_collective_timeout
+
+        if is_collective_timeout(exc):  # a peer hung or died (gloo; NCCL aborts the process instead)
+            from fpm.engine.signals import EXIT_HANG
+
+            print(f"error: a collective timed out (train.collective_timeout_s): a peer rank hung or died "
+                  f"({one_line_text(exc)}); exiting {EXIT_HANG} so that the job is requeued", file=sys.stderr)
+            sys.exit(EXIT_HANG)
         from fpm.errors import DISK_ERRNOS, DiskError, disk_errno, disk_reason
 
         code = disk_errno(exc)  # a library's write that the storage refused (torch, tokenizers)

@@ -43,9 +43,9 @@ class DevEvaluation:
     keeps the best model so far in ``OUT/best`` (``best.json`` says which step)."""
 
     def __init__(self, model: torch.nn.Module, recipe: FinetuneRecipe, features: dict[str, np.ndarray],
-                 labels: list[int], out: Path, init: Init, rank0: bool):
+                 labels: list[int], out: Path, init: Init, rank: int, world_size: int):
         self.model, self.task, self.features, self.labels = model, recipe.task, features, labels
-        self.out, self.init, self.rank0 = out, init, rank0
+        self.out, self.init, self.rank, self.world_size = out, init, rank, world_size
         self.best_file = RunDir(out).best_json
         task = recipe.task
         self.positive = task.labels.index(task.positive_label) if task.positive_label is not None else None
@@ -54,17 +54,21 @@ class DevEvaluation:
         return json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
 
     def __call__(self, step: int) -> dict:
-        from fpm.engine.distributed import barrier
+        from fpm.engine.timeouts import while_rank0
 
         task = self.task
         probs = predict(self.model, self.features)
         m = classification_metrics(self.labels, probs.argmax(1).tolist(), task.num_labels, self.positive)
         value = m["macro_f1"] if task.metric == "macro_f1" else m[task.metric]
         best = self.best()
-        if self.rank0 and (best is None or value > best["value"]):
-            save_model(self.model, RunDir(self.out).best, self.init)
-            self.best_file.write_text(json.dumps({"step": step, "metric": task.metric, "value": value}))
-        barrier()
+
+        def keep_best() -> None:
+            if best is None or value > best["value"]:
+                save_model(self.model, RunDir(self.out).best, self.init)
+                self.best_file.write_text(json.dumps({"step": step, "metric": task.metric, "value": value}))
+
+        # writing a large model takes long: the other ranks wait on the store, not in a barrier
+        while_rank0(keep_best, f"saving the best model in {RunDir(self.out).best}", self.rank, self.world_size)
         return {"eval_step": step, f"dev_{task.metric}": value, "dev_accuracy": m["accuracy"], "dev_f1": m["f1"]}
 
 
@@ -97,6 +101,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
     from fpm.engine.setup import check_precision, seed_everything
+    from fpm.engine.timeouts import while_rank0
     from fpm.engine.trainer import Trainer
     from fpm.models.objective import Objective
 
@@ -134,7 +139,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     task = recipe.task
     dev = splits["dev"]
     # the model the trainer trains, in place (moved to its device, cast to its dtype by the engine)
-    evaluate = DevEvaluation(init.model, recipe, feats["dev"], [e.label for e in dev.examples], out, init, rank0)
+    evaluate = DevEvaluation(init.model, recipe, feats["dev"], [e.label for e in dev.examples], out, init,
+                             dist.rank, dist.world_size)
     trainer = Trainer(spec, Objective(init.model, classification_loss), dataset, out, dist,
                       resume=resume == "auto", on_step=evaluate, on_step_every=t.eval_every)
     if rank0:
@@ -156,7 +162,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     model = AutoModelForSequenceClassification.from_pretrained(str(RunDir(out).best)).to(device_for(dist.local_rank))
     dev_probs = predict(model.eval(), feats["dev"])
     test_probs = predict(model, feats["test"]) if splits["test"] is not None else None
-    if rank0:
+
+    def report() -> None:  # rank 0; the floors fit TF-IDF models: minutes on a large task
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
         extra = {"model": str(RunDir(out).best), "init": init.source, "from_scratch": from_scratch,
                  "best_step": best["step"], "steps": result.step,
@@ -177,5 +184,6 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
                             "dev_majority_share": aud["splits"]["dev"]["majority_share"]}
         write_json(RunDir(out).results, results)
         summary(results, recipe, Path(data_dir), floor, aud)
-    barrier()
+
+    while_rank0(report, "the results, audit and floors", dist.rank, dist.world_size)
     return 0

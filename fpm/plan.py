@@ -1,24 +1,6 @@
 """`fpm plan RECIPE`: memory, FLOPs and time before spending GPU hours; `fpm plan --paper`: Table 4 audited.
 
-Model states per GPU (mixed-precision Adam; bytes per parameter: 16-bit params 2, 16-bit grads 2,
-fp32 grads 4, fp32 master 4, Adam moments 8 — DeepSpeed's own accounting):
-
-=====  ===========================  =====================================
-stage  on the GPU                   with CPU offload
-=====  ===========================  =====================================
-0      20·P                         —
-1      4·P + 16·P/N                 2·P
-2      2·P + 18·P/N  (DeepSpeed)    2·P  (DeepSpeed)
-3      4·L + 18·P/N  (DeepSpeed)    4·L + 2·P/N (optimizer), 4·L (+params)
-=====  ===========================  =====================================
-
-(P parameters, N GPUs, L the largest single layer.) Stages 2 and 3 are exactly DeepSpeed's
-``estimate_zero2/3_model_states_mem_needs``. Activations per micro-batch sample follow Megatron's
-accounting (Korthikanti et al. 2022, no tensor parallelism): s·h·(34 + 5·a·s/h) bytes per layer
-kept for the backward pass; with activation checkpointing after every layer only each layer's
-input (2·s·h bytes) is kept, plus one layer's activations while it is recomputed; plus the fp32
-logits (4·s·V). Communication buckets (:func:`bucket_bytes`) come from the recipe's ``deepspeed:``
-section. A fixed reserve covers the CUDA context and allocator fragmentation.
+Memory: the accounting of :mod:`fpm.engine.memory` (shared with the launch check of `fpm pretrain`).
 FLOPs: :mod:`fpm.engine.flops` (6·N per token + attention).
 """
 
@@ -34,89 +16,18 @@ from fpm.config.schema import Recipe
 from fpm.console import console
 from fpm.engine.flops import train_flops_per_token
 from fpm.errors import FpmError
+from fpm.engine.memory import (  # noqa: F401  (the accounting, shared with the launch check)
+    GB,
+    RESERVE_GB,
+    ZERO0_ALLREDUCE_BUCKET,
+    ZERO3_PREFETCH_BUCKET,
+    activation_bytes_per_sample,
+    bucket_bytes,
+    cpu_bytes,
+    model_stats,
+    state_bytes,
+)
 from fpm.paper import A100_PEAK_TFLOPS, TABLE2_ORDER
-
-GB = 1e9
-RESERVE_GB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
-
-
-def model_stats(recipe: Recipe) -> tuple[int, int]:
-    """(parameters, largest single layer's parameters) of the recipe's model, built on meta."""
-    from fpm.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(recipe.model, recipe.tokenizer.vocab_size, init=False)
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest
-
-
-def state_bytes(P: int, L: int, n_gpus: int, stage: int, offload: str = "none") -> float:
-    """Model-state bytes per GPU. ``offload``: none, optimizer, params (params implies optimizer)."""
-    if offload != "none" and stage == 0:
-        raise ValueError("offload needs ZeRO stage >= 1")
-    if stage == 0:
-        return 20.0 * P
-    if stage == 1:
-        return 2.0 * P if offload != "none" else 4.0 * P + 16.0 * P / n_gpus
-    if stage == 2:
-        return 2.0 * P if offload != "none" else 2.0 * P + int(18 * P / n_gpus)
-    if offload == "params":
-        return 4.0 * L
-    if offload == "optimizer":
-        return 4.0 * L + int(2 * P / n_gpus)
-    return 4.0 * L + int(18 * P / n_gpus)
-
-
-ZERO0_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's allreduce_bucket_size default (elements)
-ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (elements)
-
-
-def bucket_bytes(P: int, stage: int, ds) -> float:
-    """GPU bytes of DeepSpeed's communication buckets (16-bit elements; none larger than the model):
-    ZeRO-0 flattens gradients into all-reduce buffers of ``allreduce_bucket_size``; ZeRO-1/2 hold a
-    reduce bucket and an all-gather bucket, 4.5 times over with ``overlap_comm`` (DeepSpeed's own
-    figure: "5e8 requires 9GB footprint (5e8 x 2Bytes x 2 x 4.5)"); ZeRO-3 a reduce bucket (two
-    with ``overlap_comm``: one filling while the other is reduced) and its prefetch bucket."""
-    if stage == 0:
-        return 2.0 * min(ZERO0_ALLREDUCE_BUCKET, P)
-    reduce, gather = min(ds.reduce_bucket_size, P), min(ds.allgather_bucket_size, P)
-    if stage in (1, 2):
-        return 2.0 * (reduce + gather) * (4.5 if ds.overlap_comm else 1.0)
-    return 2.0 * (reduce * (2 if ds.overlap_comm else 1) + min(ZERO3_PREFETCH_BUCKET, P))
-
-
-def activation_bytes_per_sample(recipe: Recipe, checkpointing: bool) -> float:
-    m = recipe.model
-    s, h, a, V = recipe.data.seq_len, m.d_model, m.n_heads, recipe.tokenizer.vocab_size
-
-    def layer(seq: int, cross: int = 0) -> float:
-        base = seq * h * (34 + 5 * a * seq / h)
-        if cross:  # decoder cross-attention: q/out over seq, k/v over the encoder length
-            base += seq * h * 11 + 5 * a * seq * cross
-        return base
-
-    if m.family == "t5":
-        t = max(1, s // 4)
-        enc_full, dec_full = layer(s), layer(t, cross=s)
-        if checkpointing:
-            kept = 2 * s * h * m.n_encoder_layers + 2 * t * h * m.n_decoder_layers + max(enc_full, dec_full)
-        else:
-            kept = enc_full * m.n_encoder_layers + dec_full * m.n_decoder_layers
-        return kept + 4.0 * t * V
-    full = layer(s)
-    kept = (2 * s * h * m.n_layers + full) if checkpointing else full * m.n_layers
-    return kept + 4.0 * s * V
-
-
-def cpu_bytes(P: int, nodes: int, gpus_per_node: int, stage: int, offload: str) -> float:
-    """Host memory per node for CPU offload (DeepSpeed's estimators, buffer factor 1.5, zero.Init)."""
-    if offload == "none":
-        return 0.0
-    if stage in (1, 2):
-        return P * max(4 * nodes * gpus_per_node, 16) * 1.5
-    return P * (18 if offload == "params" else 16) / nodes * 1.5
-
 
 @dataclass
 class Option:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -108,7 +109,8 @@ def _device_name() -> str:
 
 def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,
              data: Path | str | list | None = None, out: Path | None = None, max_steps: int | None = None,
-             save_every: int | None = None, seed: int | None = None, resume: str = "auto") -> int:
+             save_every: int | None = None, seed: int | None = None, resume: str = "auto",
+             memory_check: bool = True) -> int:
     """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
     sets = list(overrides or [])
     for key, value in (("train.max_steps", max_steps), ("train.save_every", save_every), ("train.seed", seed)):
@@ -118,22 +120,23 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
 
     install_early()
     try:
-        return _pretrain(recipe_name, preset, sets, data, out, resume)
+        return _pretrain(recipe_name, preset, sets, data, out, resume, memory_check)
     finally:
         uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
 def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data, out: Path | None,
-              resume: str) -> int:
+              resume: str, memory_check: bool = True) -> int:
     recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
     if resume not in ("auto", "never"):
         raise FpmError(f"--resume must be auto or never, not {resume!r}")
     out = Path(out) if out else default_out(recipe, preset)
     dist = resolve_env()
+    memory = check_memory(recipe, dist) if memory_check else None
     with RunLock(out, "fpm pretrain " + recipe_name) if dist.rank == 0 else contextlib.nullcontext():
-        init(dist)  # rank 0 holds the run directory's lock before any rank starts
+        init(dist, recipe.train.collective_timeout_s)  # rank 0 holds the run directory's lock before any rank starts
         try:
-            return _run(recipe, dist, out, data, resume)
+            return _run(recipe, dist, out, data, resume, memory)
         finally:
             teardown()
 
@@ -149,7 +152,34 @@ def data_sources(data, recipe: Recipe) -> list[tuple[Path, float]]:
     return [parse_source(str(x)) for x in items]
 
 
-def _run(recipe: Recipe, dist, out: Path, data, resume: str) -> int:
+def check_memory(recipe: Recipe, dist):
+    """The launch check (:func:`fpm.engine.memory.launch_check`), before anything is built."""
+    from fpm.config.schema import derive_batch
+    from fpm.engine.distributed import select_accelerator
+    from fpm.engine.memory import launch_check
+
+    t = recipe.train
+    try:
+        _, micro, _ = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, dist.world_size)
+    except ValueError:
+        return None  # the trainer's set-up reports the batch error
+    return launch_check(recipe, dist.world_size, dist.local_world_size, micro, select_accelerator())
+
+
+def host_peak_gb(dist, device) -> dict:
+    """The largest resident set of any rank, and the sum over all ranks (one machine: its total)."""
+    import resource
+
+    import torch
+
+    from fpm.engine.distributed import all_max, all_sum
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return {"max_rank": all_max(mine, dist.world_size, device),
+            "sum_ranks": float(all_sum(torch.tensor(mine, device=device), dist.world_size))}
+
+
+def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None) -> int:
     import torch
 
     from fpm.data.mixture import build_mixture
@@ -213,11 +243,13 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str) -> int:
             with contextlib.suppress(OSError):  # a full disk may refuse this too
                 rd.write_status(status="failed", error=one_line(exc)[:500], wall_s=time.time() - t0)
         raise
+    used = host_peak_gb(dist, trainer.engine.device)
     if rank0:
         rd.write_status(status=result.reason, exit_code=result.exit_code, reason=result.reason, step=result.step,
                         max_steps=spec.max_steps, wall_s=time.time() - t0, threads=torch.get_num_threads(),
                         allocator=allocator.in_use(), peak=peak.as_dict(), validation=result.validation,
-                        spikes=result.spikes, source_shares=result.sources)
+                        spikes=result.spikes, source_shares=result.sources,
+                        memory={"estimate": asdict(memory) if memory else None, "host_peak_gb": used})
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
     return result.exit_code

@@ -4,12 +4,16 @@ files DeepSpeed would; the end-to-end resumes are in test_pretrain.py and test_r
 from __future__ import annotations
 
 import json
-
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fpm.engine import checkpoint as ckpt
+from fpm.errors import DiskError
 
 
 class FakeEngine:
@@ -82,3 +86,121 @@ def test_a_leftover_of_the_same_step_is_replaced(tmp_path):
     (leftover / "stale.bin").write_bytes(b"x")
     folder = _save(tmp_path, 10)
     assert not (folder / "stale.bin").exists() and ckpt.verify(folder) is None
+
+
+def _two_ranks(mode: str, run: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "ckpt_share_worker.py"), mode, str(run)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_share_the_checksums_and_the_damaged_file_is_found_by_the_rank_that_reads_it(tmp_path):
+    run = tmp_path / "checkpoints"
+    saved = _two_ranks("save", run)
+    # sealing: each rank checksummed the files it wrote, and only those
+    for step in ("step-00000010", "step-00000020"):
+        assert f"rank 0 checksummed {step}/mp_rank_00_model_states.pt" in saved.stdout
+        assert f"rank 0 checksummed {step}/zero_pp_rank_0_mp_rank_00_optim_states.pt" in saved.stdout
+        assert f"rank 1 checksummed {step}/zero_pp_rank_1_mp_rank_00_optim_states.pt" in saved.stdout
+        assert f"rank 0 checksummed {step}/zero_pp_rank_1" not in saved.stdout
+        assert f"rank 1 checksummed {step}/mp_rank_00" not in saved.stdout
+    seal = json.loads((run / "step-00000020" / ckpt.COMPLETE).read_text())
+    assert set(seal["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank00000.pt", "rng/rank00001.pt"}
+    assert ckpt.verify(run / "step-00000020") is None  # the merged seal matches a one-process full check
+
+    victim = run / "step-00000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size: only a checksum finds it
+    victim.write_bytes(bytes(data))
+    resumed = _two_ranks("resume", run)
+    assert ("rank 1: checkpoint " in resumed.stderr and "step-00000020 is damaged "
+            "(zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum)" in resumed.stderr)
+    assert "rank 0: checkpoint" not in resumed.stderr  # rank 0 did not read rank 1's partition
+    assert "rank 0 checksummed step-00000020/zero_pp_rank_1" not in resumed.stdout
+    assert "rank 0 resumes step-00000010" in resumed.stdout and "rank 1 resumes step-00000010" in resumed.stdout
+    assert "does not match its checksum" in ckpt.verify(run / "step-00000020")  # the full check finds it too
+
+
+class DeepSpeedLikeEngine:
+    """Writes through ``self.checkpoint_engine``, as DeepSpeed's save_checkpoint does."""
+
+    def __init__(self, value: float):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.weights = torch.full((1024,), value)
+        self.checkpoint_engine = TorchCheckpointEngine()
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({"w": self.weights, "client": client_state}, str(folder / "mp_rank_00_model_states.pt"))
+
+
+def test_a_background_save_in_flight_is_completed_and_sealed_before_the_next_one(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    gate = threading.Event()  # the writer thread blocks here: the save stays in flight
+    real_save = torch.save
+
+    def held_save(obj, path, *a, **k):
+        gate.wait(timeout=30)
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", held_save)
+    engine = DeepSpeedLikeEngine(10.0)
+    saver = ckpt.Checkpointer(engine, tmp_path / "checkpoints", 0, 1, keep_last=3, background=True)
+    t0 = time.perf_counter()
+    saver.start(10, {"step": 10})
+    assert time.perf_counter() - t0 < 5  # training went on: only the copy to host memory blocked
+    engine.weights += 1.0  # the next steps change the weights while the write is in flight
+    folder = tmp_path / "checkpoints" / "step-00000010"
+    assert saver.pending is not None and not saver.ready() and not (folder / ckpt.COMPLETE).exists()
+    assert ckpt.find_resumable(tmp_path / "checkpoints") is None  # unsealed: never resumed
+    threading.Timer(0.5, gate.set).start()
+    saver.start(11, {"step": 11})  # e.g. the pre-emption's save: the one in flight is completed first
+    assert (folder / ckpt.COMPLETE).is_file() and ckpt.verify(folder) is None
+    saver.finish()
+    saver.close()
+    newest, seal = ckpt.find_resumable(tmp_path / "checkpoints")
+    assert newest.name == "step-00000011" and seal["timing"]["bytes"] > 4096
+    assert seal["timing"]["blocking_s"] <= seal["timing"]["total_s"]
+    # each checkpoint holds the weights of its own step, not those of the later steps
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+    assert torch.equal(saved["w"], torch.full((1024,), 10.0)) and saved["client"] == {"step": 10}
+    assert torch.equal(torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False)["w"],
+                       torch.full((1024,), 11.0))
+
+
+def test_a_background_write_that_fails_is_raised_at_the_seal_and_nothing_is_sealed(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(obj, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saver = ckpt.Checkpointer(DeepSpeedLikeEngine(1.0), tmp_path / "checkpoints", 0, 1, keep_last=3, background=True)
+    monkeypatch.setattr(torch, "save", full_disk)
+    saver.start(5, {"step": 5})
+    with pytest.raises(DiskError, match="step-00000005: the checkpoint of step 5 could not be written "
+                                        r"\(the disk is full\); no earlier checkpoint exists"):
+        saver.finish()
+    saver.close()
+    assert ckpt.complete_tags(tmp_path / "checkpoints") == [] and not (tmp_path / "checkpoints" / "step-00000005").exists()
+
+
+def test_fpm_checkpoint_verify_checks_every_file_in_one_process(tmp_path, fpm):
+    run = tmp_path / "run"
+    for step in (10, 20):
+        _save(run, step)
+    ok = fpm("checkpoint", "verify", str(run), timeout=120)
+    assert ok.returncode == 0 and ok.stdout.count("intact (2 files") == 2, ok.stdout + ok.stderr
+    states = run / "checkpoints" / "step-00000010" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[-1] ^= 0xFF
+    states.write_bytes(bytes(data))
+    bad = fpm("checkpoint", "verify", str(run), timeout=120)
+    assert bad.returncode == 2 and "step-00000010: mp_rank_00_model_states.pt does not match its checksum" in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "1 damaged checkpoint(s): step-00000010" in bad.stderr

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fpm.engine import peak
-from fpm.engine.distributed import device_for, select_accelerator
+from fpm.engine.distributed import device_for, gpu_index, init, resolve_env, select_accelerator
 from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
+from fpm.errors import FpmError
 
 
 def test_the_accelerator_is_what_torch_sees_not_dev_nvidia0(monkeypatch):
@@ -28,12 +29,92 @@ def test_the_accelerator_is_what_torch_sees_not_dev_nvidia0(monkeypatch):
         assert select_accelerator() == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
 
 
-def test_a_rank_takes_gpu_local_rank_modulo_the_device_count(monkeypatch):
+def test_one_gpu_per_task_is_gpu_0_for_every_local_rank(monkeypatch):
+    # srun --gpus-per-task=1 (or a site's binding): each task sees one GPU while SLURM_LOCALID runs 0-7
+    assert [gpu_index(r, 8, 1) for r in range(8)] == [0] * 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [device_for(r, 8) for r in range(8)] == [torch.device("cuda", 0)] * 8
+    assert device_for(3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for(3, 8) == torch.device("cpu")
+
+
+def test_whole_node_visibility_gives_each_rank_its_own_gpu(monkeypatch):
+    assert [gpu_index(r, 8, 8) for r in range(8)] == list(range(8))
+    assert [gpu_index(r, 4, 8) for r in range(4)] == list(range(4))  # more GPUs than ranks
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [device_for(r, 8).index for r in range(8)] == list(range(8))
+
+
+@pytest.mark.parametrize("local_rank", [0, 3, 7])
+def test_more_ranks_than_gpus_is_a_one_line_error_naming_the_fix(monkeypatch, local_rank):
+    # two ranks on one GPU cannot work with NCCL: no round-robin sharing
+    with pytest.raises(FpmError) as err:
+        gpu_index(local_rank, 8, 4)
+    msg = str(err.value)
+    assert "\n" not in msg and "8 ranks" in msg and "4 GPUs" in msg
+    assert "--ntasks-per-node=4" in msg and "--gpus-per-task=1" in msg and "--gpus-per-node=8" in msg
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert [device_for(r).index for r in range(6)] == [0, 1, 2, 3, 0, 1]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_for(3) == torch.device("cpu")
+    with pytest.raises(FpmError):
+        device_for(local_rank, 8)
+    with pytest.raises(FpmError):
+        device_for(5)  # a rank beyond the GPUs: no longer GPU 1
+    with pytest.raises(FpmError):
+        gpu_index(0, 1, 0)
+
+
+_LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+def _resolve(monkeypatch, visible: int | None, env: dict[str, str]):
+    """resolve_env() under ``env`` (a launcher's variables) with ``visible`` GPUs (None: no GPU)."""
+    for k in list(os.environ):
+        if k in _LAUNCH or k.startswith("SLURM_"):
+            del os.environ[k]
+    os.environ.update(MASTER_ADDR="10.0.0.1", **env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible is not None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible or 0)
+    return resolve_env()
+
+
+SRUN_RANK_3 = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "8",
+               "SLURM_JOB_ID": "4242"}
+
+
+@pytest.mark.parametrize("visible, want", [(1, 0), (8, 3)])
+def test_local_rank_is_rewritten_to_the_gpu_deepspeed_must_use(monkeypatch, visible, want):
+    with mock.patch.dict(os.environ):  # resolve_env writes the launcher's variables: undone afterwards
+        dist = _resolve(monkeypatch, visible, SRUN_RANK_3)
+        assert (dist.rank, dist.world_size, dist.local_rank, dist.local_world_size) == (11, 16, 3, 8)
+        assert dist.backend == "nccl" and dist.device_index == want and os.environ["LOCAL_RANK"] == str(want)
+        assert device_for(dist.local_rank, dist.local_world_size) == torch.device("cuda", want)
+        # what DeepSpeed is started with: set_device and LOCAL_RANK name the same GPU
+        import deepspeed
+
+        seen = {}
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.setdefault("set_device", d))
+        monkeypatch.setattr(deepspeed, "init_distributed",
+                            lambda **kw: seen.setdefault("LOCAL_RANK", os.environ["LOCAL_RANK"]))
+        init(dist)
+        assert seen == {"set_device": want, "LOCAL_RANK": str(want)}
+        # torchrun's variables, and resolving again in the same process, give the same GPU
+        again = resolve_env()
+        assert again.device_index == want and os.environ["LOCAL_RANK"] == str(want)
+        tr = _resolve(monkeypatch, visible, {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
+                                             "LOCAL_WORLD_SIZE": "8", "MASTER_PORT": "29500"})
+        assert (tr.local_rank, tr.device_index, os.environ["LOCAL_RANK"]) == (3, want, str(want))
+
+
+def test_more_ranks_than_gpus_stops_before_deepspeed_and_the_cpu_keeps_local_rank(monkeypatch):
+    with mock.patch.dict(os.environ):
+        with pytest.raises(FpmError, match="--gpus-per-task=1"):
+            _resolve(monkeypatch, 4, SRUN_RANK_3)
+        dist = _resolve(monkeypatch, None, SRUN_RANK_3)
+        assert dist.backend == "gloo" and dist.device_index is None and dist.local_rank == 3
+        assert os.environ["LOCAL_RANK"] == "3" and device_for(dist.local_rank) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("name, precision, want", [

@@ -149,3 +149,27 @@ def test_bert_is_pre_layernorm():
     # Megatron-BERT: LayerNorm inside the attention block before self-attention, and before the MLP
     assert hasattr(layer.attention, "ln") and hasattr(layer, "ln")
     assert hasattr(model.bert.encoder, "ln")  # final LayerNorm after the last layer
+
+
+def test_zero3_initial_weights_equal_zero0s_when_the_parameters_draw_from_another_generator():
+    """Under zero.Init on a GPU the parameters live on cuda:LOCAL_RANK in bf16: a draw made on them
+    comes from CUDA's generator. Simulated on the CPU (tests/zero3_init_worker.py): every family
+    built at ZeRO-3 in bf16 equals the fp32 whole model cast to bf16, and leaves the CPU's generator
+    where the whole-model build does."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = ["bert-e-l", "cpm-x-s", "cpm-2-x-s"]
+    env = {k: v for k, v in os.environ.items()  # one process of its own, whatever launched pytest
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                       "MASTER_ADDR", "MASTER_PORT")}
+    worker = Path(__file__).parent / "zero3_init_worker.py"
+    proc = subprocess.run([sys.executable, str(worker), *names], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in names:
+        assert got[name] == {"partitioned": True, "dtypes": ["torch.bfloat16"], "differ": [], "same_rng": True}, name

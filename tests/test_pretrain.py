@@ -118,7 +118,7 @@ def _resume_check(full: Path, resumed: Path, resume_step: int, max_steps: int) -
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_exact_resume_after_sigkill(tmp_path, bert_data, precision):
     args = ["--max-steps", "36", "--save-every", "12", "--set", "train.log_every=1",
-            "--set", f"train.precision={precision}"]
+            "--set", f"train.precision={precision}", "--set", "train.async_save=true"]  # written in the background
     full = tmp_path / "full"
     pretrain(full, *args, data=bert_data)
     killed = tmp_path / "killed"
@@ -135,7 +135,7 @@ def test_exact_resume_after_sigkill(tmp_path, bert_data, precision):
     _resume_check(full, killed, resume_step, 36)
 
 
-SIGNAL_ARGS = ["--max-steps", "30", "--save-every", "100", "--set", "train.log_every=1"]
+SIGNAL_ARGS = ["--max-steps", "30", "--save-every", "100", "--set", "train.log_every=1", "--set", "train.async_save=true"]
 
 
 @pytest.fixture(scope="module")

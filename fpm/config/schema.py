@@ -14,6 +14,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Family = Literal["bert", "gpt", "t5"]
+COLLECTIVE_TIMEOUT_S = 3600.0  # train.collective_timeout_s's default (fpm.engine.timeouts has the whole order)
+MARGIN_S = 60.0  # the hang watchdog fires this long before a collective would time out (a quarter, if less)
+
+
+def check_order(hang_timeout_s: float, collective_timeout_s: float) -> str | None:
+    """Why the watchdog's limit and the collective timeout are in the wrong order, or None."""
+    margin = min(MARGIN_S, collective_timeout_s / 4)
+    if hang_timeout_s > 0 and hang_timeout_s + margin > collective_timeout_s:
+        return (f"train.hang_timeout_s={hang_timeout_s:g} must be at least {margin:g} s below "
+                f"train.collective_timeout_s={collective_timeout_s:g}: fpm's watchdog must report a hang "
+                "before the collective aborts the process")
+    return None
 
 
 class Section(BaseModel):
@@ -148,6 +160,10 @@ class TrainCfg(Section):
     spike_window: int = Field(100, ge=2)  # applied steps in that median; spikes counted within this many steps
     hang_timeout_s: float = Field(1800.0, ge=0.0)  # no step finished for this long: stacks, exit 76; 0: off
     hang_factor: float = Field(50.0, ge=0.0)  # ...or for this many median step times (never under 120 s)
+    # checkpoints written in the background, training waiting only for the copy to host memory; None
+    # (auto): on a GPU, not on a CPU (there the copy would double the host memory the states take)
+    async_save: bool | None = None
+    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0.0)  # a collective waits this long before it aborts (NCCL/gloo)
     spike_rollback: int = Field(3, ge=0)  # this many spikes within the window: roll back, skip their data; 0: never
     peak_tflops: float | None = Field(None, gt=0)  # MFU's denominator per device; None: detected or measured
 
@@ -158,6 +174,8 @@ class TrainCfg(Section):
         given = [v for v in (self.global_batch, self.micro_batch, self.grad_accum) if v is not None]
         if len(given) < 2:
             raise ValueError("give at least two of global_batch, micro_batch, grad_accum")
+        if (order := check_order(self.hang_timeout_s, self.collective_timeout_s)) is not None:
+            raise ValueError(order)
         return self
 
 

@@ -3,6 +3,13 @@
 One process needs nothing: fpm fills RANK=0, WORLD_SIZE=1, LOCAL_RANK=0 and a free MASTER_PORT
 (DeepSpeed wants them even alone). Under srun, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID give the
 rank, and the first host of SLURM_JOB_NODELIST (via `scontrol show hostnames`) the master address.
+
+The GPU is chosen once, by :func:`gpu_index`: GPU ``local_rank`` when the process sees at least as
+many GPUs as there are ranks on its node, GPU 0 when it sees one (``srun --gpus-per-task=1``, or a
+site's binding through CUDA_VISIBLE_DEVICES), and otherwise a one-line error (two ranks cannot
+share a GPU under NCCL). On a GPU, LOCAL_RANK is then rewritten to that index before DeepSpeed
+starts, because DeepSpeed takes its device from LOCAL_RANK (the process group's ``device_id``, the
+engine's device, ``zero.Init``); :attr:`Dist.local_rank` keeps the rank on the node.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ class Dist:
     master_addr: str
     master_port: int
     backend: str
+    device_index: int | None = None  # the GPU this process uses (LOCAL_RANK on a GPU); None on the CPU
 
 
 def _free_port() -> int:
@@ -70,8 +78,30 @@ def resolve_env() -> Dist:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         raise FpmError("MASTER_PORT is not set (torchrun and srun runs need a rendezvous port)")
-    backend = "nccl" if select_accelerator() == "cuda" else "gloo"
-    return Dist(rank, world, local, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), backend)
+    backend, index = "gloo", None
+    if select_accelerator() == "cuda":
+        import torch
+
+        backend, index = "nccl", gpu_index(local, local_world, torch.cuda.device_count())
+        env["LOCAL_RANK"] = str(index)  # DeepSpeed's device is cuda:LOCAL_RANK: the same GPU as fpm's
+    return Dist(rank, world, local, local_world, env["MASTER_ADDR"], int(env["MASTER_PORT"]), backend, index)
+
+
+def gpu_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The GPU (an index among the ``visible`` ones) of the rank ``local_rank`` of ``local_world_size``
+    on its node: ``local_rank`` when every rank can have its own (whole-node visibility), 0 when the
+    process sees a single GPU (one bound per task); else an :class:`FpmError`, in one line."""
+    if visible < 1:
+        raise FpmError("no GPU is visible to this process (CUDA_VISIBLE_DEVICES, or the job's --gpus options)")
+    local_world_size = max(local_world_size, local_rank + 1)
+    if visible == 1:
+        return 0
+    if local_world_size <= visible:
+        return local_rank
+    raise FpmError(f"{local_world_size} ranks on this node but {visible} GPUs visible to each "
+                   f"(local rank {local_rank}): two ranks cannot share a GPU; start one rank per GPU "
+                   f"(srun --ntasks-per-node={visible}, torchrun --nproc-per-node={visible}) or give each rank "
+                   f"its own GPU (srun --gpus-per-task=1, or --gpus-per-node={local_world_size})")
 
 
 def select_accelerator() -> str:
@@ -85,13 +115,15 @@ def select_accelerator() -> str:
     return name
 
 
-def device_for(local_rank: int):
-    """The device a process trains and evaluates on: GPU ``local_rank % device_count()`` (ranks
-    beyond the node's GPU count share them round-robin), else the CPU."""
+def device_for(local_rank: int, local_world_size: int | None = None):
+    """The device a process trains and evaluates on: GPU :func:`gpu_index` (``local_world_size``
+    defaults to ``local_rank + 1``), else the CPU. The same GPU for the node-local rank and for the
+    index :func:`resolve_env` wrote into LOCAL_RANK."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", gpu_index(local_rank, local_world_size or local_rank + 1,
+                                              torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -108,18 +140,25 @@ def cpu_threads(local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def init(dist: Dist) -> None:
+def init(dist: Dist, timeout_s: float | None = None) -> None:
+    """The process group, with ``timeout_s`` (``train.collective_timeout_s``; default
+    :data:`fpm.engine.timeouts.COLLECTIVE_TIMEOUT_S`) for every collective: NCCL's watchdog and gloo
+    abort a collective that waits longer (see :mod:`fpm.engine.timeouts` for the order)."""
     import deepspeed
     import torch
+
+    from fpm.engine.timeouts import COLLECTIVE_TIMEOUT_S, as_timedelta
 
     if dist.backend == "gloo":
         torch.set_num_threads(cpu_threads(dist.local_world_size))
     else:
-        torch.cuda.set_device(device_for(dist.local_rank))
+        index = dist.device_index
+        torch.cuda.set_device(index if index is not None else device_for(dist.local_rank, dist.local_world_size))
     from fpm.console import library_chatter
 
     with library_chatter():  # "DeepSpeed shm_comm_op built successfully" on every start
-        deepspeed.init_distributed(dist_backend=dist.backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=dist.backend, verbose=False,
+                                   timeout=as_timedelta(timeout_s or COLLECTIVE_TIMEOUT_S))
 
 
 def teardown() -> None:

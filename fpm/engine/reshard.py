@@ -18,9 +18,9 @@ loading a universal checkpoint at ZeRO-0 (DeepSpeed cannot).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
-
 
 from fpm.errors import FpmError
 
@@ -55,8 +55,19 @@ def universal_folder(ckpt_dir: Path, tag: str) -> Path:
     return ckpt_dir / UNIVERSAL / tag
 
 
-def convert(folder: Path, out: Path) -> Path:
-    """Convert the checkpoint ``folder`` to DeepSpeed's universal format in ``out`` (once)."""
+def default_workers() -> int:
+    """Worker processes for a conversion: the cores this process may use (the other ranks wait on
+    the store meanwhile), at most 8 (each holds slices of the optimizer state in memory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def convert(folder: Path, out: Path, workers: int | None = None) -> Path:
+    """Convert the checkpoint ``folder`` to DeepSpeed's universal format in ``out`` (once), with
+    ``workers`` extract and merge processes (default :func:`default_workers`; DeepSpeed's own is 4/1)."""
     if (out / "zero").is_dir() and any(out.glob("mp_rank_*_model_states.pt")):
         return out
     from deepspeed.checkpoint import ds_to_universal
@@ -65,7 +76,7 @@ def convert(folder: Path, out: Path) -> Path:
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = _Args(input_folder=str(folder), output_folder=str(tmp))
+    args = _Args(input_folder=str(folder), output_folder=str(tmp), workers=workers or default_workers())
     try:
         with library_chatter():
             ds_to_universal.main(args)
@@ -108,7 +119,7 @@ def convert_run(run_dir: Path, tag: str | None = None) -> Path:
 class _Args:
     """ds_to_universal's command-line arguments."""
 
-    def __init__(self, input_folder: str, output_folder: str):
+    def __init__(self, input_folder: str, output_folder: str, workers: int):
         self.input_folder, self.output_folder = input_folder, output_folder
-        self.num_extract_workers, self.num_merge_workers = 1, 1
+        self.num_extract_workers = self.num_merge_workers = workers
         self.keep_temp_folder, self.strict, self.inject_missing_state = False, True, True

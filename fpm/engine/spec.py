@@ -47,6 +47,7 @@ class TrainSpec:
     spike_rollback: int = 3
     hang_timeout_s: float = 1800.0  # the hang watchdog (fpm.engine.watchdog); 0: off
     hang_factor: float = 50.0
+    async_save: bool | None = None  # checkpoints written in the background (fpm.engine.async_save); None: on a GPU
 
 
 def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSpec:
@@ -68,7 +69,7 @@ def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSp
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
         eval_every=t.eval_every, eval_batches=t.eval_batches,
         spike_factor=t.spike_factor, spike_window=t.spike_window, spike_rollback=t.spike_rollback,
-        hang_timeout_s=t.hang_timeout_s, hang_factor=t.hang_factor,
+        hang_timeout_s=t.hang_timeout_s, hang_factor=t.hang_factor, async_save=t.async_save,
         flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
 

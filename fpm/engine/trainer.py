@@ -1,8 +1,8 @@
 """The training loop, shared by `fpm pretrain` and `fpm finetune`.
 
 One optimizer step = ``grad_accum`` micro-batches on every data-parallel rank, through the
-DeepSpeed engine (ZeRO, bf16/fp16, clipping). Host synchronisation happens only at log,
-check and save steps. State that makes a resume exact: DeepSpeed's checkpoint (model, optimizer,
+DeepSpeed engine (ZeRO, bf16/fp16, clipping). Host synchronisation happens only at log, check
+and save steps, and where the ranks agree on the stop flag: about every ``STOP_CHECK_S`` seconds. State that makes a resume exact: DeepSpeed's checkpoint (model, optimizer,
 LR scheduler, loss scaler), every RNG of every rank, and the step — the data stream is a pure
 function of the step (see :mod:`fpm.data.datasets`).
 
@@ -12,7 +12,6 @@ Building the engine (speed-ups, optimizer, DeepSpeed's configuration) is :mod:`f
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from fpm.console import Progress, info, warn
 from fpm.data.datasets import StreamSampler
 from fpm.engine import checkpoint as ckpt
 from fpm.engine import reshard
-from fpm.engine.distributed import Dist, all_max, all_mean, all_sum, barrier
+from fpm.engine.distributed import Dist, all_max, all_mean, all_sum
 from fpm.engine.spec import TrainSpec
 from fpm.engine.metrics import MetricsLogger
 from fpm.engine.setup import build_engine
 from fpm.engine.spikes import SpikeGuard, StepGate
+from fpm.engine.timeouts import STOP_CHECK_S, while_rank0
 from fpm.engine.watchdog import Watchdog
 from fpm.engine.validation import Validation
 from fpm.engine.signals import (
@@ -40,7 +40,6 @@ from fpm.engine.signals import (
     ignore_in_worker,
     register_exit_kill,
 )
-from fpm.errors import DiskError, disk_errno, disk_reason
 from fpm.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -87,19 +86,22 @@ class Trainer:
     def setup(self) -> int:
         """Build the DeepSpeed engine and restore the newest intact checkpoint; returns the start step."""
         s = self.spec
-        found = ckpt.find_resumable(self.ckpt_dir) if self.resume else None
+        rank, world = self.dist.rank, self.dist.world_size
+        found = ckpt.find_resumable(self.ckpt_dir, rank, world) if self.resume else None
         universal = None
-        if found is not None and reshard.needs_reshard(found[0], found[1], self.dist.world_size, s.zero.stage):
+        if found is not None and reshard.needs_reshard(found[0], found[1], world, s.zero.stage):
             universal = reshard.universal_folder(self.ckpt_dir, found[0].name)
-            if self.dist.rank == 0:
-                if not self.quiet:
-                    info(f"{found[0]} was written by {found[1]['world_size']} rank(s) at ZeRO stage "
-                         f"{reshard.saved_stage(*found)}; converting it to DeepSpeed's universal format in {universal}")
-                reshard.convert(found[0], universal)
-            barrier()
+            if rank == 0 and not self.quiet:
+                info(f"{found[0]} was written by {found[1]['world_size']} rank(s) at ZeRO stage "
+                     f"{reshard.saved_stage(*found)}; converting it to DeepSpeed's universal format in {universal}")
+            # minutes at the paper's size: the other ranks wait on the store, not in a barrier
+            while_rank0(lambda: reshard.convert(found[0], universal), f"converting {found[0]}", rank, world)
         built = build_engine(s, self.objective, self.dist, self.run_dir, quiet=self.quiet,
                              load_universal=universal is not None)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
+        self.saver = ckpt.Checkpointer(self.engine, self.ckpt_dir, rank, world, s.keep_last, s.zero.stage,
+                                       background=s.async_save if s.async_save is not None
+                                       else self.engine.device.type == "cuda")
         self._scale_loss, self.flat_master = built.scale_loss, built.flat_master
         if self.guard.enabled:
             self.gate = StepGate(built.client_optimizer)
@@ -157,29 +159,15 @@ class Trainer:
                 return float(v)
         return 1.0
 
-    def save(self, step: int) -> Path:
+    def _start_save(self, step: int) -> None:
         client = {"step": step, "samples": self.guard.data_step(step) * self.spec.global_batch,
                   "seed": self.spec.seed, "world_size": self.dist.world_size, "spike_guard": self.guard.state()}
-        return ckpt.save(self.engine, self.ckpt_dir, step, client, self.dist.rank, self.dist.world_size,
-                         self.spec.keep_last, self.spec.zero.stage)
+        self.saver.start(step, client)
 
-    def _save(self, step: int) -> Path:
-        """Save, or explain on one line why the storage refused it: the partial folder is removed and
-        ``latest`` still names the last intact checkpoint, which a rerun resumes from."""
-        try:
-            return self.save(step)
-        except Exception as exc:
-            code = disk_errno(exc)
-            if code is None:
-                raise
-            folder = self.ckpt_dir / ckpt.tag_for(step)
-            if self.dist.rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
-            intact = ckpt.complete_tags(self.ckpt_dir)
-            kept = (f"{self.ckpt_dir / ckpt.LATEST} still names {intact[-1]} (intact): make room and rerun the same "
-                    "command to resume from it") if intact else "no earlier checkpoint exists"
-            raise DiskError(f"{folder}: the checkpoint of step {step} could not be written ({disk_reason(code)}); "
-                            f"{kept}") from None
+    def _seal(self) -> int | None:
+        """Finish the save in flight (every rank's files written, sealed); its step, or None."""
+        pending = self.saver.pending
+        return self.saver.finish() and pending.step
 
     # ------------------------------------------------------------------ the loop
 
@@ -202,6 +190,7 @@ class Trainer:
         loader = iter(self._loader(start))
         dog = self.watchdog.start(start)
         check_every = max(1, min(s.log_every, s.max_nonfinite_steps))
+        stop_every = 1  # steps between agreements on the stop flag: from the all-reduced step time at log steps
         nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         loss_n = 0
@@ -265,6 +254,8 @@ class Trainer:
                         now = time.perf_counter()
                         dt = now - t_window
                         tok_s = float(all_sum(tokens, self.dist.world_size)) / dt if dt > 0 else 0.0
+                        step_s = all_max(dt, self.dist.world_size, device) / max(1, loss_n)  # the same on every rank
+                        stop_every = max(1, min(check_every, int(STOP_CHECK_S / step_s))) if step_s > 0 else 1
                         mean_loss = all_mean(loss_sum / max(1, loss_n), self.dist.world_size, device)
                         norm = self._grad_norm()
                         if norm is None:
@@ -292,26 +283,24 @@ class Trainer:
                         loss_n = 0
                         t_window = time.perf_counter()
                     if self.validation is not None and (step % s.eval_every == 0 or step == s.max_steps):
-                        dog.pause()  # not a step
-                        val = self.validation.run(self.engine)
-                        dog.resume()
+                        with dog.paused():  # not a step
+                            val = self.validation.run(self.engine)
                         metrics.log({"step": step, "split": "validation", **val})
                         bar.update(0, val_loss=f"{val['val_loss']:.4f}")
                         self.last_validation = {"step": step, **val}
                         tokens.zero_()  # the evaluation's time is not training throughput
                         t_window = time.perf_counter()
                     if self.on_step is not None and self.on_step_every and step % self.on_step_every == 0:
-                        dog.pause()
-                        extra = self.on_step(step)
-                        dog.resume()
+                        with dog.paused():
+                            extra = self.on_step(step)
                         if extra:
                             metrics.log({"step": step, **extra})
                         tokens.zero_()
                         t_window = time.perf_counter()
                     if self.guard.wants_rollback():
-                        dog.pause()
-                        restored = self._roll_back(step, metrics)
-                        dog.resume()
+                        with dog.paused():
+                            last_saved = self._seal() or last_saved
+                            restored = self._roll_back(step, metrics)
                         if restored is not None:
                             bar.update(restored - step)  # the progress goes back with the weights
                             step = restored
@@ -322,18 +311,28 @@ class Trainer:
                             loss_n = 0
                             t_window = time.perf_counter()
                             continue
-                    preempt = all_max(1.0 if stop.requested else 0.0, self.dist.world_size, device) > 0
+                    # a collective and a host sync: only every stop_every steps, which every rank agrees on
+                    preempt = ((step % stop_every == 0 or step == s.max_steps)
+                               and all_max(1.0 if stop.requested else 0.0, self.dist.world_size, device) > 0)
                     if step % s.save_every == 0 or step == s.max_steps or preempt:
-                        dog.pause()
-                        self._save(step)
-                        dog.resume()
-                        last_saved = step
+                        with dog.paused():  # the copy to host memory (the write goes on in the background)
+                            self._start_save(step)
+                            if step == s.max_steps or preempt:  # the process ends: wait for the write
+                                last_saved = self._seal() or last_saved
+                    elif step % stop_every == 0 and self.saver.ready(device):  # written by every rank: seal it
+                        last_saved = self._seal() or last_saved
                     if preempt:
                         if rank0 and not self.quiet:
                             info(f"pre-empted: checkpoint saved at step {step}; rerun the same command to resume")
                         result = FitResult(EXIT_PREEMPTED, step, "preempted")
                         break
+                with dog.paused():
+                    last_saved = self._seal() or last_saved  # e.g. stopped for a non-finite loss
             finally:
+                if self.saver.abandon() is not None:  # an error: the save in flight is never sealed
+                    self.saver.close(wait=False)
+                else:
+                    self.saver.close()
                 dog.stop()
                 stop.restore()
                 metrics.close()
@@ -350,7 +349,7 @@ class Trainer:
     def _roll_back(self, step: int, metrics: MetricsLogger) -> int | None:
         """Return to the newest intact checkpoint, skipping the data window of the recent spikes;
         the step resumed from, or None (no checkpoint yet: the spikes stay skipped, training goes on)."""
-        found = ckpt.find_resumable(self.ckpt_dir)
+        found = ckpt.find_resumable(self.ckpt_dir, self.dist.rank, self.dist.world_size)
         if found is None:
             warn(f"step {step}: {len(self.guard.recent)} loss spikes within {self.guard.window} steps, but no "
                  "checkpoint to roll back to; continuing")

@@ -14,6 +14,7 @@ their next collective, do.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import statistics
@@ -66,6 +67,15 @@ class Watchdog:
 
     def resume(self) -> None:
         self.last, self.active = time.monotonic(), True
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Not a step (a checkpoint, a validation, an evaluation): the watchdog waits it out."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
     def stop(self) -> None:
         self._stop.set()

@@ -8,6 +8,13 @@ A model built under ``deepspeed.zero.Init`` (ZeRO-3) holds only its partition of
 module's parameters are gathered, drawn on rank 0 and partitioned again (one module at a time, so
 no rank ever holds the whole model). The draws are the same, in the same order, as for a model
 built whole, so both start from identical weights.
+
+Every draw is made on the CPU, from its default generator (which the run's seed governs), in
+float32 and with the parameter's shape, then copied into the parameter whatever its device and
+dtype. Under ``zero.Init`` on a GPU the parameters live on ``cuda:LOCAL_RANK`` in bf16/fp16:
+drawing on them directly would take CUDA's generator (and round in half precision), so the same
+seed would give another model than ZeRO 0-2, which build on the CPU in fp32. On a CPU fp32
+parameter the values are those ``param.normal_`` gives, bit for bit.
 """
 
 from __future__ import annotations
@@ -51,13 +58,22 @@ def init_weights(model: nn.Module, std: float) -> None:
                 param.zero_()
 
 
+def normal_(param: torch.Tensor, std: float) -> None:
+    """``param.normal_(0, std)``, drawn on the CPU's default generator in float32 and copied in (so
+    the device and dtype ``param`` lives in change neither the stream nor the values drawn)."""
+    # not torch.empty(...).normal_(): zero.Init wraps torch.empty and casts what it makes to bf16/fp16
+    draw = torch.normal(0.0, std, size=tuple(param.shape), generator=torch.default_generator,
+                        dtype=torch.float32, device="cpu")
+    param.copy_(draw)
+
+
 def _init_module(module: nn.Module, std: float) -> None:
     if isinstance(module, (nn.Linear, Conv1D)):
-        module.weight.normal_(0.0, std)
+        normal_(module.weight, std)
         if module.bias is not None:
             module.bias.zero_()
     elif isinstance(module, nn.Embedding):
-        module.weight.normal_(0.0, std)
+        normal_(module.weight, std)
     elif _is_norm(module):
         if getattr(module, "weight", None) is not None:
             module.weight.fill_(1.0)
@@ -72,4 +88,4 @@ def scale_residual_projections(projections: dict[int, list[nn.Module]], std: flo
         scaled = residual_init_std(std, n_layers)
         for module in modules:
             with gathered([module.weight]):
-                module.weight.normal_(0.0, scaled)
+                normal_(module.weight, scaled)

@@ -1,0 +1,208 @@
+"""Memory before spending hours: the accounting of model states, buckets and activations per GPU
+(`fpm plan`), and the check `fpm pretrain` and `fpm finetune` make at launch on the real device.
+
+Model states per GPU (mixed-precision Adam; bytes per parameter: 16-bit params 2, 16-bit grads 2,
+fp32 grads 4, fp32 master 4, Adam moments 8 — DeepSpeed's own accounting):
+
+=====  ===========================  =====================================
+stage  on the GPU                   with CPU offload
+=====  ===========================  =====================================
+0      20·P                         —
+1      4·P + 16·P/N                 2·P
+2      2·P + 18·P/N  (DeepSpeed)    2·P  (DeepSpeed)
+3      4·L + 18·P/N  (DeepSpeed)    4·L + 2·P/N (optimizer), 4·L (+params)
+=====  ===========================  =====================================
+
+(P parameters, N GPUs, L the largest single layer.) Stages 2 and 3 are exactly DeepSpeed's
+``estimate_zero2/3_model_states_mem_needs``. Activations per micro-batch sample follow Megatron's
+accounting (Korthikanti et al. 2022, no tensor parallelism): s·h·(34 + 5·a·s/h) bytes per layer
+kept for the backward pass; with activation checkpointing after every layer only each layer's
+input (2·s·h bytes) is kept, plus one layer's activations while it is recomputed; plus the fp32
+logits (4·s·V). Communication buckets (:func:`bucket_bytes`) come from the recipe's ``deepspeed:``
+section. A fixed reserve covers the CUDA context and allocator fragmentation.
+On a CPU the same terms are host memory, in the run's own precision (fp32 training keeps no
+separate 16-bit copy: :func:`host_state_bytes`), summed over the ranks of the machine, plus a fixed
+cost per process for PyTorch, DeepSpeed and transformers. :func:`launch_check` compares the
+estimate with the memory the device has (``MemAvailable``; a GPU's free memory) and refuses, with
+the estimate and the cheapest fix, a run that cannot fit — before anything is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fpm.config.schema import Recipe
+from fpm.errors import FpmError
+
+GB = 1e9
+RESERVE_GB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+def model_stats(recipe: Recipe) -> tuple[int, int]:
+    """(parameters, largest single layer's parameters) of the recipe's model, built on meta."""
+    from fpm.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(recipe.model, recipe.tokenizer.vocab_size, init=False)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def state_bytes(P: int, L: int, n_gpus: int, stage: int, offload: str = "none") -> float:
+    """Model-state bytes per GPU. ``offload``: none, optimizer, params (params implies optimizer)."""
+    if offload != "none" and stage == 0:
+        raise ValueError("offload needs ZeRO stage >= 1")
+    if stage == 0:
+        return 20.0 * P
+    if stage == 1:
+        return 2.0 * P if offload != "none" else 4.0 * P + 16.0 * P / n_gpus
+    if stage == 2:
+        return 2.0 * P if offload != "none" else 2.0 * P + int(18 * P / n_gpus)
+    if offload == "params":
+        return 4.0 * L
+    if offload == "optimizer":
+        return 4.0 * L + int(2 * P / n_gpus)
+    return 4.0 * L + int(18 * P / n_gpus)
+
+
+ZERO0_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's allreduce_bucket_size default (elements)
+ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (elements)
+
+
+def bucket_bytes(P: int, stage: int, ds) -> float:
+    """GPU bytes of DeepSpeed's communication buckets (16-bit elements; none larger than the model):
+    ZeRO-0 flattens gradients into all-reduce buffers of ``allreduce_bucket_size``; ZeRO-1/2 hold a
+    reduce bucket and an all-gather bucket, 4.5 times over with ``overlap_comm`` (DeepSpeed's own
+    figure: "5e8 requires 9GB footprint (5e8 x 2Bytes x 2 x 4.5)"); ZeRO-3 a reduce bucket (two
+    with ``overlap_comm``: one filling while the other is reduced) and its prefetch bucket."""
+    if stage == 0:
+        return 2.0 * min(ZERO0_ALLREDUCE_BUCKET, P)
+    reduce, gather = min(ds.reduce_bucket_size, P), min(ds.allgather_bucket_size, P)
+    if stage in (1, 2):
+        return 2.0 * (reduce + gather) * (4.5 if ds.overlap_comm else 1.0)
+    return 2.0 * (reduce * (2 if ds.overlap_comm else 1) + min(ZERO3_PREFETCH_BUCKET, P))
+
+
+def activation_bytes_per_sample(recipe: Recipe, checkpointing: bool) -> float:
+    m = recipe.model
+    s, h, a, V = recipe.data.seq_len, m.d_model, m.n_heads, recipe.tokenizer.vocab_size
+
+    def layer(seq: int, cross: int = 0) -> float:
+        base = seq * h * (34 + 5 * a * seq / h)
+        if cross:  # decoder cross-attention: q/out over seq, k/v over the encoder length
+            base += seq * h * 11 + 5 * a * seq * cross
+        return base
+
+    if m.family == "t5":
+        t = max(1, s // 4)
+        enc_full, dec_full = layer(s), layer(t, cross=s)
+        if checkpointing:
+            kept = 2 * s * h * m.n_encoder_layers + 2 * t * h * m.n_decoder_layers + max(enc_full, dec_full)
+        else:
+            kept = enc_full * m.n_encoder_layers + dec_full * m.n_decoder_layers
+        return kept + 4.0 * t * V
+    full = layer(s)
+    kept = (2 * s * h * m.n_layers + full) if checkpointing else full * m.n_layers
+    return kept + 4.0 * s * V
+
+
+def cpu_bytes(P: int, nodes: int, gpus_per_node: int, stage: int, offload: str) -> float:
+    """Host memory per node for CPU offload (DeepSpeed's estimators, buffer factor 1.5, zero.Init)."""
+    if offload == "none":
+        return 0.0
+    if stage in (1, 2):
+        return P * max(4 * nodes * gpus_per_node, 16) * 1.5
+    return P * (18 if offload == "params" else 16) / nodes * 1.5
+
+
+PROCESS_GB = 0.9  # one training process before its model: PyTorch, DeepSpeed, transformers, the data loader
+
+
+def host_state_bytes(P: int, L: int, world: int, stage: int, precision: str) -> float:
+    """Model-state bytes per rank when training on a CPU with DeepSpeed, in the run's precision:
+    weights and gradients (4 bytes in fp32, 2 in bf16), ZeRO-1-3's fp32 partition and Adam moments
+    (12 bytes per parameter of the partition); bf16 at ZeRO-0 keeps flat fp32 masters, their
+    gradient and the moments (:mod:`fpm.cpu.master`); ZeRO-3 gathers a layer or two at a time."""
+    w = 4.0 if precision == "fp32" else 2.0
+    if stage == 0:
+        return 16.0 * P if precision == "fp32" else P * (2 + 2 + 4 + 4 + 8)
+    part = P / world
+    grads = {1: w * P, 2: w * part, 3: w * part}[stage]
+    weights = w * part + 2 * w * L if stage == 3 else w * P
+    extra = 4.0 * part if precision != "fp32" else 0.0  # bf16: gradients accumulated in fp32
+    return weights + grads + 12.0 * part + extra
+
+
+@dataclass
+class Estimate:
+    device: str  # "cpu" (the machine's host memory, all its ranks) or "cuda" (one GPU)
+    need_gb: float
+    available_gb: float
+    terms: dict  # what makes up need_gb
+
+    @property
+    def fits(self) -> bool:
+        return self.need_gb <= self.available_gb
+
+
+def available_gb(device: str) -> float:
+    """Free memory where the run's states will live: a GPU's free memory, or the host's MemAvailable."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / GB
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) / GB
+
+
+def estimate(recipe: Recipe, world: int, local_world: int, micro_batch: int, device: str,
+             stats: tuple[int, int] | None = None, available: float | None = None) -> Estimate:
+    """The memory a pretraining run of ``recipe`` needs where it runs: per GPU (``cuda``), or for all
+    ``local_world`` ranks of this machine together (``cpu``)."""
+    P, L = stats or model_stats(recipe)
+    t, ds = recipe.train, recipe.deepspeed
+    act = activation_bytes_per_sample(recipe, t.activation_checkpointing) * micro_batch
+    if device == "cuda":
+        offload = "params" if ds.offload_params else "optimizer" if ds.offload_optimizer else "none"
+        terms = {"model states": state_bytes(P, L, world, ds.zero_stage, offload),
+                 "buckets": bucket_bytes(P, ds.zero_stage, ds), "activations": act, "reserve": RESERVE_GB * GB}
+    else:
+        scale = 2.0 if t.precision == "fp32" else 1.0  # Megatron's accounting counts 16-bit activations
+        buckets = bucket_bytes(P, ds.zero_stage, ds) * scale if world > 1 else 0.0
+        per_rank = {"model states": host_state_bytes(P, L, world, ds.zero_stage, t.precision),
+                    "buckets": buckets, "activations": act * scale, "processes": PROCESS_GB * GB}
+        terms = {k: v * local_world for k, v in per_rank.items()}
+    need = sum(terms.values()) / GB
+    return Estimate(device, need, available_gb(device) if available is None else available,
+                    {k: round(v / GB, 2) for k, v in terms.items()})
+
+
+def launch_check(recipe: Recipe, world: int, local_world: int, micro_batch: int, device: str,
+                 **kw) -> Estimate:
+    """Refuse, in one line with the estimate and the cheapest fix, a run that cannot fit."""
+    est = estimate(recipe, world, local_world, micro_batch, device, **kw)
+    if est.fits:
+        return est
+    where = "of host memory on this machine" if device == "cpu" else "per GPU"
+    terms = ", ".join(f"{k} {v:.1f}" for k, v in est.terms.items())
+    fixes = []
+    stage = recipe.deepspeed.zero_stage
+    if micro_batch > 1:
+        fixes.append("--set train.micro_batch=1 (more accumulation, the same global batch)")
+    if stage < 3 and world > 1:
+        fixes.append("--set deepspeed.zero_stage=3 (states split over the ranks)")
+    if device == "cuda" and not recipe.deepspeed.offload_optimizer and stage > 0:
+        fixes.append("--set deepspeed.offload_optimizer=true (optimizer states in host memory)")
+    if not fixes:
+        fixes.append("more machines with ZeRO-3, or a smaller model" if device == "cpu"
+                     else "more GPUs with ZeRO-3, or GPUs with more memory")
+    raise FpmError(f"{recipe.name} will not fit: about {est.need_gb:.1f} GB {where} ({terms} GB), "
+                   f"{est.available_gb:.1f} GB available; try {fixes[0]}; --no-memory-check runs it anyway")

@@ -1,0 +1,58 @@
+"""The launch check (fpm.engine.memory): the host estimate by hand, the one-line refusal with the
+estimate and the cheapest fix, and `fpm pretrain` refusing within seconds what cannot fit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fpm.config import load_recipe
+from fpm.engine.memory import GB, PROCESS_GB, estimate, host_state_bytes, launch_check
+from fpm.errors import FpmError
+
+
+def test_host_states_per_rank_by_hand():
+    P, L = 1_000_000, 10_000
+    assert host_state_bytes(P, L, 1, 0, "fp32") == 16 * P  # weights, gradients, two moments
+    assert host_state_bytes(P, L, 1, 0, "bf16") == 20 * P  # + flat fp32 masters and their gradient
+    assert host_state_bytes(P, L, 4, 1, "fp32") == 4 * P + 4 * P + 12 * P / 4
+    assert host_state_bytes(P, L, 4, 2, "fp32") == 4 * P + 4 * P / 4 + 12 * P / 4
+    assert host_state_bytes(P, L, 4, 3, "fp32") == 4 * P / 4 + 8 * L + 4 * P / 4 + 12 * P / 4
+    assert host_state_bytes(P, L, 4, 2, "bf16") == 2 * P + 2 * P / 4 + 12 * P / 4 + 4 * P / 4
+
+
+def test_the_estimate_sums_its_terms_over_the_ranks_of_the_machine():
+    recipe = load_recipe("cpm-x-s", preset="tiny", overrides=["deepspeed.zero_stage=2"])
+    one = estimate(recipe, 2, 1, 1, "cpu", available=100.0)
+    two = estimate(recipe, 2, 2, 1, "cpu", available=100.0)
+    assert two.need_gb == pytest.approx(2 * one.need_gb, rel=1e-6)
+    assert one.terms["processes"] == pytest.approx(PROCESS_GB, abs=0.01)
+    assert one.need_gb == pytest.approx(sum(one.terms.values()), abs=0.05)
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_estimate_and_a_fix():
+    recipe = load_recipe("bert-e-s", overrides=["train.micro_batch=4", "train.global_batch=8",
+                                                "train.precision=fp32", "deepspeed.zero_stage=1"])
+    with pytest.raises(FpmError) as err:
+        launch_check(recipe, 2, 2, 4, "cpu", available=8.0)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("bert-e-s will not fit: about ")
+    assert "GB of host memory on this machine (model states" in msg and "8.0 GB available" in msg
+    assert "try --set train.micro_batch=1" in msg and "--no-memory-check" in msg
+    fits = launch_check(recipe, 2, 2, 4, "cpu", available=1000.0)
+    assert fits.fits and fits.need_gb > 20  # 2 x 664M parameters x 16+ bytes
+
+
+def test_fpm_pretrain_refuses_a_10b_model_on_this_machine_within_seconds(fpm, tmp_path):
+    t0 = time.monotonic()
+    proc = fpm("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2 and took < 30, (took, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cpm-x-l will not fit: about ")
+    need = float(lines[0].split("about ")[1].split(" GB")[0])
+    assert need > 10.3e9 * 16 / GB  # ZeRO-1 on one rank: every state of 10.3B parameters
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written
+    anyway = fpm("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), "--no-memory-check", timeout=120)
+    assert "will not fit" not in anyway.stderr and anyway.returncode == 2  # it went on (and wants data)

@@ -22,7 +22,9 @@ logits (4·s·V). Communication buckets (:func:`bucket_bytes`) come from the rec
 section. A fixed reserve covers the CUDA context and allocator fragmentation.
 On a CPU the same terms are host memory, in the run's own precision (fp32 training keeps no
 separate 16-bit copy: :func:`host_state_bytes`), summed over the ranks of the machine, plus a fixed
-cost per process for PyTorch, DeepSpeed and transformers. :func:`launch_check` compares the
+cost per process for PyTorch, DeepSpeed and transformers and the copy a checkpoint save makes.
+Measured on BERT-E-S (one rank) and a CPM-X shape (two ranks) at ZeRO 0-3 in fp32, the estimate
+of training's peak came within 7% (bench/RESULTS.md; ZeRO-3's whole-model term is fitted to them). :func:`launch_check` compares the
 estimate with the memory the device has (``MemAvailable``; a GPU's free memory) and refuses, with
 the estimate and the cheapest fix, a run that cannot fit — before anything is built.
 """
@@ -119,22 +121,36 @@ def cpu_bytes(P: int, nodes: int, gpus_per_node: int, stage: int, offload: str) 
     return P * (18 if offload == "params" else 16) / nodes * 1.5
 
 
-PROCESS_GB = 0.9  # one training process before its model: PyTorch, DeepSpeed, transformers, the data loader
+PROCESS_GB = 0.6  # one training process before its model: PyTorch, DeepSpeed, transformers (measured 0.59)
 
 
 def host_state_bytes(P: int, L: int, world: int, stage: int, precision: str) -> float:
-    """Model-state bytes per rank when training on a CPU with DeepSpeed, in the run's precision:
-    weights and gradients (4 bytes in fp32, 2 in bf16), ZeRO-1-3's fp32 partition and Adam moments
-    (12 bytes per parameter of the partition); bf16 at ZeRO-0 keeps flat fp32 masters, their
-    gradient and the moments (:mod:`fpm.cpu.master`); ZeRO-3 gathers a layer or two at a time."""
+    """Model-state bytes per rank when training on a CPU with DeepSpeed, in the run's precision.
+
+    ZeRO-0: weights, gradients and Adam's two moments (16 bytes per parameter in fp32); bf16 keeps
+    flat fp32 masters and their gradient as well (:mod:`fpm.cpu.master`). ZeRO-1/2: whole weights
+    and gradients (w = 4 bytes in fp32, 2 in bf16; on a CPU DeepSpeed's ZeRO-2 held full-size
+    gradient buffers too: measured) and, per rank, the fp32 partition, its gradient and the moments
+    (16 bytes per parameter of the partition). ZeRO-3: the same partitions, a layer gathered twice,
+    and 2.5·w bytes per parameter of whole-model buffers — a term fitted to the peaks measured on a
+    CPU (bench/memory_check.py), not derived from DeepSpeed's layout."""
     w = 4.0 if precision == "fp32" else 2.0
     if stage == 0:
         return 16.0 * P if precision == "fp32" else P * (2 + 2 + 4 + 4 + 8)
-    part = P / world
-    grads = {1: w * P, 2: w * part, 3: w * part}[stage]
-    weights = w * part + 2 * w * L if stage == 3 else w * P
-    extra = 4.0 * part if precision != "fp32" else 0.0  # bf16: gradients accumulated in fp32
-    return weights + grads + 12.0 * part + extra
+    part = 16.0 * P / world
+    if stage in (1, 2):
+        return 2 * w * P + part
+    return 2.5 * w * P + part + 2 * w * L
+
+
+def save_copy_bytes(P: int, world: int, stage: int, precision: str, background: bool) -> float:
+    """Host bytes a checkpoint save adds on a CPU: DeepSpeed clones the weights it writes (rank 0's
+    model-states file at ZeRO 0-2, each rank's partition at ZeRO-3); the background writer copies
+    every state it will write. (Not measured: bench/memory_check.py stops before the first save.)"""
+    w = 4.0 if precision == "fp32" else 2.0
+    if background:
+        return host_state_bytes(P, 0, world, stage, precision)
+    return w * P if stage < 3 else w * P / world
 
 
 @dataclass
@@ -175,11 +191,15 @@ def estimate(recipe: Recipe, world: int, local_world: int, micro_batch: int, dev
         terms = {"model states": state_bytes(P, L, world, ds.zero_stage, offload),
                  "buckets": bucket_bytes(P, ds.zero_stage, ds), "activations": act, "reserve": RESERVE_GB * GB}
     else:
-        scale = 2.0 if t.precision == "fp32" else 1.0  # Megatron's accounting counts 16-bit activations
-        buckets = bucket_bytes(P, ds.zero_stage, ds) * scale if world > 1 else 0.0
+        # DeepSpeed's communication buckets: not resident on a CPU (measured); Megatron's activation
+        # accounting counts 16-bit values
+        scale = 2.0 if t.precision == "fp32" else 1.0
         per_rank = {"model states": host_state_bytes(P, L, world, ds.zero_stage, t.precision),
-                    "buckets": buckets, "activations": act * scale, "processes": PROCESS_GB * GB}
+                    "activations": act * scale, "processes": PROCESS_GB * GB}
         terms = {k: v * local_world for k, v in per_rank.items()}
+        background = bool(t.async_save)  # None (auto) is off on a CPU
+        copy = save_copy_bytes(P, world, ds.zero_stage, t.precision, background)
+        terms["checkpoint save"] = copy * (local_world if background or ds.zero_stage == 3 else 1)
     need = sum(terms.values()) / GB
     return Estimate(device, need, available_gb(device) if available is None else available,
                     {k: round(v / GB, 2) for k, v in terms.items()})
@@ -187,22 +207,31 @@ def estimate(recipe: Recipe, world: int, local_world: int, micro_batch: int, dev
 
 def launch_check(recipe: Recipe, world: int, local_world: int, micro_batch: int, device: str,
                  **kw) -> Estimate:
-    """Refuse, in one line with the estimate and the cheapest fix, a run that cannot fit."""
+    """Refuse, in one line with the estimate and the cheapest fix that fits, a run that cannot fit."""
     est = estimate(recipe, world, local_world, micro_batch, device, **kw)
     if est.fits:
         return est
+    kw = {**kw, "available": est.available_gb}
+    tries = []
+    if micro_batch > 1:
+        tries.append(("--set train.micro_batch=1 (more accumulation, the same global batch)", recipe, 1))
+    if recipe.deepspeed.zero_stage < 3 and world > 1:
+        tries.append(("--set deepspeed.zero_stage=3 (the states split over the ranks)",
+                      recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"zero_stage": 3})}),
+                      micro_batch))
+    if device == "cpu" and recipe.train.async_save:
+        tries.append(("--set train.async_save=false (no background copy of the states)",
+                      recipe.model_copy(update={"train": recipe.train.model_copy(update={"async_save": False})}),
+                      micro_batch))
+    if device == "cuda" and recipe.deepspeed.zero_stage > 0 and not recipe.deepspeed.offload_optimizer:
+        tries.append(("--set deepspeed.offload_optimizer=true (optimizer states in host memory)",
+                      recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(
+                          update={"offload_optimizer": True})}), micro_batch))
+    fix = next((label for label, r, mb in tries if estimate(r, world, local_world, mb, device, **kw).fits), None)
+    if fix is None:
+        fix = ("nothing on this machine: more machines with ZeRO-3, or a smaller model" if device == "cpu"
+               else "more GPUs with ZeRO-3, or GPUs with more memory")
     where = "of host memory on this machine" if device == "cpu" else "per GPU"
     terms = ", ".join(f"{k} {v:.1f}" for k, v in est.terms.items())
-    fixes = []
-    stage = recipe.deepspeed.zero_stage
-    if micro_batch > 1:
-        fixes.append("--set train.micro_batch=1 (more accumulation, the same global batch)")
-    if stage < 3 and world > 1:
-        fixes.append("--set deepspeed.zero_stage=3 (states split over the ranks)")
-    if device == "cuda" and not recipe.deepspeed.offload_optimizer and stage > 0:
-        fixes.append("--set deepspeed.offload_optimizer=true (optimizer states in host memory)")
-    if not fixes:
-        fixes.append("more machines with ZeRO-3, or a smaller model" if device == "cpu"
-                     else "more GPUs with ZeRO-3, or GPUs with more memory")
     raise FpmError(f"{recipe.name} will not fit: about {est.need_gb:.1f} GB {where} ({terms} GB), "
-                   f"{est.available_gb:.1f} GB available; try {fixes[0]}; --no-memory-check runs it anyway")
+                   f"{est.available_gb:.1f} GB available; fits with {fix}; --no-memory-check runs it anyway")

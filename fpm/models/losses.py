@@ -8,12 +8,14 @@ a time and, since the gradient of cross-entropy is known in closed form (softmax
 gradients with respect to the hidden states and the output matrix in the same pass; only those are
 kept for backward. The element-wise part of a chunk (softmax, loss, gradient, cast) is one fused
 pass that overwrites the logits with their gradient in place: fpm's C++ kernel for bf16 on CPU,
-a ``torch.compile``d function on a GPU (instead of about nine eager passes), else the eager one. On CPU the
-logits of a chunk go to a scratch buffer kept between calls: a fresh 37-206 MB tensor each step is
-a fresh ``mmap`` whose page faults cost as much as the matrix multiply writing it (measured: the
-BERT bench's 614 × 30,522 logits in 23 ms into a new tensor, 11 ms into a reused one). The
-result is the mean cross-entropy over positions whose label is not -100, equal to
-``F.cross_entropy(linear(hidden), labels)`` up to float rounding.
+a ``torch.compile``d function on a GPU (instead of about nine eager passes), else the eager one
+(in place on a CPU: no chunk-sized temporaries). On CPU the logits of a chunk go to a scratch
+buffer kept between calls: a fresh 37-206 MB tensor each step is a fresh ``mmap`` whose page
+faults cost as much as the matrix multiply writing it (measured: the BERT bench's 614 × 30,522
+logits in 23 ms into a new tensor, 11 ms into a reused one). The result is the mean cross-entropy
+over positions whose label is not -100, equal to ``F.cross_entropy(linear(hidden), labels)`` up to
+float rounding. Under ZeRO-3 it runs as the head's forward, DeepSpeed gathering the weight around
+it (:func:`linear_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,30 @@ def _chunk_grad(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
     loss = ((lse - picked) * (scale > 0)).sum()
     onehot = torch.zeros_like(x).scatter_(1, target[:, None], 1.0)
     logits.copy_(((e / norm - onehot) * scale[:, None]).to(logits.dtype))
+    return loss
+
+
+def _chunk_grad_in_place(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None = None):
+    """:func:`_chunk_grad` with no chunk-sized temporary for fp32 logits without a bias (one, the
+    fp32 copy, otherwise): the same operations in the same order, each in place, so the same bits.
+    The eager one holds about five chunk-sized tensors at its peak (x - top, e, the one-hot,
+    e / norm, their difference): under ZeRO-3 on a CPU in fp32 (measured by
+    ``bench/zero3_loss_memory.py``, GPT, 2,048 rows of a 50,257 vocabulary, one chunk) the fused
+    loss peaked 1.3x *above* the unfused one with it."""
+    x = logits.float() if bias is None else logits.float() + bias.float()  # fp32 logits: x is logits
+    top = x.amax(dim=-1, keepdim=True)
+    rows = target[:, None]
+    picked = x.gather(1, rows).squeeze(1)
+    e = x.sub_(top).exp_()
+    norm = e.sum(dim=-1, keepdim=True)
+    lse = (top + norm.log()).squeeze(1)
+    loss = ((lse - picked) * (scale > 0)).sum()
+    e.div_(norm)
+    e.scatter_(1, rows, e.gather(1, rows) - 1.0)  # - one-hot: x - 0 is x, bit for bit
+    e.mul_(scale[:, None])
+    if e is not logits:
+        logits.copy_(e)
     return loss
 
 
@@ -95,7 +121,7 @@ def _chunk_fn_for(hidden: torch.Tensor):
         return _chunk_fn(hidden.device)
     ext = kernels.extension() if hidden.dtype == torch.bfloat16 else None
     if ext is None:
-        return _chunk_grad
+        return _chunk_grad_in_place
 
     def fn(logits, target, scale, bias=None):
         b = None if bias is None else bias.float().contiguous()
@@ -227,15 +253,44 @@ def linear_cross_entropy(hidden: torch.Tensor, linear: nn.Linear, labels: torch.
                          chunk: int = CHUNK) -> torch.Tensor:
     """Mean cross-entropy of ``linear(hidden)`` against ``labels`` (-100 ignored), fused and chunked.
 
-    Calls the module itself when its weight is a ZeRO-3 partition (DeepSpeed gathers it only inside
-    the module's forward) or when no gradient is needed. In fp16 the logits' gradient is formed in
-    backward, after the loss scale (:class:`_LinearCrossEntropyLate`).
+    In fp16 the logits' gradient is formed in backward, after the loss scale
+    (:class:`_LinearCrossEntropyLate`). Without a gradient to compute it calls the module (the
+    plain loss). When the module's weight is a ZeRO-3 partition the fused loss runs *as the
+    module's forward* (:func:`_as_forward_of`), so DeepSpeed gathers and releases the weight
+    exactly as for ``linear(hidden)``: gathered around the forward, gathered again in backward
+    while the weight's gradient is accumulated and reduce-scattered, released after. The fused
+    path then holds no batch × vocabulary logits under ZeRO-3 either (issue 26; measured by
+    ``bench/zero3_loss_memory.py``).
     """
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or linear.weight.requires_grad)
-    if hasattr(linear.weight, "ds_id") or not needs_grad:
+    # not ``linear.weight``: inside DeepSpeed's forward, reading a ZeRO-3 partition as an attribute
+    # outside its module's forward gathers it and registers it as an external parameter of the
+    # module running (the whole objective), which then holds it gathered through every forward
+    weight = dict(linear.named_parameters(recurse=False))["weight"]
+    zero3 = hasattr(weight, "ds_id")
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:
         return F.cross_entropy(linear(hidden).float(), labels, ignore_index=-100)
     fn = _LinearCrossEntropyLate if hidden.dtype == torch.float16 else _LinearCrossEntropy
+    if zero3:
+        return _as_forward_of(linear, lambda h, y: fn.apply(h, linear.weight, linear.bias, y, chunk), hidden, labels)
     return fn.apply(hidden, linear.weight, linear.bias, labels, chunk)
+
+
+def _as_forward_of(module: nn.Module, forward, *args):
+    """``forward(*args)`` called as ``module``'s forward, through ``module(*args)``: its hooks run
+    around it — under ZeRO-3, DeepSpeed's: gather the module's parameters before, release them
+    after, wrap the output so that backward gathers them again (the weight's gradient is
+    accumulated into the full parameter, then reduce-scattered by ZeRO-3's hook) and release them
+    once the inputs' gradients are out. The module keeps its class's forward afterwards."""
+    own = module.__dict__.get("forward")
+    module.forward = forward  # an instance attribute: nn.Module.__call__ takes self.forward
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 @torch.no_grad()

@@ -204,3 +204,20 @@ def test_fpm_checkpoint_verify_checks_every_file_in_one_process(tmp_path, fpm):
     bad = fpm("checkpoint", "verify", str(run), timeout=120)
     assert bad.returncode == 2 and "step-00000010: mp_rank_00_model_states.pt does not match its checksum" in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "1 damaged checkpoint(s): step-00000010" in bad.stderr
+
+
+def test_the_host_copy_keeps_every_container_type_and_owns_its_tensors():
+    from collections import OrderedDict, namedtuple
+
+    from fpm.engine.async_save import host_copy
+
+    flat = torch.arange(8.0)
+    Pair = namedtuple("Pair", "a b")
+    state = {"shapes": OrderedDict(w=torch.Size([2, 3])), "views": [flat[:4], flat[4:]], "t": (flat, 1),
+             "pair": Pair(1, 2), "step": 7}
+    copy = host_copy(state)
+    assert type(copy["shapes"]["w"]) is torch.Size and copy["shapes"]["w"].numel() == 6  # zero_to_fp32 reads it
+    assert type(copy["shapes"]) is OrderedDict and copy["pair"] == Pair(1, 2) and copy["step"] == 7
+    flat += 100  # training goes on
+    assert torch.equal(copy["views"][1], torch.arange(4.0, 8.0)) and torch.equal(copy["t"][0], torch.arange(8.0))
+    assert copy["views"][0].untyped_storage().nbytes() == 16  # compact: not the whole flat buffer

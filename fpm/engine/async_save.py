@@ -33,13 +33,13 @@ def host_copy(obj):
     DeepSpeed's ``clone_tensors_for_torch_save`` makes it); containers rebuilt, the rest shared."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, OrderedDict):
+    if type(obj) is OrderedDict:
         return OrderedDict((k, host_copy(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
+    if type(obj) is dict:
         return {k: host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
+    if type(obj) is list:
         return [host_copy(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+    if type(obj) is tuple:  # not a subclass: torch.Size (DeepSpeed's param_shapes) must stay one
         return tuple(host_copy(v) for v in obj)
     return obj
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from fpm.errors import FpmError
@@ -67,23 +69,23 @@ def default_workers() -> int:
 
 def convert(folder: Path, out: Path, workers: int | None = None) -> Path:
     """Convert the checkpoint ``folder`` to DeepSpeed's universal format in ``out`` (once), with
-    ``workers`` extract and merge processes (default :func:`default_workers`; DeepSpeed's own is 4/1)."""
+    ``workers`` extract and merge processes (default :func:`default_workers`; DeepSpeed's own is 4/1).
+
+    The conversion runs in a process of its own: DeepSpeed's workers are forked, and a fork of a
+    process whose PyTorch thread pools have run (a training process, or an earlier conversion)
+    can deadlock in the child (seen: a worker waiting forever on a futex in ``Tensor.clone``)."""
     if (out / "zero").is_dir() and any(out.glob("mp_rank_*_model_states.pt")):
         return out
-    from deepspeed.checkpoint import ds_to_universal
-
-    from fpm.console import library_chatter
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = _Args(input_folder=str(folder), output_folder=str(tmp), workers=workers or default_workers())
-    try:
-        with library_chatter():
-            ds_to_universal.main(args)
-    except Exception as exc:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "fpm.engine.reshard", str(folder), str(tmp),
+                           str(workers or default_workers())], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if proc.returncode:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FpmError(f"{folder}: DeepSpeed could not convert it to a universal checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {proc.returncode}"]
+        raise FpmError(f"{folder}: DeepSpeed could not convert it to a universal checkpoint ({last[0][:300]})")
     for model_states in folder.glob("mp_rank_*_model_states.pt"):
         shutil.copy2(model_states, tmp / model_states.name)
     shutil.rmtree(tmp / "tmp", ignore_errors=True)
@@ -91,6 +93,16 @@ def convert(folder: Path, out: Path, workers: int | None = None) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _convert_here(folder: str, out: str, workers: int) -> None:
+    """The conversion itself (``python -m fpm.engine.reshard FOLDER OUT WORKERS``)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from fpm.console import library_chatter
+
+    with library_chatter():
+        ds_to_universal.main(_Args(input_folder=folder, output_folder=out, workers=workers))
 
 
 def convert_run(run_dir: Path, tag: str | None = None) -> Path:
@@ -123,3 +135,7 @@ class _Args:
         self.input_folder, self.output_folder = input_folder, output_folder
         self.num_extract_workers = self.num_merge_workers = workers
         self.keep_temp_folder, self.strict, self.inject_missing_state = False, True, True
+
+
+if __name__ == "__main__":
+    _convert_here(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -174,14 +174,15 @@ def project(r: dict, fs_gbps: float) -> list[dict]:
         c = CPMXL_BYTES / 1e9
         rank_gb, node_gb = c / world, c / nodes
         save = rank_gb / r["write"] + node_gb / fs_gbps
-        own_crc = rank_gb / r["crc"] + node_gb / fs_gbps
+        crc_written = rank_gb / r["crc"]  # the writer checksums the bytes as it writes them
+        own_crc = crc_written + node_gb / fs_gbps  # read back: a rank's share at resume
         row = lambda phase, before, now, window: rows.append(  # noqa: E731
             {"ranks": world, "phase": phase, "before_s": before, "now_s": now, "window": window})
         row("save: training blocked", save, rank_gb / r["copy"], "none (a step waits)")
-        row("save + checksums, in the background", save, save + own_crc, "the next save")
-        row("pre-emption: the save in flight + a new one", save, 2 * (save + own_crc),
+        row("save + checksums, in the background", save, save + crc_written, "the next save")
+        row("pre-emption: a new save, or the one in flight", save, save + crc_written,
             f"{PREEMPT_S - STEP_S - 30:.0f} s (300 s, less a step and a stop check)")
-        row("seal (checksums)", c / r["crc"] + c / fs_gbps, own_crc,
+        row("seal (checksums)", c / r["crc"] + c / fs_gbps, crc_written,
             f"before: {OLD_COLLECTIVE_S:.0f} s (barrier); now: in the writer")
         row("verify at resume", c / r["crc"] + GPUS_PER_NODE * c / fs_gbps, own_crc,
             f"{OLD_COLLECTIVE_S:.0f} s before, {NEW_COLLECTIVE_S:.0f} s now")

@@ -3,9 +3,8 @@
 DeepSpeed writes every checkpoint file through its engine's checkpoint engine
 (``save(state_dict, path)``). :class:`BackgroundWriter` is such an engine: ``save`` copies every
 tensor of the state to host memory — the only part training waits for — and queues the file; a
-thread of each rank writes the queued files in order and checksums each one right after writing
-it (size and CRC32, read back while the file is still in the page cache), so sealing needs no
-second pass over the checkpoint. :class:`fpm.engine.checkpoint.Checkpointer` seals the checkpoint,
+thread of each rank writes the queued files in order, checksumming the bytes as it writes them (size
+and CRC32), so sealing needs no second pass over the checkpoint. :class:`fpm.engine.checkpoint.Checkpointer` seals the checkpoint,
 and moves ``latest``, only when every rank's writer has finished; until then the previous
 checkpoint is the one a restart resumes. A save that fails in the background is raised at the
 seal, where the trainer reports it like a failed synchronous save.
@@ -19,13 +18,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from fpm.files import crc32_of
 
 
 def host_copy(obj):
@@ -42,6 +41,21 @@ def host_copy(obj):
     if type(obj) is tuple:  # not a subclass: torch.Size (DeepSpeed's param_shapes) must stay one
         return tuple(host_copy(v) for v in obj)
     return obj
+
+
+class _Checksummed:
+    """A file the writer writes through: size and CRC32 of the bytes as they go by (no second read)."""
+
+    def __init__(self, fh):
+        self.fh, self.size, self.crc = fh, 0, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 class BackgroundWriter(TorchCheckpointEngine):
@@ -75,8 +89,10 @@ class BackgroundWriter(TorchCheckpointEngine):
                 state, path = item
                 if self._error is None:  # after a failure the rest of this checkpoint is not written
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(state, path)
-                    self._written[str(path)] = [path.stat().st_size, crc32_of(path)]
+                    with open(path, "wb") as fh:
+                        out = _Checksummed(fh)
+                        torch.save(state, out)
+                    self._written[str(path)] = [out.size, out.crc]
                 del state, item
             except BaseException as exc:  # raised in the training thread by wait()
                 self._error = exc

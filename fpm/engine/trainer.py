@@ -314,7 +314,10 @@ class Trainer:
                     # a collective and a host sync: only every stop_every steps, which every rank agrees on
                     preempt = ((step % stop_every == 0 or step == s.max_steps)
                                and all_max(1.0 if stop.requested else 0.0, self.dist.world_size, device) > 0)
-                    if step % s.save_every == 0 or step == s.max_steps or preempt:
+                    if preempt and self.saver.pending is not None:  # within SLURM's window: finish that one
+                        with dog.paused():
+                            step = last_saved = self._seal()  # and resume from it (steps since are redone)
+                    elif step % s.save_every == 0 or step == s.max_steps or preempt:
                         with dog.paused():  # the copy to host memory (the write goes on in the background)
                             self._start_save(step)
                             if step == s.max_steps or preempt:  # the process ends: wait for the write

@@ -168,6 +168,28 @@ def test_a_signal_to_the_process_group_saves_exits_75_and_resumes_exactly(tmp_pa
         _resume_check(uninterrupted, run, stopped, 30)
 
 
+def test_a_background_save_in_flight_at_preemption_is_finished_sealed_and_resumed_exactly(tmp_path, bert_data,
+                                                                                         uninterrupted):
+    """Saving every step in the background, a save is always in flight when the signal is agreed on:
+    fpm finishes and seals that one (SLURM's window holds one save) and the rerun resumes it exactly."""
+    run = tmp_path / "run"
+    args = [*SIGNAL_ARGS, "--save-every", "1"]  # the last --save-every wins
+    proc = start(run, *args, data=bert_data, new_group=True)
+    t0 = time.time()
+    while not losses(run) or max(losses(run)) < 8:
+        assert proc.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    stopped = int(complete_tags(run / "checkpoints")[-1].split("-")[1])
+    assert f"pre-empted: checkpoint saved at step {stopped}" in out
+    assert max(losses(run)) == stopped + 1  # the step after it was trained; its save was not started
+    assert not (run / "checkpoints" / f"step-{stopped + 1:08d}").exists()
+    pretrain(run, *args, data=bert_data)
+    _resume_check(uninterrupted, run, stopped, 30)
+
+
 # every stage and accumulation is proved equal to a one-process reference in test_equivalence.py;
 # here: ZeRO-3's export, bf16's two optimizer paths (ZeRO-1's BF16_Optimizer, ZeRO-0's flat master
 # weights), ZeRO-2's gradient norm, each through the command line

@@ -159,10 +159,14 @@ class Trainer:
                 return float(v)
         return 1.0
 
-    def _start_save(self, step: int) -> None:
+    def _start_save(self, step: int) -> int | None:
+        """Start the save of ``step`` (sealed at once when nothing is written in the background);
+        the step of the newest checkpoint sealed meanwhile, or None."""
         client = {"step": step, "samples": self.guard.data_step(step) * self.spec.global_batch,
                   "seed": self.spec.seed, "world_size": self.dist.world_size, "spike_guard": self.guard.state()}
+        sealed = self._seal()  # the save in flight first
         self.saver.start(step, client)
+        return (self._seal() if self.saver.writer is None else None) or sealed
 
     def _seal(self) -> int | None:
         """Finish the save in flight (every rank's files written, sealed); its step, or None."""
@@ -319,7 +323,7 @@ class Trainer:
                             step = last_saved = self._seal()  # and resume from it (steps since are redone)
                     elif step % s.save_every == 0 or step == s.max_steps or preempt:
                         with dog.paused():  # the copy to host memory (the write goes on in the background)
-                            self._start_save(step)
+                            last_saved = self._start_save(step) or last_saved
                             if step == s.max_steps or preempt:  # the process ends: wait for the write
                                 last_saved = self._seal() or last_saved
                     elif step % stop_every == 0 and self.saver.ready(device):  # written by every rank: seal it

@@ -163,6 +163,11 @@ class Checkpointer:
         self._disk_safe(p.step, lambda: self._finish(p))
         return p.folder
 
+    def seal(self) -> int | None:
+        """:meth:`finish`, returning the step sealed (None: nothing was in flight)."""
+        pending = self.pending
+        return self.finish() and pending.step
+
     def _finish(self, p: _Pending) -> None:
         self.pending = None
         if self.writer is not None:  # each rank checksummed what it wrote

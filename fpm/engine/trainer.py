@@ -164,14 +164,9 @@ class Trainer:
         the step of the newest checkpoint sealed meanwhile, or None."""
         client = {"step": step, "samples": self.guard.data_step(step) * self.spec.global_batch,
                   "seed": self.spec.seed, "world_size": self.dist.world_size, "spike_guard": self.guard.state()}
-        sealed = self._seal()  # the save in flight first
+        sealed = self.saver.seal()  # the save in flight first
         self.saver.start(step, client)
-        return (self._seal() if self.saver.writer is None else None) or sealed
-
-    def _seal(self) -> int | None:
-        """Finish the save in flight (every rank's files written, sealed); its step, or None."""
-        pending = self.saver.pending
-        return self.saver.finish() and pending.step
+        return (self.saver.seal() if self.saver.writer is None else None) or sealed
 
     # ------------------------------------------------------------------ the loop
 
@@ -303,7 +298,7 @@ class Trainer:
                         t_window = time.perf_counter()
                     if self.guard.wants_rollback():
                         with dog.paused():
-                            last_saved = self._seal() or last_saved
+                            last_saved = self.saver.seal() or last_saved
                             restored = self._roll_back(step, metrics)
                         if restored is not None:
                             bar.update(restored - step)  # the progress goes back with the weights
@@ -320,21 +315,21 @@ class Trainer:
                                and all_max(1.0 if stop.requested else 0.0, self.dist.world_size, device) > 0)
                     if preempt and self.saver.pending is not None:  # within SLURM's window: finish that one
                         with dog.paused():
-                            step = last_saved = self._seal()  # and resume from it (steps since are redone)
+                            step = last_saved = self.saver.seal()  # and resume from it (steps since are redone)
                     elif step % s.save_every == 0 or step == s.max_steps or preempt:
                         with dog.paused():  # the copy to host memory (the write goes on in the background)
                             last_saved = self._start_save(step) or last_saved
                             if step == s.max_steps or preempt:  # the process ends: wait for the write
-                                last_saved = self._seal() or last_saved
+                                last_saved = self.saver.seal() or last_saved
                     elif step % stop_every == 0 and self.saver.ready(device):  # written by every rank: seal it
-                        last_saved = self._seal() or last_saved
+                        last_saved = self.saver.seal() or last_saved
                     if preempt:
                         if rank0 and not self.quiet:
                             info(f"pre-empted: checkpoint saved at step {step}; rerun the same command to resume")
                         result = FitResult(EXIT_PREEMPTED, step, "preempted")
                         break
                 with dog.paused():
-                    last_saved = self._seal() or last_saved  # e.g. stopped for a non-finite loss
+                    last_saved = self.saver.seal() or last_saved  # e.g. stopped for a non-finite loss
             finally:
                 if self.saver.abandon() is not None:  # an error: the save in flight is never sealed
                     self.saver.close(wait=False)

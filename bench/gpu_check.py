@@ -618,6 +618,13 @@ def train_layouts(st: Stage, layouts: list, out: Path, data: dict, launcher: lis
         attempt += 1
         t_cell = time.time()
         budget = st.budget("layout_startup") + st.budget("layout")
+
+        def lost(name: str, status: str, reason: str) -> None:  # this layout's cell; a new worker takes the rest
+            st.record(name, {"status": status, "seconds": round(time.time() - t_cell, 2),
+                             "budget_s": round(budget, 1), "reason": reason})
+            failed.add(name)
+            pending.pop(0)
+
         try:
             while pending:
                 cur = pending[0]
@@ -632,19 +639,11 @@ def train_layouts(st: Stage, layouts: list, out: Path, data: dict, launcher: lis
                     if result.is_file() and _complete_json(result):
                         continue
                     tail = log.read_text(errors="replace").strip()[-1500:]
-                    st.record(cur.name, {"status": "error", "seconds": round(time.time() - t_cell, 2),
-                                         "budget_s": round(budget, 1),
-                                         "reason": f"its worker exited {proc.returncode}: {tail} (log: {log})"})
-                    failed.add(cur.name)
-                    pending.pop(0)
+                    lost(cur.name, "error", f"its worker exited {proc.returncode}: {tail} (log: {log})")
                     break
                 if time.time() >= until:
                     stop(proc)
-                    st.record(cur.name, {"status": "timeout", "seconds": round(time.time() - t_cell, 2),
-                                         "budget_s": round(budget, 1),
-                                         "reason": f"ran past its budget of {until - t_cell:.0f} s and was killed"})
-                    failed.add(cur.name)
-                    pending.pop(0)
+                    lost(cur.name, "timeout", f"ran past its budget of {until - t_cell:.0f} s and was killed")
                     break
                 time.sleep(0.1)
         finally:

@@ -61,3 +61,13 @@ def test_the_watchdog_fires_before_the_collective_timeout_at_step_1():
     assert "fpm watchdog: rank 0: no step finished" in watched.stderr and "after step 0" in watched.stderr
     assert "collective failed" not in watched.stdout
     assert f"exitcode  : {EXIT_HANG}" in watched.stderr, watched.stderr[-3000:]
+
+
+def test_a_timed_out_collective_is_recognised_through_its_cause_and_nothing_else_is():
+    from fpm.engine.timeouts import is_collective_timeout
+
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for recv operation")
+    wrapped = ValueError("the step failed")
+    wrapped.__cause__ = gloo
+    assert is_collective_timeout(gloo) and is_collective_timeout(wrapped)
+    assert not is_collective_timeout(RuntimeError("CUDA out of memory")) and not is_collective_timeout(OSError(28, "x"))

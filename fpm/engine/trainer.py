@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` micro-batches on every data-parallel rank, through the
 DeepSpeed engine (ZeRO, bf16/fp16, clipping). Host synchronisation happens only at log, check
-and save steps, and where the ranks agree on the stop flag: about every ``STOP_CHECK_S`` seconds. State that makes a resume exact: DeepSpeed's checkpoint (model, optimizer,
+and save steps, and where the ranks agree on the stop flag: about every ``STOP_CHECK_S`` seconds.
+State that makes a resume exact: DeepSpeed's checkpoint (model, optimizer,
 LR scheduler, loss scaler), every RNG of every rank, and the step — the data stream is a pure
 function of the step (see :mod:`fpm.data.datasets`).
 

@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# DeepSpeed JIT-builds its C++ ops on first use; keep them between runs.
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+# The C++ ops (fpm's CPU kernels, DeepSpeed's CPU Adam) are built at install into the environment's
+# own folder ($(VENV)/torch_extensions; fpm/cpu/build.py), so that no run compiles.
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 

@@ -99,6 +99,38 @@ def load_init(path: Path, recipe: FinetuneRecipe, from_scratch: bool = False) ->
     raise FpmError(f"--init {path}: neither an fpm run directory/checkpoint nor a Hugging Face model folder")
 
 
+def encoder_shape(path: Path, num_labels: int) -> tuple[int, int, int, int, int] | None:
+    """(parameters, largest layer's parameters, layers, hidden size, heads) of the classifier
+    ``load_init`` would build from ``path``, from its configuration alone (the model built on the
+    meta device: no weights read) — what the launch check needs; ``None`` when ``path`` is not
+    something ``load_init`` reads (it reports that itself)."""
+    path = Path(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" and path.name.startswith("step-") else path
+    try:
+        with torch.device("meta"):
+            if RunDir(run_dir).is_pretraining_run():
+                from fpm.config import load_resolved
+                from fpm.models import build_model
+
+                pre = load_resolved(RunDir(run_dir).recipe)
+                m = pre.model
+                model = build_model(m, pre.tokenizer.vocab_size, init=False)
+                layers, h, heads = m.n_layers, m.d_model, m.n_heads
+            elif (path / "config.json").is_file():
+                from transformers import AutoConfig, AutoModelForSequenceClassification
+
+                config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+                model = AutoModelForSequenceClassification.from_config(config)
+                layers, h, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+            else:
+                return None
+    except Exception:  # an unreadable configuration: load_init says what is wrong with it
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    return total, largest, layers, h, heads
+
+
 def check_classifier(path: Path, num_labels: int) -> None:
     """``fpm evaluate --model`` needs a fine-tuned classifier: refuse anything else, saying what it is
     (a pretraining run would be scored with an untrained classification head)."""

@@ -129,13 +129,15 @@ def finetune_cmd(
     floors: Annotated[bool, typer.Option("--floors/--no-floors", help="Compute the majority and TF-IDF floors beside the model.")] = True,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="A control: --init's architecture and "
                                                "tokenizer with freshly initialised weights (what pretraining adds).")] = False,
+    memory_check: Annotated[bool, typer.Option("--memory-check/--no-memory-check", help="Refuse at launch a run "
+                                               "that will not fit in memory (the estimate and the cheapest fix).")] = True,
 ) -> None:
     """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
     from fpm.finetune import finetune
 
     raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
                               max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors,
-                              from_scratch=from_scratch))
+                              from_scratch=from_scratch, memory_check=memory_check))
 
 
 @app.command("baseline")

@@ -74,7 +74,8 @@ class DevEvaluation:
 
 def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None = None, preset: str | None = None,
              overrides: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
-             seed: int | None = None, resume: str = "auto", with_floors: bool = True, from_scratch: bool = False) -> int:
+             seed: int | None = None, resume: str = "auto", with_floors: bool = True, from_scratch: bool = False,
+             memory_check: bool = True) -> int:
     from fpm.engine.distributed import init as dist_init
     from fpm.engine.distributed import resolve_env, teardown
     from fpm.engine.signals import install_early, uninstall
@@ -86,18 +87,36 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
         synthetic = data_dir is None and preset == "tiny"  # as the sweep does: a synthetic task of its own
         data_dir = out / "task" if synthetic else data_dir
         dist = resolve_env()
+        from fpm.engine.precision import for_run as choose_precision
+
+        recipe, precision = choose_precision(recipe, out, dist)
+        if memory_check:
+            check_memory(recipe, Path(init), dist)
         with RunLock(out, "fpm finetune " + task) if dist.rank == 0 else contextlib.nullcontext():
             dist_init(dist)
             try:
-                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch)
+                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch,
+                                 precision.as_dict())
             finally:
                 teardown()
     finally:
         uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
+def check_memory(recipe: FinetuneRecipe, init: Path, dist) -> None:
+    """The launch check (:func:`fpm.engine.memory.finetune_launch_check`) before the model is loaded."""
+    from fpm.classifier import encoder_shape
+    from fpm.engine.distributed import select_accelerator
+    from fpm.engine.memory import finetune_launch_check
+
+    shape = encoder_shape(init, recipe.task.num_labels)
+    if shape is not None:  # otherwise load_init names what is wrong with --init
+        finetune_launch_check(recipe, shape, dist.world_size, dist.local_world_size, select_accelerator())
+
+
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
-              with_floors: bool = True, synthetic: bool = False, from_scratch: bool = False) -> int:
+              with_floors: bool = True, synthetic: bool = False, from_scratch: bool = False,
+              precision: dict | None = None) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
     from fpm.engine.setup import check_precision, seed_everything
@@ -167,7 +186,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
         extra = {"model": str(RunDir(out).best), "init": init.source, "from_scratch": from_scratch,
                  "best_step": best["step"], "steps": result.step,
-                 "device": str(next(model.parameters()).device)}
+                 "device": str(next(model.parameters()).device), "precision": precision}
         results = write_results(out, recipe, dev, dev_probs, extra, names)
         if test_probs is not None:
             write_results(out, recipe, splits["test"], test_probs, extra, names)

@@ -24,6 +24,7 @@ from fpm.console import info, warn
 from fpm.data.shards import MANIFEST
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError, one_line
+from fpm.engine.precision import for_run as choose_precision
 from fpm.engine.spec import pretraining_spec
 from fpm.rundir import PEAK, RunDir
 from fpm.runlock import RunLock
@@ -132,11 +133,12 @@ def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data, out: 
         raise FpmError(f"--resume must be auto or never, not {resume!r}")
     out = Path(out) if out else default_out(recipe, preset)
     dist = resolve_env()
+    recipe, precision = choose_precision(recipe, out, dist)
     memory = check_memory(recipe, dist) if memory_check else None
     with RunLock(out, "fpm pretrain " + recipe_name) if dist.rank == 0 else contextlib.nullcontext():
         init(dist, recipe.train.collective_timeout_s)  # rank 0 holds the run directory's lock before any rank starts
         try:
-            return _run(recipe, dist, out, data, resume, memory)
+            return _run(recipe, dist, out, data, resume, memory, precision)
         finally:
             teardown()
 
@@ -179,7 +181,7 @@ def host_peak_gb(dist, device) -> dict:
             "sum_ranks": float(all_sum(torch.tensor(mine, device=device), dist.world_size))}
 
 
-def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None) -> int:
+def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precision=None) -> int:
     import torch
 
     from fpm.data.mixture import build_mixture
@@ -216,7 +218,8 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None) -> int
                         max_steps=recipe.train.max_steps, world_size=dist.world_size, data=str(data_dir.resolve()),
                         data_sources=[{"path": str(p.resolve()), "weight": w} for p, w in sources],
                         started=time.time(), torch=torch.__version__, python=platform.python_version(),
-                        host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+                        host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                        precision=precision.as_dict() if precision else None)
     seed_everything(recipe.train.seed)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)

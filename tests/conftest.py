@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 
 
 def run_fpm(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,

@@ -63,3 +63,46 @@ def test_fpm_pretrain_refuses_a_10b_model_on_this_machine_within_seconds(fpm, tm
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
     anyway = fpm("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), "--no-memory-check", timeout=120)
     assert "will not fit" not in anyway.stderr and anyway.returncode == 2  # it went on (and wants data)
+
+
+def test_finetune_estimate_by_hand():
+    from fpm.engine.memory import finetune_estimate
+
+    recipe = load_recipe("qqp", kind="finetune", overrides=["train.precision=fp32", "train.batch_size=32"])
+    P, L, layers, h, heads, seq = 10_000_000, 1_000_000, 4, 256, 4, recipe.train.max_seq_len
+    est = finetune_estimate((P, L, layers, h, heads), seq, 32, "fp32", recipe.deepspeed, 2, 2, "cpu", available=1.0)
+    act = layers * seq * h * (34 + 5 * heads * seq / h) * 16 * 2.0  # 16 rows per rank, fp32 counts twice
+    assert est.terms["model states"] == pytest.approx(2 * 16 * P / GB, abs=0.01)
+    assert est.terms["activations"] == pytest.approx(2 * act / GB, abs=0.01)
+    assert not est.fits
+
+
+def _hf_folder(path, layers: int, hidden: int):
+    import json
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "num_hidden_layers": layers, "hidden_size": hidden,
+        "num_attention_heads": 16, "intermediate_size": 4 * hidden, "vocab_size": 30522,
+        "max_position_embeddings": 512}))
+    return path
+
+
+def test_fpm_finetune_refuses_a_model_that_cannot_fit_before_loading_it(fpm, tmp_path):
+    # a configuration without weights: the check reads the shape only, so it refuses before any load
+    big = _hf_folder(tmp_path / "big", 48, 4096)  # ~9.7B parameters: ~155 GB of fp32 Adam states
+    t0 = time.monotonic()
+    proc = fpm("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run"), timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2 and took < 30, (took, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: qqp will not fit: about "), lines
+    assert float(lines[0].split("about ")[1].split(" GB")[0]) > 9.7e9 * 16 / GB
+    assert not (tmp_path / "run").exists()
+    # a small model passes the check and fails where it really fails: there are no weights to load
+    small = _hf_folder(tmp_path / "small", 2, 128)
+    proc = fpm("finetune", "qqp", "--init", str(small), "--out", str(tmp_path / "run2"), timeout=120)
+    assert "will not fit" not in proc.stderr and proc.returncode == 2, proc.stderr[-2000:]
+    anyway = fpm("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run3"), "--no-memory-check",
+                 timeout=120)
+    assert "will not fit" not in anyway.stderr and anyway.returncode == 2, anyway.stderr[-2000:]

@@ -10,6 +10,7 @@ import pytest
 
 from fpm.config import load_recipe, recipe_files
 from fpm.config.schema import derive_batch
+from fpm.engine.precision import Hardware, choose
 from fpm.errors import FpmError
 from fpm.models import count_params
 from fpm.paper import TABLE2_ORDER
@@ -77,7 +78,9 @@ def test_section_4_1_hyperparameters_come_from_family_bases():
         r = load_recipe(name)
         assert r.train.weight_decay == 0.01 and r.train.grad_clip == 1.0
         assert r.model.dropout == 0.1 and r.model.scale_residual_init and r.train.activation_checkpointing
-        assert r.train.precision in ("bf16", "fp16")
+        # mixed precision on the paper's DGX A100s (compute capability 8.0): auto picks bf16 there
+        assert r.train.precision == "auto"
+        assert choose(r.train.precision, Hardware("cuda", "NVIDIA A100-SXM4-80GB", (8, 0))).precision == "bf16"
     # shared values are inherited, not copied: only the family bases mention the learning rate
     files_with_lr = [p.name for p in (ROOT / "recipes").rglob("*.yaml") if "\n  lr:" in p.read_text()]
     assert sorted(set(files_with_lr)) == ["_base.yaml", "qqp.yaml", "tnews.yaml"]

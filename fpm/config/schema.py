@@ -145,7 +145,7 @@ class TrainCfg(Section):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: by the hardware (fpm.engine.precision)
     loss_scale: LossScaleCfg = LossScaleCfg()
     activation_checkpointing: bool = True
     compile: bool = False
@@ -279,7 +279,7 @@ class FinetuneTrainCfg(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: by the hardware (fpm.engine.precision)
     eval_every: int = Field(1000, ge=1)
     save_every: int = Field(1000, ge=1)
     keep_last: int = Field(2, ge=1)

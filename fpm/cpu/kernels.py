@@ -204,11 +204,14 @@ def extension():
             try:
                 from torch.utils.cpp_extension import load
 
+                from fpm.cpu.build import guarded
+
                 src = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
                 # -fopenmp: without it at::parallel_for compiles to a serial loop (measured: the mask
                 # kernel ran on one thread, 5.4 ms vs 2.7 ms per 8.4M elements)
-                module = load("fpm_cpu_kernels", [str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+                with guarded("fpm_cpu_kernels"):  # a lock left by a killed build is taken over
+                    module = load("fpm_cpu_kernels", [str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
                 if _probe_isolated(module):
                     _MODULE = module
                 else:

@@ -1,7 +1,9 @@
-"""Build the JIT-compiled C++ ops once, both at the same time: fpm's CPU kernels and DeepSpeed's CPU
-Adam (``python -m fpm.cpu.prebuild``; `make install` runs it). Each takes 30-40 s of compiling on a
-fresh machine; the first training process would otherwise build them one after the other. Where a
-build fails (no compiler), training falls back as it always does, so this never fails the install."""
+"""Build the JIT-compiled C++ ops once, all at the same time, into the environment's own folder
+(:mod:`fpm.cpu.build`): fpm's CPU kernels, DeepSpeed's CPU Adam and its shared-memory collectives
+(``python -m fpm.cpu.prebuild``; `make install` runs it). Each takes 30-70 s of compiling on a
+fresh 2-core machine; the first training process would otherwise build them one after the other.
+Where a build fails (no compiler), training falls back as it always does, so this never fails the
+install."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 BUILDS = {
     "fpm CPU kernels": "from fpm.cpu import kernels; assert kernels.extension() is not None",
     "DeepSpeed CPU Adam": "from fpm.engine.cpu_adam import ResumableCPUAdam; ResumableCPUAdam.load_op()",
+    "DeepSpeed shared-memory collectives": "from fpm.cpu.build import load_shm_comm; load_shm_comm()",
 }
 
 

@@ -46,7 +46,9 @@ def cache_cpu_info() -> None:
     if getattr(cpuinfo.get_cpu_info, "fpm_cached", False):
         return
     original = cpuinfo.get_cpu_info
-    cache_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    from fpm.cpu.build import extensions_dir
+
+    cache_dir = extensions_dir()
 
     @functools.lru_cache(maxsize=1)
     def get_cpu_info():
@@ -75,8 +77,12 @@ class ResumableCPUAdam(DeepSpeedCPUAdam):
         """Build (JIT, cached) and load the C++ op; raises where it cannot be built."""
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
+        from fpm.cpu.build import guarded
+
         cache_cpu_info()
-        return CPUAdamBuilder().load()
+        builder = CPUAdamBuilder()
+        with guarded(builder.name):  # DeepSpeed JIT-builds it with torch's lock file: see fpm.cpu.build
+            return builder.load()
 
     def _restart_powers(self) -> None:
         """An update of zero elements at step 0: the C++ side sets β^0 = 1 and its counter to 0, so

@@ -157,6 +157,13 @@ def init(dist: Dist, timeout_s: float | None = None) -> None:
     from fpm.console import library_chatter
 
     with library_chatter():  # "DeepSpeed shm_comm_op built successfully" on every start
+        if dist.backend == "gloo":
+            from fpm.cpu.build import load_shm_comm
+
+            try:
+                load_shm_comm()  # its JIT build, guarded against a lock left by a killed build
+            except Exception:  # DeepSpeed builds (or does without) it itself, as before
+                pass
         deepspeed.init_distributed(dist_backend=dist.backend, verbose=False,
                                    timeout=as_timedelta(timeout_s or COLLECTIVE_TIMEOUT_S))
 

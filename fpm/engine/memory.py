@@ -184,22 +184,42 @@ def estimate(recipe: Recipe, world: int, local_world: int, micro_batch: int, dev
     """The memory a pretraining run of ``recipe`` needs where it runs: per GPU (``cuda``), or for all
     ``local_world`` ranks of this machine together (``cpu``)."""
     P, L = stats or model_stats(recipe)
-    t, ds = recipe.train, recipe.deepspeed
+    t = recipe.train
     act = activation_bytes_per_sample(recipe, t.activation_checkpointing) * micro_batch
+    accum = t.grad_accum or (t.global_batch or micro_batch * world) // (micro_batch * world)
+    return _estimate(P, L, act, accum, t.precision, bool(t.async_save), recipe.deepspeed, world, local_world,
+                     device, available)
+
+
+def finetune_estimate(shape: tuple[int, int, int, int, int], seq_len: int, batch_size: int, precision: str, ds,
+                      world: int, local_world: int, device: str, available: float | None = None) -> Estimate:
+    """The memory an ``fpm finetune`` run needs: ``shape`` is the encoder's (parameters, largest
+    layer's parameters, layers, hidden size, heads); each rank holds ``batch_size / world`` rows of
+    ``seq_len`` tokens (no accumulation, no activation checkpointing, a classification head's
+    logits only)."""
+    P, L, n_layers, h, a = shape
+    act = n_layers * seq_len * h * (34 + 5 * a * seq_len / h) * max(1, batch_size // world)
+    return _estimate(P, L, act, 1, precision, False, ds, world, local_world, device, available)
+
+
+def _estimate(P: int, L: int, act: float, accum: int, precision: str, background: bool, ds, world: int,
+              local_world: int, device: str, available: float | None) -> Estimate:
     if device == "cuda":
         offload = "params" if ds.offload_params else "optimizer" if ds.offload_optimizer else "none"
         terms = {"model states": state_bytes(P, L, world, ds.zero_stage, offload),
                  "buckets": bucket_bytes(P, ds.zero_stage, ds), "activations": act, "reserve": RESERVE_GB * GB}
     else:
         # DeepSpeed's communication buckets: not resident on a CPU (measured); Megatron's activation
-        # accounting counts 16-bit values
-        scale = 2.0 if t.precision == "fp32" else 1.0
-        per_rank = {"model states": host_state_bytes(P, L, world, ds.zero_stage, t.precision),
+        # accounting counts 16-bit values. A background save (train.async_save) is off by default on a CPU.
+        scale = 2.0 if precision == "fp32" else 1.0
+        per_rank = {"model states": host_state_bytes(P, L, world, ds.zero_stage, precision),
                     "activations": act * scale, "processes": PROCESS_GB * GB}
         terms = {k: v * local_world for k, v in per_rank.items()}
-        background = bool(t.async_save)  # None (auto) is off on a CPU
-        copy = save_copy_bytes(P, world, ds.zero_stage, t.precision, background)
+        copy = save_copy_bytes(P, world, ds.zero_stage, precision, background)
         terms["checkpoint save"] = copy * (local_world if background or ds.zero_stage == 3 else 1)
+    if precision == "bf16" and ds.zero_stage == 0 and accum > 1:
+        # fpm.engine.grad_accum's fp32 sums across micro-batches, on every rank
+        terms["fp32 gradient sums"] = 4.0 * P * (local_world if device == "cpu" else 1)
     need = sum(terms.values()) / GB
     return Estimate(device, need, available_gb(device) if available is None else available,
                     {k: round(v / GB, 2) for k, v in terms.items()})
@@ -228,10 +248,39 @@ def launch_check(recipe: Recipe, world: int, local_world: int, micro_batch: int,
                       recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(
                           update={"offload_optimizer": True})}), micro_batch))
     fix = next((label for label, r, mb in tries if estimate(r, world, local_world, mb, device, **kw).fits), None)
-    if fix is None:
-        fix = ("nothing on this machine: more machines with ZeRO-3, or a smaller model" if device == "cpu"
-               else "more GPUs with ZeRO-3, or GPUs with more memory")
-    where = "of host memory on this machine" if device == "cpu" else "per GPU"
+    _refuse(recipe.name, est, fix or ("nothing on this machine: more machines with ZeRO-3, or a smaller model"
+                                      if device == "cpu" else "more GPUs with ZeRO-3, or GPUs with more memory"))
+
+
+def finetune_launch_check(recipe, shape: tuple[int, int, int, int, int], world: int, local_world: int,
+                          device: str, available: float | None = None) -> Estimate:
+    """:func:`launch_check` for ``fpm finetune`` (``recipe`` a FinetuneRecipe; fine-tuning runs
+    ZeRO 0-2, so the fixes are ZeRO-2 across the ranks and, on a GPU, optimizer offload)."""
+    t, ds = recipe.train, recipe.deepspeed
+
+    def est_for(d) -> Estimate:
+        return finetune_estimate(shape, t.max_seq_len, t.batch_size, t.precision, d, world, local_world, device,
+                                 available)
+
+    est = est_for(ds)
+    if est.fits:
+        return est
+    available = est.available_gb
+    tries = []
+    if ds.zero_stage < 2 and world > 1:
+        tries.append(("--set deepspeed.zero_stage=2 (the states split over the ranks)",
+                      ds.model_copy(update={"zero_stage": 2})))
+    if device == "cuda" and not ds.offload_optimizer:
+        tries.append(("--set deepspeed.zero_stage=2 --set deepspeed.offload_optimizer=true (optimizer states in "
+                      "host memory)", ds.model_copy(update={"zero_stage": max(ds.zero_stage, 2),
+                                                            "offload_optimizer": True})))
+    fix = next((label for label, d in tries if est_for(d).fits), None)
+    _refuse(recipe.name, est, fix or ("nothing on this machine: more processes with ZeRO-2, or a smaller "
+                                      f"train.batch_size (now {t.batch_size}) or train.max_seq_len (now {t.max_seq_len})"))
+
+
+def _refuse(name: str, est: Estimate, fix: str):
+    where = "of host memory on this machine" if est.device == "cpu" else "per GPU"
     terms = ", ".join(f"{k} {v:.1f}" for k, v in est.terms.items())
-    raise FpmError(f"{recipe.name} will not fit: about {est.need_gb:.1f} GB {where} ({terms} GB), "
+    raise FpmError(f"{name} will not fit: about {est.need_gb:.1f} GB {where} ({terms} GB), "
                    f"{est.available_gb:.1f} GB available; fits with {fix}; --no-memory-check runs it anyway")

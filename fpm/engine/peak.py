@@ -85,6 +85,22 @@ def measure_tflops(dtype: torch.dtype, device: str | torch.device = "cpu", secon
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def probe_size(dtype: torch.dtype, largest: int = 2048, budget_s: float = 1.0) -> int:
+    """The largest square size (a power of two from 256 to ``largest``) whose product should take at
+    most ``budget_s`` here, predicted from one product of 256: a CPU without native bf16 or fp16
+    emulates them (one bf16 product of 2048 took 61 s on an AVX2 EPYC, against 0.12 s in fp32)."""
+    g = torch.Generator().manual_seed(0)  # its own generator: the run's random stream is untouched
+    a = torch.randn(256, 256, generator=g).to(dtype)
+    a @ a
+    t0 = time.perf_counter()
+    a @ a
+    took = time.perf_counter() - t0
+    n = largest
+    while n > 256 and took * (n / 256) ** 3 > budget_s:
+        n //= 2
+    return n
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
@@ -107,7 +123,7 @@ def resolve(precision: str, *, given: float | None = None, cache: Path | None = 
         data = json.loads(cache.read_text())
         if data.get("precision") == precision and data.get("threads") == threads and "tflops" in data:
             return Peak(float(data["tflops"]), "measured", data.get("detail", "cached"))
-    n = 512 if precision == "fp16" else 2048  # CPUs without fp16 units emulate it: 2048^3 takes minutes
+    n = probe_size(_dtype(precision))
     detail = f"this CPU, {threads} threads: {_dtype(precision)} matmuls of {n}"
     peak = Peak(measure_tflops(_dtype(precision), n=n), "measured", detail)
     if cache is not None:  # atomically: several ranks may write it

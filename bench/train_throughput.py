@@ -2,14 +2,15 @@
 
 Two shapes, as the issue asks: a BERT-E shape (6 layers, d=512, 8 heads, FFN 2048, seq 128, the
 BERT uncased vocabulary) and a CPM-X/GPT-2 shape (6 layers, d=512, seq 128, the GPT-2 vocabulary),
-global batch 32 sequences, bf16, on the real English corpus in ../shared/data (prepared once).
+global batch 32 sequences, in the precision fpm's ``train.precision: auto`` picks on the machine
+(``--precision`` to force one; both sides alike), on the real English corpus in ../shared/data (prepared once).
 
 * fpm: the engine `fpm pretrain` runs (:class:`fpm.engine.trainer.Trainer`, DeepSpeed, bf16 weights
   with flat fp32 master copies (fpm.cpu.master) updated by DeepSpeed's CPU Adam, fpm's CPU
   dropout and attention, data in a worker process), without activation checkpointing (the Trainer
   side has none either); ``--compile`` adds ``train.compile``;
 * HF: ``transformers.Trainer`` as its documentation shows for masked/causal-LM pretraining —
-  ``TrainingArguments(bf16=True)``, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
+  ``TrainingArguments(bf16=...)`` in the same precision, ``DataCollatorForLanguageModeling`` (``mlm=False`` for GPT) —
   with the same model class and config (``MegatronBertForMaskedLM``: the Trainer's MLM objective has
   no sentence-order labels; the SOP head is 0.1% of the FLOPs) on contiguous windows of the same
   token shards (the HF examples' ``group_texts``: every position a real token).
@@ -23,7 +24,7 @@ fraction measured on the same samples.
 Both run alternately in this process (``--rounds`` rounds of fpm then HF); every step is timed and
 cut into windows of ``--window`` steps after ``--warmup`` steps; the medians of all windows are
 compared. MFU = achieved model FLOP/s (6·N + attention per token, fpm.engine.flops) over this
-machine's bf16 matmul peak, measured here with the same thread count before every run of either side
+machine's matmul peak in that precision, measured here with the same thread count before every run of either side
 (this shared machine's speed drifts by 10-25% within minutes); MFU uses the highest of those
 measurements, the conservative choice, and the range is printed. The process runs on the
 allocator ``fpm pretrain`` picks (fpm/cpu/allocator.py: tcmalloc where installed), both sides alike.
@@ -69,13 +70,13 @@ from fpm.engine.peak import measure_tflops  # noqa: E402
 
 SHAPE = ["model.n_layers=6", "model.d_model=512", "model.n_heads=8", "model.d_head=64", "model.d_ff=2048",
          "model.max_positions=512", "data.seq_len=128", "train.global_batch=32", "train.micro_batch=32",
-         "train.grad_accum=null", "train.precision=bf16", "train.warmup_steps=10", "train.lr=1e-4",
+         "train.grad_accum=null", "train.warmup_steps=10", "train.lr=1e-4",
          "deepspeed.zero_stage=0", "train.activation_checkpointing=false", "data.num_workers=1"]
 
 
-def recipe_for(kind: str, vocab: Path, steps: int, compile_: bool):
+def recipe_for(kind: str, vocab: Path, steps: int, compile_: bool, precision: str):
     name = "bert-e-l" if kind == "bert" else "epm-x-s"
-    return load_recipe(name, overrides=[*SHAPE, f"tokenizer.path={vocab}", f"train.max_steps={steps}",
+    return load_recipe(name, overrides=[*SHAPE, f"train.precision={precision}", f"tokenizer.path={vocab}", f"train.max_steps={steps}",
                                         f"train.log_every={steps}", f"train.save_every={10 * steps}",
                                         f"train.compile={'true' if compile_ else 'false'}"])
 
@@ -150,6 +151,7 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
 
 
 def run_hf(kind: str, recipe, data: Path, out: Path, steps: int) -> list[float]:
+    """The Trainer in the same precision as fpm's side (``recipe.train.precision``, concrete)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_baseline import TokenWindows, model_and_collator
@@ -165,7 +167,8 @@ def run_hf(kind: str, recipe, data: Path, out: Path, steps: int) -> list[float]:
         def on_step_end(self, args, state, control, **kw):
             times.mark()
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=32, max_steps=steps, bf16=True,
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=32, max_steps=steps,
+                             bf16=recipe.train.precision == "bf16",
                              learning_rate=1e-4, warmup_steps=10, weight_decay=0.01, max_grad_norm=1.0,
                              logging_steps=steps, save_strategy="no", report_to=[], use_cpu=True,
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
@@ -183,7 +186,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=3, help="windows per run (x rounds = windows per side)")
     ap.add_argument("--compile", action="store_true", help="fpm with train.compile (torch.compile per layer)")
     ap.add_argument("--only", choices=["bert", "gpt"], default=None)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="both sides (default: what fpm's train.precision: auto picks on this machine)")
     args = ap.parse_args()
+    from fpm.engine.precision import choose, detect
+
+    choice = choose(args.precision, detect("cpu"))
+    precision, dtype = choice.precision, {"bf16": torch.bfloat16}.get(choice.precision, torch.float32)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -191,15 +200,16 @@ def main() -> None:
     corpus = [args.data / "corpus" / "en" / f for f in ("wikitext2-valid.tokens.txt", "wikitext2-test.tokens.txt",
                                                         "tinyshakespeare.txt")]
     tmp = Path(tempfile.mkdtemp(prefix="fpm-tput-"))
-    peaks = [measure_tflops(torch.bfloat16, seconds=1.0)]
-    print(f"threads {torch.get_num_threads()}, {allocator.in_use()} malloc (both sides), measured bf16 matmul peak {peaks[0]:.3f} TFLOP/s; "
+    peaks = [measure_tflops(dtype, seconds=1.0)]
+    print(f"threads {torch.get_num_threads()}, {allocator.in_use()} malloc (both sides), precision {precision} ({choice.reason}), "
+          f"measured {precision} matmul peak {peaks[0]:.3f} TFLOP/s; "
           f"{args.rounds} rounds x {args.windows} windows of {args.window} steps after {args.warmup} warm-up steps")
     ratios = {}
     try:
         for kind, vocab in (("bert", args.data / "vocab" / "bert-base-uncased"), ("gpt", args.data / "vocab" / "gpt2")):
             if args.only and kind != args.only:
                 continue
-            recipe = recipe_for(kind, vocab, steps, args.compile)
+            recipe = recipe_for(kind, vocab, steps, args.compile, precision)
             data = tmp / f"data-{kind}"
             inputs = one_document_per_file(corpus, tmp / "docs") if kind == "bert" else corpus
             prepare(recipe, PrepareOptions(inputs=inputs, out=data, workers=2, quiet=True))
@@ -215,14 +225,14 @@ def main() -> None:
             w_fpm, w_hf = [], []
             kind_peaks = []
             for r in range(args.rounds):
-                kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
+                kind_peaks.append(measure_tflops(dtype, seconds=1.0))
                 w_fpm += windows(run_fpm(recipe, data, tmp / f"fpm-{kind}-{r}", steps), args.warmup, args.window)
-                kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
+                kind_peaks.append(measure_tflops(dtype, seconds=1.0))
                 w_hf += windows(run_hf(kind, recipe, data, tmp / f"hf-{kind}-{r}", steps), args.warmup, args.window)
-            kind_peaks.append(measure_tflops(torch.bfloat16, seconds=1.0))
+            kind_peaks.append(measure_tflops(dtype, seconds=1.0))
             peaks += kind_peaks
             peak = max(kind_peaks)
-            print(f"{kind}: bf16 matmul peak measured {len(kind_peaks)} times around the runs: "
+            print(f"{kind}: {precision} matmul peak measured {len(kind_peaks)} times around the runs: "
                   f"{min(kind_peaks):.3f}-{peak:.3f} TFLOP/s; MFU below is against the highest", flush=True)
             f, h = statistics.median(w_fpm), statistics.median(w_hf)
             tf, th = real * positions / f, positions / h
@@ -237,7 +247,7 @@ def main() -> None:
 
         if td.is_initialized():
             td.destroy_process_group()
-    print(f"bf16 matmul peak over the whole run: {min(peaks):.3f}-{max(peaks):.3f} TFLOP/s ({len(peaks)} measurements)")
+    print(f"{precision} matmul peak over the whole run: {min(peaks):.3f}-{max(peaks):.3f} TFLOP/s ({len(peaks)} measurements)")
     print(f"fpm/hf tokens_per_s ratio: {ratios.get('bert', float('nan')):.2f} (bert) "
           f"{ratios.get('gpt', float('nan')):.2f} (gpt)")
 

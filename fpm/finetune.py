@@ -186,7 +186,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
         extra = {"model": str(RunDir(out).best), "init": init.source, "from_scratch": from_scratch,
                  "best_step": best["step"], "steps": result.step,
-                 "device": str(next(model.parameters()).device), "precision": precision}
+                 "device": str(next(model.parameters()).device), "train_precision": precision,
+                 "speed_ups": trainer.speed_ups}
         results = write_results(out, recipe, dev, dev_probs, extra, names)
         if test_probs is not None:
             write_results(out, recipe, splits["test"], test_probs, extra, names)

@@ -219,7 +219,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
                         data_sources=[{"path": str(p.resolve()), "weight": w} for p, w in sources],
                         started=time.time(), torch=torch.__version__, python=platform.python_version(),
                         host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                        precision=precision.as_dict() if precision else None)
+                        train_precision=precision.as_dict() if precision else None)
     seed_everything(recipe.train.seed)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)
@@ -251,7 +251,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
         rd.write_status(status=result.reason, exit_code=result.exit_code, reason=result.reason, step=result.step,
                         max_steps=spec.max_steps, wall_s=time.time() - t0, threads=torch.get_num_threads(),
                         allocator=allocator.in_use(), peak=peak.as_dict(), validation=result.validation,
-                        spikes=result.spikes, source_shares=result.sources,
+                        spikes=result.spikes, source_shares=result.sources, speed_ups=trainer.speed_ups,
                         memory={"estimate": asdict(memory) if memory else None, "host_peak_gb": used})
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")

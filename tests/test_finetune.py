@@ -110,6 +110,9 @@ def test_tnews_tiny_finetune_writes_clue_submission(tmp_path):
             "--max-steps", "20", "--set", "train.eval_every=10", check=True)
     results = json.loads((out / "results.json").read_text())
     assert results["f1_is"] == "macro-F1" and len(results["per_class"]) == 15
+    # the tiny preset's precision, given, recorded beside the scores (not in place of the class precision)
+    assert results["train_precision"]["precision"] == "fp32" and results["train_precision"]["reason"] == "given: fp32"
+    assert 0.0 <= results["precision"] <= 1.0
     assert np.array(results["confusion"]).sum() == 100
     sub = [json.loads(line) for line in (out / "tnews_predict.json").read_text().splitlines()]
     assert len(sub) == 20 and set(sub[0]) == {"id", "label", "label_desc"} and sub[0]["label_desc"].startswith(("news", "stock"))

@@ -127,14 +127,19 @@ def test_bert_sdpa_attention_matches_eager():
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
 
 
-def test_speed_up_gives_every_model_fpm_dropout_and_linear_on_cpu_and_nothing_on_gpu():
+def test_speed_up_gives_every_model_fpm_dropout_and_linear_on_cpu_and_nothing_on_gpu(monkeypatch):
+    monkeypatch.delenv("FPM_PADDING_FREE", raising=False)
     for name in ("bert-e-l", "cpm-x-s", "cpm-2-x-s"):
         recipe = tiny(name)
         model = build_model(recipe.model, recipe.tokenizer.vocab_size)
         stock = {type(m) for m in model.modules()}
         assert not any(t.__module__.startswith("fpm.cpu") for t in stock), name  # models know nothing of fpm.cpu
         loss = objective(recipe.model, model)
-        assert speed_up(loss, torch.device("cuda")) == (["padding-free BERT"] if name == "bert-e-l" else [])
+        assert speed_up(loss, torch.device("cuda")) == []  # padding-free on a GPU only when asked for
+        with monkeypatch.context() as m:
+            m.setenv("FPM_PADDING_FREE", "on")
+            asked = objective(recipe.model, model)
+            assert speed_up(asked, torch.device("cuda")) == (["padding-free BERT"] if name == "bert-e-l" else [])
         assert {type(m) for m in model.modules()} == stock, name
         speed_up(loss, torch.device("cpu"))
         assert not [m for m in model.modules() if type(m) is torch.nn.Dropout], name

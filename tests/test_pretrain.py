@@ -97,6 +97,8 @@ def test_tiny_loss_falls_within_200_steps_and_starts_on_the_golden_losses(tmp_pa
     assert last < first - 1.0, (recipe, first, last)  # at least one nat better
     run = json.loads((out / "run.json").read_text())
     assert run["exit_code"] == 0 and run["step"] == 200
+    assert run["train_precision"] == {"requested": "fp32", "precision": "fp32", "tf32": False,
+                                      "reason": "given: fp32", "warning": None}
     m = [row for row in read_metrics(out) if "loss" in row][-1]  # the last training row (validation follows)
     assert {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "mfu", "elapsed_s"} <= set(m)
     assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and m["grad_norm"] > 0
@@ -400,3 +402,19 @@ if __name__ == "__main__":  # python tests/test_pretrain.py: record the golden l
             record["losses"][name] = [losses(Path(tmp) / "run")[s] for s in range(1, 21)]
     GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
+
+
+@pytest.mark.slow
+def test_precision_auto_is_chosen_by_this_machine_said_recorded_and_kept_on_resume(tmp_path):
+    from fpm.engine.precision import choose, detect
+
+    want = choose("auto", detect())
+    out = tmp_path / "run"
+    proc = pretrain(out, "--max-steps", "2", "--save-every", "2", "--set", "train.precision=auto", recipe="cpm-x-s")
+    assert f"precision {want.precision}: auto: " in proc.stdout + proc.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["train_precision"]["requested"] == "auto" and run["train_precision"]["precision"] == want.precision
+    assert f"precision: {want.precision}" in (out / "recipe.yaml").read_text()  # the run directory says what ran
+    # resumed with auto again: the precision the run started with, whatever this machine would pick
+    again = pretrain(out, "--max-steps", "4", "--save-every", "2", "--set", "train.precision=auto", recipe="cpm-x-s")
+    assert "auto: the precision this run started with" in again.stdout + again.stderr

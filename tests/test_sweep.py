@@ -31,6 +31,10 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     res = json.loads((out / "results.json").read_text())
     cells = res["cells"]
     assert len(cells) == 6 and all(c["status"] == "done" for c in cells)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 1:  # the tiny preset runs a cell per core at once, each pinned to its own core
+        pinned = [json.loads((out / "cells" / c["name"] / "cell.json").read_text())["cpus"] for c in cells]
+        assert all(len(p) == 1 and p[0] in cores for p in pinned) and len({p[0] for p in pinned}) > 1, pinned
     assert sorted({(c["depth"], c["layers"]) for c in cells}) == [(50, 5), (70, 7), (90, 9)]
     for c in cells:  # every cell's numbers are its own results file's
         own = json.loads((out / "cells" / c["name"] / "finetune" / "results.json").read_text())
@@ -73,7 +77,7 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
 def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90", "--seeds", "1", "--preset", "tiny",
-            "--out", str(out), "--no-controls", *FAST]
+            "--out", str(out), "--no-controls", "--jobs", "1", *FAST]  # one cell at a time: one is left
     proc = subprocess.Popen([sys.executable, "-m", "fpm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=os.environ.copy(), start_new_session=True)
     first = out / "cells" / "d050-s1234"

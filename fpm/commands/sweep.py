@@ -49,7 +49,7 @@ def prepare_shared_data(plan: SweepPlan) -> None:
 def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seeds: int | None, preset: str | None,
                 out: Path | None, data: Path | None, data_dir: Path | None, executor: str, dry_run: bool,
                 pretrain_sets: list[str], task_sets: list[str], slurm_options: dict | None = None,
-                controls: bool | None = None) -> int:
+                controls: bool | None = None, jobs: int | None = None) -> int:
     if executor not in ("local", "slurm"):
         raise FpmError(f"--executor must be local or slurm, not {executor!r}")
     out = Path(out) if out else Path("runs") / f"sweep-{recipe}{'-' + preset if preset else ''}"
@@ -65,10 +65,11 @@ def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seed
         print_plan(plan, executor, slurm_options or {})
         return 0
     with RunLock(out, f"fpm sweep-depth {recipe}"):
-        return _sweep(plan, out, plan_file, executor, slurm_options)
+        return _sweep(plan, out, plan_file, executor, slurm_options, jobs)
 
 
-def _sweep(plan: SweepPlan, out: Path, plan_file: Path, executor: str, slurm_options: dict | None) -> int:
+def _sweep(plan: SweepPlan, out: Path, plan_file: Path, executor: str, slurm_options: dict | None,
+           jobs: int | None = None) -> int:
     plan_file.write_text(json.dumps(plan.to_json(), indent=1))
     info(f"sweep {plan.recipe} on {plan.task}: depths {plan.depths} x seeds {plan.seeds} = {len(plan.cells)} cells in {out}")
     prepare_shared_data(plan)
@@ -80,7 +81,7 @@ def _sweep(plan: SweepPlan, out: Path, plan_file: Path, executor: str, slurm_opt
         return 0
     from fpm.study.local import run_local
 
-    counts = run_local(plan)
+    counts = run_local(plan, jobs)
     if counts["preempted"]:
         from fpm.engine.signals import EXIT_PREEMPTED
 

@@ -15,6 +15,8 @@ untouched, and the model files (:mod:`fpm.models`) know nothing of it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -28,20 +30,20 @@ from fpm.models.objective import Objective
 def speed_up(target: Objective | nn.Module, device: torch.device | None = None) -> list[str]:
     """Make ``target`` (a model, or a model with its loss) train faster; returns what was applied.
 
-    * BERT pretraining's and sequence classification's losses run the padding-free encoder, on any
-      device (fewer positions are fewer FLOPs everywhere; its kernels fall back to PyTorch's off
-      the CPU).
+    * BERT pretraining's and sequence classification's losses run the padding-free encoder where
+      :func:`padding_free_here` says.
     * When training on a CPU (``device``; by default: no CUDA device here): attention, dropout and
       linear layers (and GPT-2's ``Conv1D``) become fpm's kernel-backed subclasses.
     """
     applied = []
-    if isinstance(target, Objective) and target.loss is bert.pretraining_loss:
-        target.loss = bert_unpadded.pretraining_loss
-        applied.append("padding-free BERT")
-    if isinstance(target, Objective) and target.loss is classification_loss:
-        target.loss = bert_unpadded.classification_loss
-        applied.append("padding-free classification")
     on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    if isinstance(target, Objective) and padding_free_here(on_cpu):
+        if target.loss is bert.pretraining_loss:
+            target.loss = bert_unpadded.pretraining_loss
+            applied.append("padding-free BERT")
+        if target.loss is classification_loss:
+            target.loss = bert_unpadded.classification_loss
+            applied.append("padding-free classification")
     if on_cpu:
         model = target.model if isinstance(target, Objective) else target
         use_cpu_attention(model)
@@ -50,3 +52,15 @@ def speed_up(target: Objective | nn.Module, device: torch.device | None = None) 
         kernels.use_fast_conv1d(model)
         applied += ["attention", "dropout", "linear", "conv1d"]
     return applied
+
+
+def padding_free_here(on_cpu: bool) -> bool:
+    """Whether BERT runs padding-free: on a CPU, where it was measured faster (all-MiniLM-L6-v2's
+    classifier on real Quora batches, fp32 on an AVX2 EPYC: 1.33x, 1.46x with the kernels;
+    bench/RESULTS.md); on a GPU only with ``FPM_PADDING_FREE=on``: there it adds host
+    synchronisations and index copies per layer and still runs padded attention, and no GPU
+    measurement has shown it faster yet (``bench/gpu_check.py`` times both). ``FPM_PADDING_FREE=off``
+    turns it off everywhere."""
+    choice = os.environ.get("FPM_PADDING_FREE", "auto")
+    return choice == "on" or (choice == "auto" and on_cpu)
+

@@ -15,7 +15,8 @@ any other CPU (AVX2, AVX-512 only)     fp32        PyTorch emulates bf16 there: 
 fp32 on a GPU that has TF32 (capability >= 8.0) runs its matmuls in TF32
 (``torch.set_float32_matmul_precision("high")``), as Megatron-LM, litgpt and the Hugging Face Trainer
 (``tf32=True``) do. A precision given explicitly is kept; bf16 on a CPU or GPU without it gets a
-one-line warning with the expected cost. The choice and its reason go into ``run.json``.
+one-line warning with the expected cost. The choice and its reason go into the run's summary
+(``train_precision`` in ``run.json``, and in ``results.json`` for fine-tuning).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,7 @@ class Engine:
     scale_loss: bool  # fp16 without ZeRO: fpm applies the loss scale itself (see build_engine)
     flat_master: bool
     client_optimizer: object  # the optimizer fpm built, inside DeepSpeed's wrappers
+    speed_ups: list = field(default_factory=list)  # what fpm.cpu.speed_up applied (the run summary says)
 
 
 def cpu_adam(spec: TrainSpec, quiet: bool = False):
@@ -95,7 +96,7 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
 
     s, model = spec, objective.model
     check_precision(s.precision.kind)
-    speed_up(objective)  # fpm.cpu: padding-free BERT; kernels when training on a CPU
+    applied = speed_up(objective)  # fpm.cpu: padding-free BERT; kernels when training on a CPU
     if s.activation_checkpointing:
         enable_activation_checkpointing(model)
     if s.compile:
@@ -135,7 +136,7 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
         # nobody to average gradients with: DeepSpeed would still flatten them all into one buffer,
         # "all-reduce" it over a group of one and copy it back (~60 ms a step on the bench's BERT shape)
         engine.enable_backward_allreduce = False
-    return Engine(engine, optimizer, scheduler, scale_loss, flat, client)
+    return Engine(engine, optimizer, scheduler, scale_loss, flat, client, applied)
 
 
 def fp32_accumulation(spec: TrainSpec) -> bool:

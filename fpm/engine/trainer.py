@@ -103,7 +103,7 @@ class Trainer:
         self.saver = ckpt.Checkpointer(self.engine, self.ckpt_dir, rank, world, s.keep_last, s.zero.stage,
                                        background=s.async_save if s.async_save is not None
                                        else self.engine.device.type == "cuda")
-        self._scale_loss, self.flat_master = built.scale_loss, built.flat_master
+        self._scale_loss, self.flat_master, self.speed_ups = built.scale_loss, built.flat_master, built.speed_ups
         if self.guard.enabled:
             self.gate = StepGate(built.client_optimizer)
         start = 0

@@ -21,9 +21,12 @@ Stages, in this order, each in a fresh process with a time budget of its own:
 5. ``resume``      ``fpm pretrain`` (tiny BERT) killed with SIGKILL after a checkpoint and resumed,
                    against an uninterrupted run (and a second uninterrupted run: run-to-run noise)
 6. ``export``      ``fpm export`` of that run; logits of plain ``transformers`` vs fpm's own model
-7. ``finetune``    ``fpm finetune qqp`` briefly on a synthetic task, evaluating on the device
+7. ``finetune``    ``fpm finetune qqp`` briefly on a synthetic task, evaluating on the device; the
+                   classifier's step padded against padding-free (whether fpm should train padding-free
+                   on that device)
 8. ``throughput``  ``fpm pretrain`` at a BERT-E shape (12 x 1024, seq 128) and a CPM-X shape
-                   (8 x 2560, seq 512) in bf16 and fp16 with activation checkpointing: tokens/s, MFU
+                   (8 x 2560, seq 512) in bf16 and fp16 (with ``--cpu``: the precision ``auto`` picks
+                   on that CPU) with activation checkpointing: tokens/s, MFU
                    against a matmul peak measured here, the memory peak (``torch.cuda.max_memory_allocated``;
                    with ``--cpu`` the host's peak RSS) against the launch check's estimate (``fpm plan``'s
                    accounting); and ``transformers.Trainer`` on the same shapes in the same run (the ratio)
@@ -318,6 +321,12 @@ class Context:
         self.overrides = state.get("overrides", {})
         self.two_procs_on_cpu = state.get("two_procs_on_cpu", False)
         self.precision = "fp32" if self.cpu else self._auto_precision()
+
+    @staticmethod
+    def _auto_precision_cpu() -> str:
+        from fpm.engine.precision import choose, detect
+
+        return choose("auto", detect("cpu")).precision
 
     @staticmethod
     def _auto_precision() -> str:
@@ -961,7 +970,8 @@ def throughput_stage(st: Stage) -> None:
     from fpm.engine.metrics import read_metrics
 
     ctx = st.ctx
-    precisions = ["bf16"] if ctx.cpu else ["bf16", "fp16"]
+    # on a CPU what train.precision: auto picks there (an AVX2 CPU emulates bf16: its bf16 rows timed out)
+    precisions = [Context._auto_precision_cpu()] if ctx.cpu else ["bf16", "fp16"]
     for family, (recipe_name, sets, micro, steps) in shapes(ctx).items():
         data: list[Path] = []
         for precision in precisions:

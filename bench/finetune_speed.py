@@ -162,16 +162,10 @@ def run(kind: str, model: Path, data: Path, out: Path, epochs: float, seed: int,
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                from fpm.engine.precision import cpu_info, cpu_kind
+    from fpm.engine.precision import cpu_info, cpu_kind
 
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores, {cpu_kind(cpu_info()[1])}"
-    except OSError:
-        pass
-    return platform.processor()
+    name, flags = cpu_info()
+    return f"{name or platform.processor()}, {os.cpu_count()} cores, {cpu_kind(flags)}"
 
 
 def main() -> None:

@@ -126,9 +126,9 @@ def encoder_shape(path: Path, num_labels: int) -> tuple[int, int, int, int, int]
                 return None
     except Exception:  # an unreadable configuration: load_init says what is wrong with it
         return None
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
-    return total, largest, layers, h, heads
+    from fpm.engine.memory import param_stats
+
+    return (*param_stats(model), layers, h, heads)
 
 
 def check_classifier(path: Path, num_labels: int) -> None:

@@ -35,6 +35,9 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     if len(cores) > 1:  # the tiny preset runs a cell per core at once, each pinned to its own core
         pinned = [json.loads((out / "cells" / c["name"] / "cell.json").read_text())["cpus"] for c in cells]
         assert all(len(p) == 1 and p[0] in cores for p in pinned) and len({p[0] for p in pinned}) > 1, pinned
+        threads = {json.loads((out / "cells" / c["name"] / "pretrain" / "run.json").read_text())["threads"]
+                   for c in cells}
+        assert threads == {1}  # each cell's training pinned itself to its one core (FPM_CPUS)
     assert sorted({(c["depth"], c["layers"]) for c in cells}) == [(50, 5), (70, 7), (90, 9)]
     for c in cells:  # every cell's numbers are its own results file's
         own = json.loads((out / "cells" / c["name"] / "finetune" / "results.json").read_text())

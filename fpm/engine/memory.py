@@ -49,6 +49,11 @@ def model_stats(recipe: Recipe) -> tuple[int, int]:
 
     with torch.device("meta"):
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, init=False)
+    return param_stats(model)
+
+
+def param_stats(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, largest single module's own parameters) of a built model (meta is enough)."""
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest

@@ -805,7 +805,7 @@ def export_stage(st: Stage) -> None:
     def check(until: float) -> dict:
         import torch
 
-        from fpm.export import load_run_model
+        from fpm.runs import load_run_model
 
         ctx = st.ctx
         run_dir, hf = _needs_resume_run(st), _fresh(ctx.work / "export-hf")
@@ -955,7 +955,8 @@ def memory_estimate(ctx: Context, recipe_name: str, overrides: list[str], micro:
         est = estimate(recipe, 1, 1, micro, "cpu" if ctx.cpu else "cuda", available=0.0)
         return {"estimate_gb": est.need_gb, "estimate_terms_gb": est.terms,
                 "estimate_source": "fpm.engine.memory.estimate (the launch check)"}
-    from fpm.plan import RESERVE_GB, plan
+    from fpm.commands.plan import plan
+    from fpm.engine.memory import RESERVE_GB
 
     memory = ctx.gpu_memory_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     p = plan(recipe, nodes=1, gpus_per_node=1, gpu_memory_gb=memory, micro_batch=micro)

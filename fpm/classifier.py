@@ -56,7 +56,7 @@ def load_init(path: Path, recipe: FinetuneRecipe, from_scratch: bool = False) ->
     if path.parent.name == "checkpoints" and path.name.startswith("step-"):
         run_dir, tag = path.parent.parent, path.name
     if RunDir(run_dir).is_pretraining_run():
-        from fpm.export import load_run_model
+        from fpm.runs import load_run_model
 
         pre_recipe, pre, tok, folder = load_run_model(run_dir, tag)
         if pre_recipe.model.family != "bert":
@@ -162,7 +162,7 @@ def save_model(model, out: Path, init: Init) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     if init.fpm_tokenizer is not None:
-        from fpm.export import export_tokenizer
+        from fpm.runs import export_tokenizer
 
         export_tokenizer(init.fpm_tokenizer, tmp)
     elif init.hf_tokenizer is not None:

@@ -16,8 +16,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from fpm.errors import FpmError
-
 app = typer.Typer(
     name="fpm",
     help="Reproduce and study the FPM model family (BERT, GPT-2 and CPM-2 style) with DeepSpeed.",
@@ -103,7 +101,7 @@ def pretrain_cmd(
     Exit codes: 0 done, 2 bad input, 4 loss not finite, 74 disk full or read-only, 75 pre-empted (checkpoint
     saved: rerun to resume), 76 hung (the watchdog dumped the stacks: rerun to resume).
     """
-    from fpm.pretrain import pretrain
+    from fpm.commands.pretrain import pretrain
 
     code = pretrain(recipe, preset=preset, overrides=sets or [], data=data, out=out, max_steps=max_steps,
                     save_every=save_every, seed=seed, resume=resume, memory_check=memory_check)
@@ -133,7 +131,7 @@ def finetune_cmd(
                                                "that will not fit in memory (the estimate and the cheapest fix).")] = True,
 ) -> None:
     """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
-    from fpm.finetune import finetune
+    from fpm.commands.finetune import finetune
 
     raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
                               max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors,
@@ -148,7 +146,7 @@ def baseline_cmd(
     sets: TaskSets = None,
 ) -> None:
     """The floors: majority class and TF-IDF + logistic regression, trained on train, scored on dev."""
-    from fpm.baseline import baseline_command
+    from fpm.commands.baseline import baseline_command
 
     baseline_command(task, data_dir, out, sets or [])
 
@@ -173,11 +171,11 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate a fine-tuned classifier, or a pretrained language model on held-out text, without training."""
     if task == "lm":
-        from fpm.evaluate import evaluate_lm
+        from fpm.commands.evaluate import evaluate_lm
 
         evaluate_lm(model, data_dir=data_dir, tag=checkpoint, batches=batches, out=out)
         return
-    from fpm.evaluate import evaluate_command
+    from fpm.commands.evaluate import evaluate_command
 
     evaluate_command(task, model_path=model, data_dir=data_dir, split=split, out=out, preset=preset,
                      overrides=sets or [])
@@ -190,6 +188,18 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+# SLURM options, declared once: fpm slurm render|submit and fpm sweep-depth --executor slurm
+SlurmKind = Annotated[str, typer.Option("--kind", help="pretrain, finetune or sweep.")]
+SlurmNodes = Annotated[int, typer.Option("--nodes", help="Nodes.")]
+SlurmGpus = Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU tasks over gloo).")]
+SlurmTasks = Annotated[Optional[int], typer.Option("--tasks-per-node", help="Processes per node (default: one per GPU).")]
+SlurmCpus = Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs per process.")]
+SlurmArgs = Annotated[Optional[list[str]], typer.Argument(help="Arguments passed on to the fpm command.")]
+SlurmPartition = Annotated[Optional[str], typer.Option("--partition", help="The partition (sbatch --partition).")]
+SlurmTime = Annotated[Optional[str], typer.Option("--time", help="A job's time limit (sbatch --time, e.g. 2-00:00:00).")]
+SlurmAccount = Annotated[Optional[str], typer.Option("--account", help="The account charged (sbatch --account).")]
 
 
 @app.command("sweep-depth")
@@ -207,11 +217,11 @@ def sweep_depth_cmd(
     executor: Annotated[str, typer.Option("--executor", help="local (cells one by one here) or slurm (a job per cell).")] = "local",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, the commands and the scripts; run nothing.")] = False,
     nodes: Annotated[int, typer.Option("--nodes", help="slurm: nodes per pretraining job.")] = 1,
-    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="slurm: GPUs per node (0: CPU tasks).")] = 0,
-    cpus_per_task: Annotated[Optional[int], typer.Option("--cpus-per-task", help="slurm: CPUs per process.")] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: the partition (sbatch --partition).")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time", help="slurm: each job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
-    account: Annotated[Optional[str], typer.Option("--account", help="slurm: the account charged (sbatch --account).")] = None,
+    gpus_per_node: SlurmGpus = 0,
+    cpus_per_task: SlurmCpus = None,
+    partition: SlurmPartition = None,
+    time_limit: SlurmTime = None,
+    account: SlurmAccount = None,
     controls: Annotated[Optional[bool], typer.Option("--controls/--no-controls", help="Also fine-tune each depth's "
                         "architecture from scratch (first seed): what pretraining adds (default: the sweep recipe's, on).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="local: cells at once, each on its share of the "
@@ -231,11 +241,9 @@ def sweep_depth_cmd(
 @app.command("report")
 def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory (fpm sweep-depth --out).")]) -> None:
     """Rebuild report.md, report.html, plots and results.json from a sweep's cell files."""
-    from fpm.console import info
-    from fpm.study.report import build_report
+    from fpm.commands.report import report_command
 
-    paths = build_report(sweep_dir)
-    info(f"report: {paths['md']} and {paths['html']}")
+    report_command(sweep_dir)
 
 
 @app.command("plan")
@@ -253,7 +261,7 @@ def plan_cmd(
     sets: Sets = None,
 ) -> None:
     """Memory per GPU (ZeRO 0-3, offload, activations), the largest micro batch, FLOPs, time and a recommendation."""
-    from fpm.plan import plan_command
+    from fpm.commands.plan import plan_command
 
     plan_command(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory=gpu_memory, micro_batch=micro_batch,
                  as_json=as_json, paper=paper, mfu=mfu, preset=preset, overrides=sets or [], cpu_memory=cpu_memory)
@@ -265,23 +273,11 @@ app.add_typer(slurm_app, name="slurm")
 
 def _slurm(kind, name, fpm_args, out, dry_run, submit, nodes, gpus_per_node, tasks_per_node, partition, time_limit,
            account, cpus_per_task=None):
-    from fpm.slurm import render_command
+    from fpm.commands.slurm import slurm_command
 
-    if kind == "pretrain":
-        from fpm.config import load_recipe
-
-        load_recipe(name, kind="pretrain")  # a typo in the recipe name fails here, not on the cluster
-    return render_command(kind, name, fpm_args or [], out=out, dry_run=dry_run, submit=submit, nodes=nodes,
-                          gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
-                          time=time_limit, account=account, cpus_per_task=cpus_per_task)
-
-
-SlurmKind = Annotated[str, typer.Option("--kind", help="pretrain, finetune or sweep.")]
-SlurmNodes = Annotated[int, typer.Option("--nodes", help="Nodes.")]
-SlurmGpus = Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node (0: CPU tasks over gloo).")]
-SlurmTasks = Annotated[Optional[int], typer.Option("--tasks-per-node", help="Processes per node (default: one per GPU).")]
-SlurmCpus = Annotated[Optional[int], typer.Option("--cpus-per-task", help="CPUs per process.")]
-SlurmArgs = Annotated[Optional[list[str]], typer.Argument(help="Arguments passed on to the fpm command.")]
+    return slurm_command(kind, name, fpm_args or [], out=out, dry_run=dry_run, submit=submit, nodes=nodes,
+                         gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, partition=partition,
+                         time=time_limit, account=account, cpus_per_task=cpus_per_task)
 
 
 @slurm_app.command("render", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -293,9 +289,9 @@ def slurm_render(
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
     cpus_per_task: SlurmCpus = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="The partition (sbatch --partition).")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time", help="The job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
-    account: Annotated[Optional[str], typer.Option("--account", help="The account charged (sbatch --account).")] = None,
+    partition: SlurmPartition = None,
+    time_limit: SlurmTime = None,
+    account: SlurmAccount = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script instead of writing it.")] = False,
 ) -> None:
@@ -313,9 +309,9 @@ def slurm_submit(
     gpus_per_node: SlurmGpus = 8,
     tasks_per_node: SlurmTasks = None,
     cpus_per_task: SlurmCpus = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="The partition (sbatch --partition).")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time", help="The job's time limit (sbatch --time, e.g. 2-00:00:00).")] = None,
-    account: Annotated[Optional[str], typer.Option("--account", help="The account charged (sbatch --account).")] = None,
+    partition: SlurmPartition = None,
+    time_limit: SlurmTime = None,
+    account: SlurmAccount = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Script file to write before submitting.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script and the sbatch command only.")] = False,
 ) -> None:
@@ -331,7 +327,7 @@ def export_cmd(
     tag: Annotated[Optional[str], typer.Option("--tag", help="Checkpoint, e.g. step-00000300 (default: latest).")] = None,
 ) -> None:
     """Consolidate a (ZeRO) checkpoint into a Hugging Face folder that plain transformers loads."""
-    from fpm.export import export
+    from fpm.commands.export import export
 
     export(run_dir, out, tag)
 
@@ -357,7 +353,7 @@ def generate_cmd(
                                            "separated in a file); the reply is one line.")] = False,
 ) -> None:
     """Generate text with a GPT or T5 model (transformers' generate with fpm's tokenizer)."""
-    from fpm.generate import Sampling, generate_command
+    from fpm.commands.generate import Sampling, generate_command
 
     generate_command(model, prompts=prompt or [], prompts_file=prompts, out=out, tag=checkpoint,
                      sampling=Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed),
@@ -371,9 +367,9 @@ def checkpoint_convert(
 ) -> None:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format, which resumes at any world size and
     ZeRO stage 1-3 (a resume on another shape converts by itself)."""
-    from fpm.engine.reshard import convert_run
+    from fpm.commands.checkpoint import convert_command
 
-    convert_run(run_dir, tag)
+    convert_command(run_dir, tag)
 
 
 @checkpoint_app.command("verify")
@@ -434,7 +430,7 @@ def data_audit(
     sets: TaskSets = None,
 ) -> None:
     """Label distribution, duplicates within train and between train and dev/test, empty fields, lengths."""
-    from fpm.audit import audit_command
+    from fpm.commands.data import audit_command
 
     audit_command(task, data_dir, out, sets or [])
 
@@ -446,10 +442,9 @@ def data_fetch_task(
 ) -> None:
     """Download QQP or TNEWS from the Hugging Face Hub once and write the official file layout
     (for offline compute nodes: run this where there is internet, then pass --data-dir)."""
-    from fpm.config import load_recipe
-    from fpm.data.tasks import fetch_task
+    from fpm.commands.data import fetch_task_command
 
-    fetch_task(load_recipe(task, kind="finetune").task, out)
+    fetch_task_command(task, out)
 
 
 @data_app.command("train-tokenizer")
@@ -510,6 +505,8 @@ def _usage_error(exc) -> int:
 
 
 def main() -> None:
+    from fpm.errors import EXIT_ABORTED, exit_for
+
     _quiet_libraries()
     try:
         if _command_of(sys.argv[1:]) in _ALLOCATOR_COMMANDS:
@@ -519,20 +516,9 @@ def main() -> None:
         code = app(prog_name="fpm", standalone_mode=False)  # typer.Exit's code is returned, not raised
         if isinstance(code, int) and code:
             sys.exit(code)
-    except FpmError as exc:
-        from fpm.errors import one_line
-
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except OSError as exc:  # a file that cannot be read or written: read-only or full disk, permissions
-        from fpm.errors import disk_error
-
-        err = disk_error(exc)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
     except Exception as exc:  # click's exceptions arrive here in non-standalone mode
         kind = _click_kind(exc)
         if kind == "NoArgsIsHelpError":  # the help text has been printed
@@ -543,28 +529,12 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if kind == "Abort":
             print("aborted", file=sys.stderr)
-            sys.exit(130)
-        from fpm.engine.timeouts import is_collective_timeout
-
-        if is_collective_timeout(exc):  # a peer hung or died (gloo; NCCL aborts the process instead)
-            from fpm.engine.signals import EXIT_HANG
-
-            print(f"error: a collective timed out (train.collective_timeout_s): a peer rank hung or died "
-                  f"({one_line_text(exc)}); exiting {EXIT_HANG} so that the job is requeued", file=sys.stderr)
-            sys.exit(EXIT_HANG)
-        from fpm.errors import DISK_ERRNOS, DiskError, disk_errno, disk_reason
-
-        code = disk_errno(exc)  # a library's write that the storage refused (torch, tokenizers)
-        if code in DISK_ERRNOS:
-            print(f"error: {disk_reason(code)} ({type(exc).__name__}: {one_line_text(exc)})", file=sys.stderr)
-            sys.exit(DiskError.exit_code)
-        raise
-
-
-def one_line_text(exc: BaseException) -> str:
-    from fpm.errors import one_line
-
-    return one_line(exc)[:300]
+            sys.exit(EXIT_ABORTED)
+        known = exit_for(exc)  # fpm's errors, refused writes, collective timeouts (fpm/errors.py)
+        if known is None:
+            raise
+        print(f"error: {known[1]}", file=sys.stderr)
+        sys.exit(known[0])
 
 
 def _plain_click_error(exc) -> int:

@@ -1,4 +1,5 @@
-"""One error type for everything a user can get wrong.
+"""One error type for everything a user can get wrong, fpm's exit codes, and which exception
+exits with which (:func:`exit_for`).
 
 The CLI catches :class:`FpmError` and prints its message on one line, without a traceback.
 Messages name the file, line or key at fault.
@@ -12,11 +13,19 @@ import os
 import re
 from collections.abc import Iterable
 
+EXIT_OK = 0
+EXIT_USAGE = 2          # bad input: arguments, recipe, data, a run directory in use
+EXIT_NONFINITE = 4      # the loss stayed non-finite; the last good checkpoint is intact
+EXIT_DISK = 74          # a file could not be written (full or read-only disk); `latest` is intact
+EXIT_PREEMPTED = 75     # a checkpoint was saved on SIGTERM/SIGINT/SIGUSR1; rerun the same command to resume
+EXIT_HANG = 76          # no step finished within train.hang_timeout_s: stacks dumped (fpm.engine.watchdog)
+EXIT_ABORTED = 130      # Ctrl-C twice, or before training started: nothing saved beyond the last checkpoint
+
 
 class FpmError(Exception):
     """A user-facing error: bad recipe, bad data, impossible request."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -29,7 +38,7 @@ class DiskError(FpmError):
     """A file fpm must write could not be written (read-only or full disk, quota, permissions).
     Exit code 74 (EX_IOERR): the input was fine, the storage was not."""
 
-    exit_code = 74
+    exit_code = EXIT_DISK
 
 
 # errno values that mean "this storage cannot take the write", with what to do about it
@@ -81,3 +90,34 @@ def disk_reason(code: int | None) -> str:
     if code in DISK_ERRNOS:
         return DISK_ERRNOS[code]
     return os.strerror(code) if code else "the write failed"
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a collective that timed out (gloo raises it; NCCL aborts)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and ("Timed out waiting" in text or "timed out" in text.lower()
+                                              and type(exc).__name__ == "DistBackendError"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def exit_for(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an exception a user can meet; None for a bug, which keeps
+    its traceback. Bad input exits 2; a write the storage refused 74 (also a library's: torch's
+    writer, tokenizers'); a collective that timed out 76, so that the job is requeued."""
+    if isinstance(exc, FpmError):
+        return exc.exit_code, one_line(exc)
+    if isinstance(exc, OSError):  # a file that cannot be read or written: read-only or full disk, permissions
+        err = disk_error(exc)
+        return err.exit_code, str(err)
+    if is_collective_timeout(exc):  # a peer hung or died (gloo; NCCL aborts the process instead)
+        return EXIT_HANG, (f"a collective timed out (train.collective_timeout_s): a peer rank hung or died "
+                           f"({one_line(exc)[:300]}); exiting {EXIT_HANG} so that the job is requeued")
+    code = disk_errno(exc)
+    if code in DISK_ERRNOS:
+        return EXIT_DISK, f"{disk_reason(code)} ({type(exc).__name__}: {one_line(exc)[:300]})"
+    return None

@@ -7,7 +7,7 @@ import copy
 import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-from fpm.engine.cpu_adam import ResumableCPUAdam
+from fpm.cpu.adam import ResumableCPUAdam
 
 
 def _train(cls, grads, resume_at=None):

@@ -12,7 +12,8 @@ import torch
 
 from fpm.engine import peak
 from fpm.engine.distributed import device_for, gpu_index, init, resolve_env, select_accelerator
-from fpm.engine.ds_config import Precision, ZeroSettings, deepspeed_config
+from fpm.config.schema import DeepSpeedCfg, LossScaleCfg
+from fpm.engine.ds_config import deepspeed_config
 from fpm.errors import FpmError
 
 
@@ -239,7 +240,9 @@ def test_prediction_is_shared_between_ranks_and_gathered_in_order():
 
 def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
     cfg = deepspeed_config(global_batch=1024, micro_batch=16, grad_accum=8, grad_clip=1.0,
-                           precision=Precision("fp16", 12, 500, 3, 0.5), zero=ZeroSettings(stage=1))
+                           precision="fp16", deepspeed=DeepSpeedCfg(zero_stage=1),
+                           loss_scale=LossScaleCfg(initial_scale_power=12, loss_scale_window=500, hysteresis=3,
+                                                   min_loss_scale=0.5))
     assert cfg["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
                            "hysteresis": 3, "min_loss_scale": 0.5}
     assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0

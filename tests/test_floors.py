@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fpm.audit import audit
-from fpm.baseline import floors
+from fpm.eval.audit import audit
+from fpm.eval.floors import floors
 from fpm.config import load_recipe
 from fpm.data.synthetic import write_tnews
 from fpm.data.tasks import load_split

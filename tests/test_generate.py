@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from fpm.errors import FpmError
-from fpm.generate import Sampling, encode_prompt, infill, read_prompts
+from fpm.commands.generate import Sampling, encode_prompt, infill, read_prompts
 
 
 class CharTokenizer:

@@ -1,6 +1,7 @@
-"""The package's shape: no import cycles (every import counts, also those inside functions), no
-module over 400 lines without a reason written at its top, the study package importing only its
-plan, and the README's map listing every package."""
+"""The package's shape: no import cycles (every import counts, also those inside functions), layers
+that import only downwards, every command in fpm/commands/ and none importing another, no module
+over 400 lines without a reason written at its top, the study package importing only its plan,
+and the README's map listing every package and command module."""
 
 from __future__ import annotations
 
@@ -90,6 +91,83 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
+# The flow config → data → models → engine → eval → study → commands, bottom to top: a module may
+# import its own layer and those below it. A module belongs to the last entry whose prefix names it
+# (fpm.cpu.kernels sits below the models, which call it; the rest of fpm.cpu above them).
+LAYERS = [
+    ("base", ["fpm.errors", "fpm.console", "fpm.files", "fpm.splitmix", "fpm.paper", "fpm.runlock"]),
+    ("config", ["fpm.config"]),
+    ("run directories", ["fpm.rundir"]),
+    ("data", ["fpm.data"]),
+    ("kernels", ["fpm.cpu.build", "fpm.cpu.kernels", "fpm.cpu.adam", "fpm.cpu.allocator", "fpm.cpu.prebuild"]),
+    ("models", ["fpm.models"]),
+    ("cpu speed-ups", ["fpm.cpu", "fpm.cpu.bert_attention", "fpm.cpu.bert_unpadded", "fpm.cpu.master"]),
+    ("engine", ["fpm.engine"]),
+    ("trained runs", ["fpm.runs", "fpm.classifier"]),
+    ("eval", ["fpm.eval"]),
+    ("study", ["fpm.study", "fpm.cluster"]),
+    ("commands", ["fpm.commands"]),
+    ("command line", ["fpm.cli", "fpm.__main__"]),
+]
+
+
+def layer_of(module: str) -> int:
+    best, length = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > length:
+                best, length = i, len(p)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best
+
+
+def test_every_module_has_a_layer():
+    for m in import_graph():
+        if m != "fpm":
+            layer_of(m)
+
+
+def test_imports_go_down_the_layers_only():
+    graph = import_graph()
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+              for m in sorted(graph) if m != "fpm" for t in sorted(graph[m]) if t != "fpm" and layer_of(t) > layer_of(m)]
+    assert not upward, upward
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert layer_of("fpm.cpu.kernels") < layer_of("fpm.models.losses") < layer_of("fpm.cpu.bert_unpadded")
+    assert layer_of("fpm.engine.setup") > layer_of("fpm.data.tasks")
+    assert layer_of("fpm.commands.pretrain") > layer_of("fpm.study.report")
+
+
+def _command_modules() -> set[str]:
+    return {p.stem for p in (PACKAGE / "commands").glob("*.py") if p.stem != "__init__"}
+
+
+def test_no_module_imports_a_command_but_the_command_line():
+    graph = import_graph()
+    importers = {m: sorted(t for t in graph[m] if t.startswith("fpm.commands.") and t != m) for m in graph
+                 if m not in ("fpm.cli",)}
+    assert not {m: ts for m, ts in importers.items() if ts}, importers
+
+
+def test_every_command_of_the_command_line_calls_its_module_in_commands():
+    """cli.py parses only: each command function imports its work from fpm.commands.<name>, and
+    every module there is reached from a command."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    reached, strays = set(), []
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        decorated = any(isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command" for d in fn.decorator_list)
+        imports = [n.module for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and n.module]
+        if fn.name == "_slurm" or decorated:
+            mods = [m for m in imports if m.startswith("fpm.commands.")]
+            if decorated and fn.name not in ("slurm_render", "slurm_submit") and not mods:
+                strays.append(fn.name)
+            reached |= {m.rsplit(".", 1)[1] for m in mods}
+    assert not strays, f"commands whose work is not in fpm/commands/: {strays}"
+    assert reached == _command_modules(), (reached, _command_modules())
+
+
 def test_the_study_package_imports_only_its_plan():
     graph = import_graph()
     for m in graph:
@@ -121,6 +199,7 @@ def test_the_readme_maps_every_package():
     readme = (ROOT / "README.md").read_text()
     packages = sorted(p.parent.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("__init__.py"))
     missing = [p for p in packages if f"`{p}/`" not in readme]
+    missing += [f"fpm/commands/{c}.py" for c in sorted(_command_modules()) if f"`{c}`" not in readme]
     assert not missing, missing
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from fpm.config import load_recipe
 from fpm.engine.flops import train_flops_per_token
-from fpm.plan import activation_bytes_per_sample, bucket_bytes, model_stats, paper_rows, plan, state_bytes
+from fpm.commands.plan import paper_rows, plan
+from fpm.engine.memory import activation_bytes_per_sample, bucket_bytes, model_stats, state_bytes
 
 
 

@@ -317,7 +317,7 @@ assert "fpm" not in sys.modules
 
 
 def export_and_compare(run: Path, hf: Path, cls: str) -> None:
-    from fpm.export import load_run_model
+    from fpm.runs import load_run_model
 
     run_fpm("export", str(run), "--out", str(hf), check=True)
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
@@ -354,7 +354,7 @@ def generate_like_transformers(run: Path, exported: Path, recipe: str) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from fpm.data.tokenizers import load_tokenizer_path
-    from fpm.generate import encode_prompt, infill
+    from fpm.commands.generate import encode_prompt, infill
 
     tok = load_tokenizer_path(json.loads((exported / "fpm_tokenizer" / "fpm_tokenizer.json").read_text())["kind"],
                               exported / "fpm_tokenizer")

@@ -18,7 +18,7 @@ from fpm.config.schema import FinetuneRecipe, Recipe, SweepRecipe
 from conftest import ROOT
 
 INFO = "info:"
-PRE, FT, SW = "fpm/pretrain.py", "fpm/finetune.py", "fpm/study/plan.py"
+PRE, FT, SW = "fpm/commands/pretrain.py", "fpm/commands/finetune.py", "fpm/study/plan.py"
 SPEC = "fpm/engine/spec.py"
 DS = "fpm/engine/ds_config.py"
 
@@ -80,19 +80,19 @@ PRETRAIN = {
         "hang_timeout_s", "hang_factor", "async_save")},
     "train.collective_timeout_s": (PRE, "collective_timeout_s"),
     "train.peak_tflops": (PRE, "peak_tflops"),
-    **{f"train.loss_scale.{k}": (SPEC, k) for k in ("initial_scale_power", "loss_scale_window", "hysteresis",
+    **{f"train.loss_scale.{k}": (DS, k) for k in ("initial_scale_power", "loss_scale_window", "hysteresis",
                                                   "min_loss_scale")},
-    "cluster.nodes": ("fpm/plan.py", "nodes"),
-    "cluster.gpus_per_node": ("fpm/plan.py", "gpus_per_node"),
-    "cluster.gpu_memory_gb": ("fpm/plan.py", "gpu_memory_gb"),
-    "cluster.gpu_peak_tflops": ("fpm/plan.py", "gpu_peak_tflops"),
+    "cluster.nodes": ("fpm/commands/plan.py", "nodes"),
+    "cluster.gpus_per_node": ("fpm/commands/plan.py", "gpus_per_node"),
+    "cluster.gpu_memory_gb": ("fpm/commands/plan.py", "gpu_memory_gb"),
+    "cluster.gpu_peak_tflops": ("fpm/commands/plan.py", "gpu_peak_tflops"),
     **{f"paper.{k}": (INFO, "the paper's Table 2/4 figure, compared by `fpm recipes list` and `fpm plan --paper`")
        for k in ("name", "params", "time_hours", "steps", "gpus", "flops_eflops")},
 }
 FINETUNE = {
     **COMMON, **DEEPSPEED,
     "task.name": ("fpm/data/tasks.py", "name"),
-    "task.language": ("fpm/baseline.py", "language"),
+    "task.language": ("fpm/eval/floors.py", "language"),
     "task.fields": (FT, "fields"),
     "task.num_labels": (FT, "num_labels"),
     "task.labels": ("fpm/data/tasks.py", "labels"),

@@ -1,4 +1,5 @@
-"""`fpm checkpoint verify`: every checksum of a run's checkpoints, in one process.
+"""`fpm checkpoint verify`: every checksum of a run's checkpoints, in one process; `fpm checkpoint
+convert`: a ZeRO checkpoint to DeepSpeed's universal format (:mod:`fpm.engine.reshard`).
 
 Resuming checks every file's size and each rank's share of the checksums (fpm.engine.checkpoint);
 this is the full check, for a checkpoint about to be copied, archived or exported.
@@ -36,3 +37,24 @@ def verify_command(run_dir: Path, tag: str | None = None) -> None:
     if damaged:
         raise FpmError(f"{run_dir}: {len(damaged)} damaged checkpoint(s): {', '.join(damaged)}; a resume skips them "
                        "and uses the newest intact one")
+
+
+def convert_command(run_dir: Path, tag: str | None = None) -> Path:
+    """`fpm checkpoint convert`: a run's checkpoint (the newest intact one by default) to the
+    universal format, in ``RUN/checkpoints/universal/TAG``."""
+    from fpm.engine.reshard import convert, universal_folder
+
+    ckpt_dir = RunDir(run_dir).checkpoints
+    if tag:
+        folder = ckpt_dir / tag
+        problem = ckpt.verify(folder) if folder.is_dir() else "no such checkpoint"
+        if problem:
+            raise FpmError(f"{folder}: {problem}")
+    else:
+        found = ckpt.find_resumable(ckpt_dir)
+        if found is None:
+            raise FpmError(f"{run_dir}: no complete checkpoint")
+        folder = found[0]
+    out = convert(folder, universal_folder(ckpt_dir, folder.name))
+    info(f"{folder} -> {out} (DeepSpeed's universal format: resumes at any world size, ZeRO stage 1-3)")
+    return out

@@ -1,7 +1,8 @@
-"""`fpm data prepare` and `fpm data train-tokenizer`."""
+"""`fpm data prepare`, `verify`, `train-tokenizer`, `audit` and `fetch-task`."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from fpm.config import load_recipe
 from fpm.console import console, info
 from fpm.data.prepare import PrepareOptions, prepare
 from fpm.data.tokenizers import train_tokenizer
+from fpm.eval.audit import audit
+from fpm.rundir import AUDIT
 from fpm.runlock import RunLock
 
 
@@ -66,3 +69,54 @@ def verify_command(folder: Path) -> None:
     if damaged:
         raise FpmError(f"{folder}: {len(damaged)} damaged file(s), the first {damaged[0]}; prepare the folder again")
     info(f"{folder}: intact ({checked} files match their checksums)")
+
+
+def show_audit(report: dict) -> None:
+    t = Table(title=f"{report['task']} audit (unit: {report['unit']}; input {' + '.join(report['fields'])})")
+    t.add_column("")
+    names = list(report["splits"])
+    for n in names:
+        t.add_column(n, justify="right")
+    s = report["splits"]
+
+    def row(label, fn):
+        t.add_row(label, *[fn(s[n]) for n in names])
+
+    row("rows / examples", lambda x: f"{x['rows']:,} / {x['examples']:,}")
+    row("bad rows", lambda x: ", ".join(f"{k} {v}" for k, v in x["bad_rows"].items()) or "0")
+    row("labels", lambda x: " ".join(f"{k}:{v}" for k, v in x["labels"].items()) or "(none)")
+    row("majority share", lambda x: f"{100 * x['majority_share']:.1f}%" if x["majority_share"] else "-")
+    for f in report["fields"]:
+        row(f"{f} length ({report['length_unit']}) mean/p95/max",
+            lambda x, f=f: f"{x[f'length_{f}']['mean']:.1f} / {x[f'length_{f}']['p95']:.0f} / {x[f'length_{f}']['max']}")
+        row(f"empty {f}", lambda x, f=f: str(x["empty_fields"].get(f, 0)))
+    row("repeated within (exact / normalised)",
+        lambda x: f"{x['duplicates_within_exact']['count']:,} / {x['duplicates_within_normalised']['count']:,}")
+    row("also in train (exact / normalised)",
+        lambda x: (f"{x['also_in_train_exact']['count']:,} ({100 * x['also_in_train_exact']['share']:.1f}%) / "
+                   f"{x['also_in_train_normalised']['count']:,} ({100 * x['also_in_train_normalised']['share']:.1f}%)")
+        if "also_in_train_exact" in x else "-")
+    console().print(t)
+    for n in names:
+        ex = s[n].get("also_in_train_normalised", {}).get("examples")
+        if ex:
+            console().print(f"  {n} example also in train: line {ex[0]['line']}: {' | '.join(ex[0]['texts'])[:150]}",
+                            highlight=False, markup=False)
+
+
+def audit_command(task_name: str, data_dir: Path | None, out: Path | None, overrides: list[str]) -> dict:
+    task = load_recipe(task_name, overrides=overrides, kind="finetune").task
+    report = audit(task, data_dir)
+    show_audit(report)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / AUDIT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        info(f"wrote {out / 'audit.json'}")
+    return report
+
+
+def fetch_task_command(task_name: str, out: Path) -> None:
+    """`fpm data fetch-task TASK --out DIR`: the task from the Hugging Face Hub in its official layout."""
+    from fpm.data.tasks import fetch_task
+
+    fetch_task(load_recipe(task_name, kind="finetune").task, out)

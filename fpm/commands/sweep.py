@@ -22,7 +22,7 @@ def prepare_shared_data(plan: SweepPlan) -> None:
 
     out = Path(plan.out)
     if plan.synthetic_data and not (data_folder(plan) / "manifest.json").is_file():
-        from fpm.pretrain import tiny_data
+        from fpm.data.tiny import tiny_data
 
         recipe = load_recipe(plan.recipe, preset=plan.preset, overrides=plan.pretrain_sets, kind="pretrain")
         if not recipe.tokenizer.train:
@@ -33,8 +33,8 @@ def prepare_shared_data(plan: SweepPlan) -> None:
         info(f"no --data-dir: writing a synthetic {plan.task} task (official layout) in {task_folder(plan)}")
         (write_qqp if plan.task == "qqp" else write_tnews)(task_folder(plan))
     if not (out / "floors.json").is_file():
-        from fpm.audit import audit_splits
-        from fpm.baseline import floors
+        from fpm.eval.audit import audit_splits
+        from fpm.eval.floors import floors
         from fpm.data.tasks import load_split
 
         task = load_recipe(plan.task, preset=plan.preset, overrides=plan.task_sets, kind="finetune").task

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -200,7 +200,7 @@ def _check_key(schema: type[BaseModel], key: str, source: str) -> None:
         model = _schema_child(model, part)
 
 
-def _set_path(raw: dict, key: str, value: Any) -> None:
+def _set_path(raw: dict, key: str, value: Any, where: str | None = None) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -210,7 +210,7 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
         node = node[part]
     node[parts[-1]] = value
     if hasattr(node, "where"):
-        node.where[parts[-1]] = f"--set {key}"
+        node.where[parts[-1]] = where or f"--set {key}"
 
 
 def _apply_depth_scale(raw: dict, scale: float, source: str) -> None:
@@ -253,7 +253,7 @@ def _format_error(exc: ValidationError, raw: dict, schema: type[BaseModel], sour
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and err["type"] not in ("value_error", "assertion_error"):
         msg = f"{msg} (got {err['input']!r})"
-    key = f"{dotted}: " if dotted and where != f"--set {dotted}" else ""
+    key = f"{dotted}: " if dotted and not where.startswith("--") else ""  # --set KEY and flags name the key
     return f"{where}: {key}{msg}"
 
 
@@ -272,8 +272,14 @@ def load_recipe(
     overrides: Iterable[str] = (),
     pre_overrides: Iterable[str] = (),
     kind: str | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
 ):
-    """Load, resolve and validate a recipe. Returns a ``Recipe``, ``FinetuneRecipe`` or ``SweepRecipe``."""
+    """Load, resolve and validate a recipe. Returns a ``Recipe``, ``FinetuneRecipe`` or ``SweepRecipe``.
+
+    Applied in order: the recipe and its bases, ``pre_overrides``, the preset, ``overrides``
+    (``--set KEY=VALUE`` strings) and ``flags``: a command's typed options as values,
+    ``{"train.max_steps": ("--max-steps", 200)}`` (None: not given), named in errors by their flag.
+    """
     path, raw = load_raw(name, kind)
     source = _display(path)
     rkind = raw.get("kind", "pretrain")
@@ -304,6 +310,11 @@ def load_recipe(
         key, value = parse_override(item)
         _check_key(schema, key, f"--set {item}")
         _set_path(raw, key, value)
+
+    for key, (flag, value) in (flags or {}).items():
+        if value is not None:
+            _check_key(schema, key, flag)
+            _set_path(raw, key, value, where=flag)
 
     if "name" not in raw:
         raw["name"] = path.stem

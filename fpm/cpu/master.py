@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from fpm.engine.cpu_adam import ResumableCPUAdam
+from fpm.cpu.adam import ResumableCPUAdam
 
 
 class MasterWeightCPUAdam(ResumableCPUAdam):

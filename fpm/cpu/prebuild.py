@@ -13,7 +13,7 @@ import time
 
 BUILDS = {
     "fpm CPU kernels": "from fpm.cpu import kernels; assert kernels.extension() is not None",
-    "DeepSpeed CPU Adam": "from fpm.engine.cpu_adam import ResumableCPUAdam; ResumableCPUAdam.load_op()",
+    "DeepSpeed CPU Adam": "from fpm.cpu.adam import ResumableCPUAdam; ResumableCPUAdam.load_op()",
     "DeepSpeed shared-memory collectives": "from fpm.cpu.build import load_shm_comm; load_shm_comm()",
 }
 

@@ -84,7 +84,7 @@ def train(layout: Layout, data: Path, out: Path, steps: int, dist, recipe_name: 
     from fpm.engine.metrics import read_metrics
     from fpm.engine.setup import model_init_context, seed_everything
     from fpm.engine.trainer import Trainer
-    from fpm.export import consolidated_state_dict
+    from fpm.engine.consolidate import consolidated_state_dict
     from fpm.models import build_model, objective
     from fpm.engine.spec import pretraining_spec
 

@@ -105,29 +105,6 @@ def _convert_here(folder: str, out: str, workers: int) -> None:
         ds_to_universal.main(_Args(input_folder=folder, output_folder=out, workers=workers))
 
 
-def convert_run(run_dir: Path, tag: str | None = None) -> Path:
-    """`fpm checkpoint convert`: a run's checkpoint (the newest intact one by default) to the
-    universal format, in ``RUN/checkpoints/universal/TAG``."""
-    from fpm.console import info
-    from fpm.engine import checkpoint as ckpt
-    from fpm.rundir import RunDir
-
-    ckpt_dir = RunDir(run_dir).checkpoints
-    if tag:
-        folder = ckpt_dir / tag
-        problem = ckpt.verify(folder) if folder.is_dir() else "no such checkpoint"
-        if problem:
-            raise FpmError(f"{folder}: {problem}")
-    else:
-        found = ckpt.find_resumable(ckpt_dir)
-        if found is None:
-            raise FpmError(f"{run_dir}: no complete checkpoint")
-        folder = found[0]
-    out = convert(folder, universal_folder(ckpt_dir, folder.name))
-    info(f"{folder} -> {out} (DeepSpeed's universal format: resumes at any world size, ZeRO stage 1-3)")
-    return out
-
-
 class _Args:
     """ds_to_universal's command-line arguments."""
 

@@ -25,7 +25,7 @@ import torch
 from fpm.console import library_chatter, warn
 from fpm.cpu import speed_up
 from fpm.engine.distributed import Dist
-from fpm.engine.ds_config import Precision, deepspeed_config
+from fpm.engine.ds_config import deepspeed_config
 from fpm.engine.grad_accum import Fp32Accumulation
 from fpm.engine.schedule import lr_factor, param_groups
 from fpm.engine.spec import TrainSpec
@@ -51,13 +51,13 @@ def cpu_adam(spec: TrainSpec, quiet: bool = False):
     """DeepSpeed's fused AVX-512 AdamW (fpm's resumable subclass) for optimizer states in host
     memory, or ``None`` (with a warning) where its JIT build fails; ZeRO-Offload requires it."""
     try:
-        from fpm.engine.cpu_adam import ResumableCPUAdam
+        from fpm.cpu.adam import ResumableCPUAdam
 
         with library_chatter():  # the op's JIT build
             ResumableCPUAdam.load_op()
         return ResumableCPUAdam
     except Exception as e:  # the op is JIT-built: no compiler, no build
-        if spec.zero.offload_optimizer:
+        if spec.deepspeed.offload_optimizer:
             raise FpmError(f"ZeRO-Offload needs DeepSpeed's CPU Adam, which failed to build: {e}") from e
         if not quiet:
             warn(f"DeepSpeed's CPU Adam is unavailable ({str(e).splitlines()[0][:120]}); "
@@ -68,7 +68,7 @@ def cpu_adam(spec: TrainSpec, quiet: bool = False):
 def flat_master(spec: TrainSpec, have_cpu_adam: bool) -> bool:
     """bf16 without ZeRO on a CPU-only machine, with DeepSpeed's CPU Adam built: fpm's flat fp32
     master weights (:mod:`fpm.cpu.master`) instead of DeepSpeed's per-tensor bf16 wrapper."""
-    return (have_cpu_adam and spec.precision.kind == "bf16" and spec.zero.stage == 0
+    return (have_cpu_adam and spec.precision == "bf16" and spec.deepspeed.zero_stage == 0
             and not torch.cuda.is_available())
 
 
@@ -95,13 +95,13 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
     import deepspeed
 
     s, model = spec, objective.model
-    check_precision(s.precision.kind)
+    check_precision(s.precision)
     applied = speed_up(objective)  # fpm.cpu: padding-free BERT; kernels when training on a CPU
     if s.activation_checkpointing:
         enable_activation_checkpointing(model)
     if s.compile:
         compile_layers(model)
-    adam = cpu_adam(s, quiet) if s.zero.offload_optimizer or not torch.cuda.is_available() else None
+    adam = cpu_adam(s, quiet) if s.deepspeed.offload_optimizer or not torch.cuda.is_available() else None
     flat = flat_master(s, adam is not None)
     if flat:
         model.to(torch.bfloat16)  # bf16 model weights; the fp32 masters live in the optimizer
@@ -127,12 +127,12 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    scale_loss = s.precision.kind == "fp16" and not isinstance(engine.optimizer, ZeROOptimizer)
+    scale_loss = s.precision == "fp16" and not isinstance(engine.optimizer, ZeROOptimizer)
     if isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # fp16 or bf16, no ZeRO
         _undo_init_step(engine.optimizer)
     if fp32_accumulation(s):  # DeepSpeed sums bf16 gradients in bf16 without ZeRO (fpm.engine.grad_accum)
         Fp32Accumulation(model.parameters(), engine.is_gradient_accumulation_boundary)
-    if dist.world_size == 1 and s.zero.stage == 0:
+    if dist.world_size == 1 and s.deepspeed.zero_stage == 0:
         # nobody to average gradients with: DeepSpeed would still flatten them all into one buffer,
         # "all-reduce" it over a group of one and copy it back (~60 ms a step on the bench's BERT shape)
         engine.enable_backward_allreduce = False
@@ -141,7 +141,7 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
 
 def fp32_accumulation(spec: TrainSpec) -> bool:
     """bf16 without ZeRO and with accumulation: fpm sums the micro-batches' gradients in fp32."""
-    return spec.precision.kind == "bf16" and spec.zero.stage == 0 and spec.grad_accum > 1
+    return spec.precision == "bf16" and spec.deepspeed.zero_stage == 0 and spec.grad_accum > 1
 
 
 def check_precision(kind: str) -> None:
@@ -170,7 +170,8 @@ def spec_ds_config(spec: TrainSpec, flat_master: bool = False) -> dict:
     s = spec
     cfg = deepspeed_config(global_batch=s.global_batch, micro_batch=s.micro_batch, grad_accum=s.grad_accum,
                            grad_clip=0.0 if flat_master else s.grad_clip,
-                           precision=Precision("fp32") if flat_master else s.precision, zero=s.zero)
+                           precision="fp32" if flat_master else s.precision, deepspeed=s.deepspeed,
+                           loss_scale=s.loss_scale)
     if fp32_accumulation(s):
         cfg["fpm_grad_accum_dtype"] = "fp32 (fpm.engine.grad_accum; DeepSpeed sums in bf16 without ZeRO)"
     if flat_master:
@@ -183,7 +184,7 @@ def model_init_context(spec: TrainSpec):
     """Where to build the model: under ZeRO-3, ``deepspeed.zero.Init`` with the run's configuration,
     so every parameter is partitioned across the ranks as soon as its module is built (no rank ever
     holds the whole model: ~41 GB of fp32 per rank for CPM-X-L otherwise); elsewhere nothing."""
-    if spec.zero.stage != 3:
+    if spec.deepspeed.zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 

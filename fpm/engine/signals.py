@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import signal
 
-EXIT_OK = 0
-EXIT_USAGE = 2          # bad input: arguments, recipe, data, a run directory in use
-EXIT_NONFINITE = 4      # the loss stayed non-finite; the last good checkpoint is intact
-EXIT_DISK = 74          # a file could not be written (full or read-only disk); `latest` is intact
-EXIT_PREEMPTED = 75     # a checkpoint was saved on SIGTERM/SIGINT/SIGUSR1; rerun the same command to resume
-EXIT_HANG = 76          # no step finished within train.hang_timeout_s: stacks dumped (fpm.engine.watchdog)
+from fpm.errors import (  # noqa: F401  (the exit codes, where the loop that returns them lives)
+    EXIT_DISK, EXIT_HANG, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # honoured from process start on
 LOOP_SIGNALS = (*STOP_SIGNALS, signal.SIGINT)    # and SIGINT while training

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fpm.config.schema import derive_batch
-from fpm.engine.ds_config import Precision, ZeroSettings
+from fpm.config.schema import DeepSpeedCfg, LossScaleCfg, derive_batch
 from fpm.errors import FpmError
 
 # fine-tuning's optimizer: the Hugging Face GLUE example's AdamW and linear schedule
@@ -17,6 +16,9 @@ FINETUNE_BETAS, FINETUNE_EPS, FINETUNE_SCHEDULE = (0.9, 0.999), 1e-8, "linear"
 
 @dataclass
 class TrainSpec:
+    """The engine's settings: the recipe's ``train`` keys the loop reads, and its ``deepspeed`` and
+    ``loss_scale`` sections as they are."""
+
     max_steps: int
     global_batch: int
     micro_batch: int
@@ -29,8 +31,9 @@ class TrainSpec:
     betas: tuple[float, float]
     eps: float
     grad_clip: float
-    precision: Precision
-    zero: ZeroSettings = field(default_factory=ZeroSettings)
+    precision: str  # fp32 | bf16 | fp16 (train.precision, resolved from auto)
+    deepspeed: DeepSpeedCfg  # the recipe's deepspeed: section itself (fpm.engine.ds_config reads it)
+    loss_scale: LossScaleCfg = field(default_factory=LossScaleCfg)  # the recipe's train.loss_scale: (fp16)
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
@@ -57,14 +60,11 @@ def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSp
         g, b, a = derive_batch(t.global_batch, t.micro_batch, t.grad_accum, world_size)
     except ValueError as exc:
         raise FpmError(f"train batch: {exc}") from None
-    ls = t.loss_scale
     return TrainSpec(
         max_steps=t.max_steps, global_batch=g, micro_batch=b, grad_accum=a, lr=t.lr, min_lr=t.min_lr,
         warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay,
         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, grad_clip=t.grad_clip,
-        precision=Precision(t.precision, ls.initial_scale_power, ls.loss_scale_window, ls.hysteresis,
-                            ls.min_loss_scale),
-        zero=ZeroSettings.of(recipe.deepspeed),
+        precision=t.precision, deepspeed=recipe.deepspeed, loss_scale=t.loss_scale,
         log_every=t.log_every, save_every=t.save_every,
         keep_last=t.keep_last, max_nonfinite_steps=t.max_nonfinite_steps, seed=t.seed,
         eval_every=t.eval_every, eval_batches=t.eval_batches,
@@ -80,6 +80,6 @@ def finetuning_spec(recipe, world_size: int, steps: int) -> TrainSpec:
     return TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // world_size,
                      grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps),
                      schedule=FINETUNE_SCHEDULE, weight_decay=t.weight_decay, betas=FINETUNE_BETAS, eps=FINETUNE_EPS,
-                     grad_clip=t.grad_clip, precision=Precision(t.precision), zero=ZeroSettings.of(recipe.deepspeed),
+                     grad_clip=t.grad_clip, precision=t.precision, deepspeed=recipe.deepspeed,
                      log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
                      num_workers=0, activation_checkpointing=False)

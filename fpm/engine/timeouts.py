@@ -39,6 +39,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 from fpm.config.schema import COLLECTIVE_TIMEOUT_S, MARGIN_S
+from fpm.errors import is_collective_timeout  # noqa: F401  (re-exported: the timeouts in one place)
 
 __all__ = ["COLLECTIVE_TIMEOUT_S", "MARGIN_S", "STOP_CHECK_S", "as_timedelta", "is_collective_timeout", "while_rank0"]
 
@@ -47,19 +48,6 @@ WAIT_REPORT_S = 300.0  # a rank waiting on rank 0 says so this often
 
 T = TypeVar("T")
 _calls = itertools.count()
-
-
-def is_collective_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` (or its cause) is a collective that timed out (gloo raises it; NCCL aborts)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc)
-        if isinstance(exc, RuntimeError) and ("Timed out waiting" in text or "timed out" in text.lower()
-                                              and type(exc).__name__ == "DistBackendError"):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def as_timedelta(seconds: float) -> timedelta:

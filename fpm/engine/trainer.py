@@ -90,7 +90,7 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         found = ckpt.find_resumable(self.ckpt_dir, rank, world) if self.resume else None
         universal = None
-        if found is not None and reshard.needs_reshard(found[0], found[1], world, s.zero.stage):
+        if found is not None and reshard.needs_reshard(found[0], found[1], world, s.deepspeed.zero_stage):
             universal = reshard.universal_folder(self.ckpt_dir, found[0].name)
             if rank == 0 and not self.quiet:
                 info(f"{found[0]} was written by {found[1]['world_size']} rank(s) at ZeRO stage "
@@ -100,7 +100,7 @@ class Trainer:
         built = build_engine(s, self.objective, self.dist, self.run_dir, quiet=self.quiet,
                              load_universal=universal is not None)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
-        self.saver = ckpt.Checkpointer(self.engine, self.ckpt_dir, rank, world, s.keep_last, s.zero.stage,
+        self.saver = ckpt.Checkpointer(self.engine, self.ckpt_dir, rank, world, s.keep_last, s.deepspeed.zero_stage,
                                        background=s.async_save if s.async_save is not None
                                        else self.engine.device.type == "cuda")
         self._scale_loss, self.flat_master, self.speed_ups = built.scale_loss, built.flat_master, built.speed_ups
@@ -110,7 +110,7 @@ class Trainer:
         if self.resume:
             if found is not None:
                 folder, seal = found
-                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.zero.stage,
+                client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, s.deepspeed.zero_stage,
                                    universal=universal)
                 start = int(client["step"])
                 self.guard.load_state(client.get("spike_guard"))
@@ -223,7 +223,7 @@ class Trainer:
                         step_loss += loss.detach().float()
                         tokens += self.objective.tokens(batch)
                         manual_norm = None
-                        if (micro == s.grad_accum - 1 and s.zero.stage == 0 and not flat
+                        if (micro == s.grad_accum - 1 and s.deepspeed.zero_stage == 0 and not flat
                                 and (step + 1) % s.log_every == 0):  # fpm's master weights report their norm
                             manual_norm = self._manual_grad_norm()
                         if micro == s.grad_accum - 1 and self.gate is not None:  # before the update
@@ -359,7 +359,7 @@ class Trainer:
             self.guard.recent.clear()
             return None
         folder, seal = found
-        client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, self.spec.zero.stage)
+        client = ckpt.load(self.engine, folder, seal, self.dist.rank, self.dist.world_size, self.spec.deepspeed.zero_stage)
         back = int(client["step"])
         first, last = self.guard.roll_back(client.get("spike_guard"), back)
         metrics.truncate_after(back)

@@ -9,7 +9,7 @@ micro-batch passes through the engine, whatever the loss does inside (the fused 
 projection, BERT's padding-free encoder).
 
 The model is the ``model`` child, so checkpoints name its parameters ``model.<name>``;
-:func:`fpm.export.consolidated_state_dict` strips the prefix.
+:func:`fpm.engine.consolidate.consolidated_state_dict` strips the prefix.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fpm.console import info
 from fpm.rundir import RunDir, write_cell_state
-from fpm.slurm import render, sbatch
+from fpm.cluster import render, sbatch
 from fpm.study.plan import finetune_argv, has_control, pretrain_argv
 
 

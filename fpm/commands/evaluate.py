@@ -7,7 +7,6 @@ from pathlib import Path
 
 from fpm.classifier import check_classifier, load_init
 from fpm.config import load_recipe
-from fpm.config.schema import FinetuneRecipe
 from fpm.console import info, is_rank0, warn
 from fpm.data.tasks import load_split, skipped_rows, tnews_label_names
 from fpm.errors import FpmError
@@ -17,20 +16,12 @@ from fpm.eval.summary import summary
 from fpm.rundir import RunDir
 
 
-def finetune_recipe(task: str, preset, overrides, epochs, max_steps, seed) -> FinetuneRecipe:
-    sets = list(overrides or [])
-    for key, value in (("train.epochs", epochs), ("train.max_steps", max_steps), ("train.seed", seed)):
-        if value is not None:
-            sets.append(f"{key}={value}")
-    return load_recipe(task, preset=preset, overrides=sets, kind="finetune")
-
-
 def evaluate_command(task: str, *, model_path: Path, data_dir: Path | None, split: str, out: Path | None,
                      preset: str | None = None, overrides: list[str] | None = None) -> dict | None:
     """Evaluate (dev) or predict (test) with a fine-tuned classifier, without training."""
     if split not in ("dev", "test", "train"):
         raise FpmError(f"--split must be dev or test, not {split!r}")
-    recipe = finetune_recipe(task, preset, overrides, None, None, None)
+    recipe = load_recipe(task, preset=preset, overrides=overrides or [], kind="finetune")
     model_path = Path(model_path)
     if (RunDir(model_path).best / "config.json").is_file():
         model_path = RunDir(model_path).best
@@ -72,7 +63,7 @@ def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None 
     from fpm.engine.distributed import device_for
     from fpm.engine.spec import pretraining_spec
     from fpm.engine.validation import LocalEngine, Validation, bits_per_char
-    from fpm.export import load_run_model
+    from fpm.runs import load_run_model
     from fpm.models import objective
     from fpm.rundir import read_json, write_json
 

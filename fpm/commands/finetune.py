@@ -8,7 +8,7 @@ produces the official submission files (GLUE ``QQP.tsv``, CLUE ``tnews_predict.j
 
 The pieces: pair encoding and the training stream (:mod:`fpm.data.pairs`), the classifier
 (:mod:`fpm.classifier`), dev evaluation (:mod:`fpm.eval.predict`), results and the console
-summary (:mod:`fpm.eval.results`, :mod:`fpm.eval.summary`); `fpm evaluate` is :mod:`fpm.evaluate`.
+summary (:mod:`fpm.eval.results`, :mod:`fpm.eval.summary`); `fpm evaluate` is :mod:`fpm.commands.evaluate`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fpm.classifier import Init, load_init, save_model
-from fpm.config import dump_recipe
+from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import FinetuneRecipe
 from fpm.console import info, warn
 from fpm.data.pairs import TaskDataset
@@ -32,7 +32,6 @@ from fpm.eval.metrics import classification_metrics
 from fpm.eval.predict import predict
 from fpm.eval.results import write_results
 from fpm.eval.summary import summary
-from fpm.evaluate import finetune_recipe
 from fpm.models.classification import classification_loss
 from fpm.rundir import RunDir, write_json
 from fpm.runlock import RunLock
@@ -82,7 +81,9 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
 
     install_early()
     try:
-        recipe = finetune_recipe(task, preset, overrides, epochs, max_steps, seed)
+        recipe = load_recipe(task, preset=preset, overrides=overrides or [], kind="finetune",
+                             flags={"train.epochs": ("--epochs", epochs), "train.max_steps": ("--max-steps", max_steps),
+                                    "train.seed": ("--seed", seed)})
         out = Path(out) if out else Path("runs") / f"finetune-{recipe.task.name}"
         synthetic = data_dir is None and preset == "tiny"  # as the sweep does: a synthetic task of its own
         data_dir = out / "task" if synthetic else data_dir
@@ -192,8 +193,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         if test_probs is not None:
             write_results(out, recipe, splits["test"], test_probs, extra, names)
             info(f"test: wrote the submission file in {out} (test labels are not public: no score)")
-        from fpm.audit import audit_splits
-        from fpm.baseline import floors as compute_floors
+        from fpm.eval.audit import audit_splits
+        from fpm.eval.floors import floors as compute_floors
 
         aud = audit_splits(task, {k: v for k, v in splits.items() if v is not None})
         write_json(RunDir(out).audit, aud)

@@ -1,4 +1,5 @@
-"""`fpm baseline TASK`: the floors every fine-tuned score must be read against.
+"""The floors every fine-tuned score must be read against (`fpm baseline`, and beside every
+`fpm finetune` and sweep):
 
 * ``majority`` — always the most frequent training label;
 * ``tfidf`` — TF-IDF features + logistic regression (scikit-learn), trained on train, scored on dev:
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fpm.console import console, info
 from fpm.rundir import FLOORS
 from fpm.data.tasks import Split, load_split, tnews_label_names
 
@@ -96,27 +96,3 @@ class _RecipeView:
 
     def __init__(self, task):
         self.task = task
-
-
-def baseline_command(task_name: str, data_dir: Path | None, out: Path | None, overrides: list[str]) -> dict:
-    from rich.table import Table
-
-    from fpm.config import load_recipe
-
-    task = load_recipe(task_name, overrides=overrides, kind="finetune").task
-    splits = {n: load_split(task, data_dir, n, required=n != "test") for n in ("train", "dev", "test")}
-    out = Path(out) if out else Path("runs") / f"baseline-{task.name}-{'+'.join(task.fields)}"
-    names = tnews_label_names(Path(data_dir)) if task.name == "tnews" else {}
-    summary = floors(task, splits, out, names)
-    t = Table(title=f"{task.name} floors on dev ({summary['majority']['n_examples']:,} examples), input "
-                    f"{' + '.join(task.fields)}")
-    t.add_column("")
-    f1 = "F1 of class " + task.positive_label if task.positive_label else "macro-F1"
-    for col in ("accuracy", "precision", "recall", f1):
-        t.add_column(col, justify="right")
-    for name in ("majority", "tfidf"):
-        r = summary[name]
-        t.add_row(name, *(f"{100 * r[k]:.2f}" for k in ("accuracy", "precision", "recall", "f1")))
-    console().print(t)
-    info(f"results in {out} (floors.json, majority/results.json, tfidf/results.json)")
-    return summary

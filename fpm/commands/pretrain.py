@@ -22,6 +22,7 @@ from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import Recipe
 from fpm.console import info, warn
 from fpm.data.shards import MANIFEST
+from fpm.data.tiny import tiny_data
 from fpm.engine.distributed import barrier, init, resolve_env, teardown
 from fpm.errors import FpmError, one_line
 from fpm.engine.precision import for_run as choose_precision
@@ -35,8 +36,6 @@ RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", 
                      ("train", "keep_last"), ("train", "max_nonfinite_steps"), ("train", "peak_tflops"),
                      ("data", "path"), ("deepspeed",), ("train", "micro_batch"), ("train", "grad_accum"),  # reshard
                      ("data", "num_workers"), ("description",), ("cluster",)}
-TINY_DOCS = 4000
-TINY_VALIDATION_DOCS = 300  # held out whole, from another seed of the same generator
 
 
 def default_out(recipe: Recipe, preset: str | None) -> Path:
@@ -65,22 +64,6 @@ def check_run_dir(out: Path, recipe: Recipe, resume: str) -> None:
         changes = _diff(old, recipe.model_dump(mode="json"))
         if changes:
             raise FpmError(f"{out} holds a run of a different recipe ({'; '.join(changes[:3])}); use another --out")
-
-
-def tiny_data(recipe: Recipe, out: Path) -> Path:
-    """A synthetic corpus in the recipe's language, prepared with a vocabulary trained on it."""
-    from fpm.data.prepare import PrepareOptions, prepare
-    from fpm.data.synthetic import write_corpus
-
-    data = out / "data"
-    if not (data / "manifest.json").is_file():
-        corpus = write_corpus(out / "corpus" / f"synthetic-{recipe.language}.txt", recipe.language, TINY_DOCS)
-        held = write_corpus(out / "corpus" / f"synthetic-{recipe.language}-validation.txt", recipe.language,
-                            TINY_VALIDATION_DOCS, seed=1)
-        info(f"no --data: preparing a synthetic {recipe.language} corpus of {TINY_DOCS} short stories "
-             f"(and {TINY_VALIDATION_DOCS} held out for validation) in {data}")
-        prepare(recipe, PrepareOptions(inputs=[corpus], out=data, workers=0, quiet=True, validation_inputs=[held]))
-    return data
 
 
 def validation_for(recipe: Recipe, spec, sources: list[tuple[Path, float]], dist):
@@ -113,22 +96,20 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
              save_every: int | None = None, seed: int | None = None, resume: str = "auto",
              memory_check: bool = True) -> int:
     """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
-    sets = list(overrides or [])
-    for key, value in (("train.max_steps", max_steps), ("train.save_every", save_every), ("train.seed", seed)):
-        if value is not None:
-            sets.append(f"{key}={value}")
+    flags = {"train.max_steps": ("--max-steps", max_steps), "train.save_every": ("--save-every", save_every),
+             "train.seed": ("--seed", seed)}
     from fpm.engine.signals import install_early, uninstall
 
     install_early()
     try:
-        return _pretrain(recipe_name, preset, sets, data, out, resume, memory_check)
+        return _pretrain(recipe_name, preset, list(overrides or []), flags, data, out, resume, memory_check)
     finally:
         uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
-def _pretrain(recipe_name: str, preset: str | None, sets: list[str], data, out: Path | None,
+def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict, data, out: Path | None,
               resume: str, memory_check: bool = True) -> int:
-    recipe = load_recipe(recipe_name, preset=preset, overrides=sets, kind="pretrain")
+    recipe = load_recipe(recipe_name, preset=preset, overrides=sets, flags=flags, kind="pretrain")
     if resume not in ("auto", "never"):
         raise FpmError(f"--resume must be auto or never, not {resume!r}")
     out = Path(out) if out else default_out(recipe, preset)
@@ -235,7 +216,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         info(f"{recipe.name}: {n_params:,} parameters, {dist.world_size} "
              f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
-             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.zero.stage}, "
+             f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.deepspeed.zero_stage}, "
              f"{torch.get_num_threads()} threads, {allocator.in_use()} malloc, MFU against {peak.tflops:,.1f} "
              f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
     t0 = time.time()

@@ -47,7 +47,7 @@ def load_generator(path: Path, tag: str | None = None):
     """(model in eval mode, fpm tokenizer, family) from a run directory or an exported folder."""
     path = Path(path)
     if RunDir(path).is_pretraining_run():
-        from fpm.export import load_run_model
+        from fpm.runs import load_run_model
 
         recipe, model, tok, _ = load_run_model(path, tag)
         family = recipe.model.family

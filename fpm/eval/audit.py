@@ -1,4 +1,5 @@
-"""`fpm data audit TASK`: what a task's data looks like before anyone trusts a score on it.
+"""What a task's data looks like before anyone trusts a score on it (`fpm data audit`, and
+beside every `fpm finetune` and sweep).
 
 Per split: label distribution, empty fields, length distribution (English: words; Chinese:
 characters). Duplicates: exact and normalised (NFKC, lower-cased, punctuation and spaces removed)
@@ -9,7 +10,6 @@ examples each. Bad rows are the loaders' own accounting (see :mod:`fpm.data.task
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from fpm.data.tasks import Example, Split, load_split
-from fpm.rundir import AUDIT
 
 _PUNCT_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -94,54 +93,3 @@ def audit(task, data_dir: Path) -> dict:
         if s is not None:
             splits[name] = s
     return audit_splits(task, splits)
-
-
-def show(report: dict) -> None:
-    from rich.table import Table
-
-    from fpm.console import console
-
-    t = Table(title=f"{report['task']} audit (unit: {report['unit']}; input {' + '.join(report['fields'])})")
-    t.add_column("")
-    names = list(report["splits"])
-    for n in names:
-        t.add_column(n, justify="right")
-    s = report["splits"]
-
-    def row(label, fn):
-        t.add_row(label, *[fn(s[n]) for n in names])
-
-    row("rows / examples", lambda x: f"{x['rows']:,} / {x['examples']:,}")
-    row("bad rows", lambda x: ", ".join(f"{k} {v}" for k, v in x["bad_rows"].items()) or "0")
-    row("labels", lambda x: " ".join(f"{k}:{v}" for k, v in x["labels"].items()) or "(none)")
-    row("majority share", lambda x: f"{100 * x['majority_share']:.1f}%" if x["majority_share"] else "-")
-    for f in report["fields"]:
-        row(f"{f} length ({report['length_unit']}) mean/p95/max",
-            lambda x, f=f: f"{x[f'length_{f}']['mean']:.1f} / {x[f'length_{f}']['p95']:.0f} / {x[f'length_{f}']['max']}")
-        row(f"empty {f}", lambda x, f=f: str(x["empty_fields"].get(f, 0)))
-    row("repeated within (exact / normalised)",
-        lambda x: f"{x['duplicates_within_exact']['count']:,} / {x['duplicates_within_normalised']['count']:,}")
-    row("also in train (exact / normalised)",
-        lambda x: (f"{x['also_in_train_exact']['count']:,} ({100 * x['also_in_train_exact']['share']:.1f}%) / "
-                   f"{x['also_in_train_normalised']['count']:,} ({100 * x['also_in_train_normalised']['share']:.1f}%)")
-        if "also_in_train_exact" in x else "-")
-    console().print(t)
-    for n in names:
-        ex = s[n].get("also_in_train_normalised", {}).get("examples")
-        if ex:
-            console().print(f"  {n} example also in train: line {ex[0]['line']}: {' | '.join(ex[0]['texts'])[:150]}",
-                            highlight=False, markup=False)
-
-
-def audit_command(task_name: str, data_dir: Path | None, out: Path | None, overrides: list[str]) -> dict:
-    from fpm.config import load_recipe
-    from fpm.console import info
-
-    task = load_recipe(task_name, overrides=overrides, kind="finetune").task
-    report = audit(task, data_dir)
-    show(report)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / AUDIT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
-        info(f"wrote {out / 'audit.json'}")
-    return report

@@ -1,4 +1,5 @@
-"""`fpm slurm render|submit`: ready-to-run batch scripts from the templates in ``slurm/``.
+"""SLURM batch scripts from the templates in ``slurm/``, and their submission with sbatch
+(`fpm slurm render|submit`, and the sweep's jobs).
 
 The templates are themselves working scripts (``sbatch slurm/pretrain.sbatch RECIPE ...``); rendering
 rewrites their ``#SBATCH`` header for a cluster shape and bakes the command in, so that the
@@ -12,7 +13,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from fpm.console import info
 from fpm.errors import FpmError
 
 KINDS = ("pretrain", "finetune", "sweep")
@@ -73,23 +73,3 @@ def sbatch(script: Path, dependency: str | None = None, env: dict | None = None)
     if proc.returncode:
         raise FpmError(f"sbatch {script} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return proc.stdout.strip().split(";")[0]
-
-
-def render_command(kind: str, name: str, fpm_args: list[str], *, out: Path | None, dry_run: bool, submit: bool,
-                   **shape) -> str | None:
-    script = render(kind, [name, *fpm_args], **shape)
-    if dry_run:
-        print(script, end="")
-        if submit:
-            print(f"# would run: sbatch --parsable {out or '<script>'}")
-        return None
-    path = Path(out) if out else Path("slurm-jobs") / f"{kind}-{name}.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    path.chmod(0o755)
-    info(f"wrote {path}")
-    if submit:
-        job = sbatch(path)
-        info(f"submitted job {job}")
-        return job
-    return None

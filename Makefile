@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench demo test test-fast bench clean
+.PHONY: install install-bench demo test test-fast test-system bench clean
 
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 $(VENV)/.installed: pyproject.toml
@@ -36,11 +36,20 @@ bench: install-bench
 demo: install
 	$(BIN)/fpm sweep-depth bert-e-depth --preset tiny --out runs/demo-sweep
 
+# the test tiers (tests/conftest.py): unit + cli (the logic), + e2e (tiny trainings), system (CI).
+# make test and test-fast run a test file per core (pytest-xdist); the system tier one test at a
+# time (its torchrun matrices, SLURM cluster and timing checks use every core themselves).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not system" $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "unit or cli" $(XDIST) $(PYTEST_ARGS)
+
+test-system: install
+	$(BIN)/python -m pytest -m system $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .torch_extensions

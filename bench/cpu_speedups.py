@@ -1,4 +1,4 @@
-"""Benchmark: fpm's CPU speed-ups (fpm.cpu.speed_up) against stock PyTorch on this CPU, per precision.
+"""Benchmark: fpm's CPU speed-ups (fpm.cpu.speed.speed_up) against stock PyTorch on this CPU, per precision.
 
 The speed-ups are two independent parts: the padding-free encoder (no position of padding is
 computed) and fpm's kernels (C++ dropout, matmul attention, linear layers with a 16-bit transpose).

@@ -83,7 +83,7 @@ SELF_TEST = ["selftest", "selfhang", "selfskip"]
 # by the measured scale. Stages, then the kinds of cell inside them. --cpu: 2-4 times what each took
 # on the development machine (2 cores, x86-64 with AVX-512) shared with other jobs, where the whole
 # check took 8-15 minutes as the load varied (40-80 GFLOP/s calibrated; 4 minutes unloaded). GPU:
-# guesses for one H200 until a GPU session measures them (bench/RESULTS.md). They bound a stuck cell
+# guesses for one H200 until a run on a GPU measures them (bench/RESULTS.md). They bound a stuck cell
 # or stage; the overall --budget-s caps them all.
 BUDGETS: dict[str, tuple[float, float]] = {
     "env": (120, 240),  # not scaled: the calibration runs in it
@@ -500,7 +500,7 @@ def sdpa_stage(st: Stage) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         from fpm.config import load_recipe
-        from fpm.cpu import speed_up
+        from fpm.cpu.speed import speed_up
         from fpm.data.datasets import build_dataset
         from fpm.models import build_model, objective
 
@@ -845,7 +845,7 @@ def finetune_stage(st: Stage) -> None:
     st.cell("finetune", finetune, budget="finetune_run")
     st.cell("padding-free logits", lambda until: padding_free_logit_diff(ctx, out / "best", ctx.work / "qqp"),
             needs=("finetune",))
-    # fpm trains padding-free on a CPU only until this shows it faster on a GPU (fpm.cpu.padding_free_here)
+    # fpm trains padding-free on a CPU only until this shows it faster on a GPU (fpm.cpu.speed.padding_free_here)
     st.cell("padding-free vs padded step", lambda until: padding_free_step_times(ctx, out / "best", ctx.work / "qqp"),
             needs=("finetune",))
 

@@ -125,7 +125,7 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.distributed import resolve_env
     from fpm.engine.setup import seed_everything
     from fpm.engine.trainer import Trainer
-    from fpm.cpu import speed_up
+    from fpm.cpu.speed import speed_up
     from fpm.models import build_model, objective
     from fpm.models.objective import Objective
     from fpm.engine.spec import pretraining_spec

@@ -1,4 +1,16 @@
-"""Shared test helpers. Tests build their own fixtures; none reads ../shared/data."""
+"""Shared test helpers and the test tiers. Tests build their own fixtures; none reads ../shared/data.
+
+Tiers (markers; an unmarked test is ``unit``):
+
+* ``unit``   in this process: logic, configuration, usage errors through ``main()`` (:func:`run_main`)
+* ``cli``    the command line in a fresh process, training nothing
+* ``e2e``    trains a tiny model end to end (one process)
+* ``system`` torchrun matrices, a real SLURM, the GPU check's ``--cpu`` mode, the README's block,
+             a killed C++ build
+
+``make test-fast`` runs unit and cli, ``make test`` everything but system, ``make test-system`` the
+system tier; CI runs both.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +51,55 @@ def sigkill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str, ti
     proc.wait()
 
 
+def run_main(*args: str, env: dict | None = None, cwd: Path | None = None, check: bool = False,
+             timeout: float | None = None) -> subprocess.CompletedProcess:
+    """The command line in this process: ``fpm.cli.main()`` with ``argv``, its output and exit code
+    captured as a subprocess's would be — without the seconds a fresh interpreter spends importing
+    torch. For commands that train nothing (the allocator stays the system's: no re-exec)."""
+    import contextlib
+    import io
+
+    from fpm.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    os.environ.update({"FPM_ALLOCATOR": "system", **(env or {})})
+    sys.argv = ["fpm", *map(str, args)]
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    proc = subprocess.CompletedProcess(["fpm", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"fpm {' '.join(map(str, args))} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
 def fpm():
+    """The command line in a fresh process (:func:`run_fpm`)."""
     return run_fpm
+
+
+@pytest.fixture
+def cli():
+    """The command line in this process (:func:`run_main`)."""
+    return run_main
+
+
+TIERS = ("cli", "e2e", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)

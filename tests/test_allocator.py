@@ -48,6 +48,7 @@ def test_nothing_found_is_quiet_for_auto_and_an_error_when_asked_for(tmp_path):
         allocator.preload_env({"FPM_ALLOCATOR": "bogus"}, [tmp_path])
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("kind", ["tcmalloc", "jemalloc"])
 def test_reexec_really_runs_the_process_on_the_allocator(kind):
     if allocator.find(kind) is None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.cpu import bert_unpadded, kernels, speed_up
+from fpm.cpu import bert_unpadded, kernels
+from fpm.cpu.speed import speed_up
 from fpm.models import build_model
 
 

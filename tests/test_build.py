@@ -60,7 +60,7 @@ def test_a_live_builder_is_waited_for_at_most_the_limit_and_the_error_names_the_
         assert not (folder / "lock").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_first_build_killed_half_way_then_a_tiny_pretraining_builds_and_trains(ext_dir, tmp_path, fpm):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir)}
     lock = build.build_dir("fpm_cpu_kernels") / "lock"

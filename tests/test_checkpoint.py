@@ -96,6 +96,7 @@ def _two_ranks(mode: str, run: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.system
 def test_two_ranks_share_the_checksums_and_the_damaged_file_is_found_by_the_rank_that_reads_it(tmp_path):
     run = tmp_path / "checkpoints"
     saved = _two_ranks("save", run)
@@ -191,17 +192,17 @@ def test_a_background_write_that_fails_is_raised_at_the_seal_and_nothing_is_seal
     assert ckpt.complete_tags(tmp_path / "checkpoints") == [] and not (tmp_path / "checkpoints" / "step-00000005").exists()
 
 
-def test_fpm_checkpoint_verify_checks_every_file_in_one_process(tmp_path, fpm):
+def test_fpm_checkpoint_verify_checks_every_file_in_one_process(tmp_path, cli):
     run = tmp_path / "run"
     for step in (10, 20):
         _save(run, step)
-    ok = fpm("checkpoint", "verify", str(run), timeout=120)
+    ok = cli("checkpoint", "verify", str(run), timeout=120)
     assert ok.returncode == 0 and ok.stdout.count("intact (2 files") == 2, ok.stdout + ok.stderr
     states = run / "checkpoints" / "step-00000010" / "mp_rank_00_model_states.pt"
     data = bytearray(states.read_bytes())
     data[-1] ^= 0xFF
     states.write_bytes(bytes(data))
-    bad = fpm("checkpoint", "verify", str(run), timeout=120)
+    bad = cli("checkpoint", "verify", str(run), timeout=120)
     assert bad.returncode == 2 and "step-00000010: mp_rank_00_model_states.pt does not match its checksum" in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "1 damaged checkpoint(s): step-00000010" in bad.stderr
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import copy
 
 import torch
@@ -27,6 +29,7 @@ def _train(cls, grads, resume_at=None):
     return p.detach()
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_takes_the_same_steps_as_an_uninterrupted_one():
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(4096, generator=g) for _ in range(40)]

@@ -180,7 +180,7 @@ def test_every_deepspeed_key_reaches_deepspeeds_configuration():
     assert "data_types" not in cfg("deepspeed.zero_stage=2")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, fpm):
     out = tmp_path / "run"
     fpm("pretrain", "cpm-x-s", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "2",
@@ -221,6 +221,7 @@ class _Classifier(torch.nn.Module):
         return type("O", (), {"logits": self.emb(input_ids).sum(1)})
 
 
+@pytest.mark.e2e
 def test_prediction_is_shared_between_ranks_and_gathered_in_order():
     import torch.multiprocessing as mp
 

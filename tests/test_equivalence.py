@@ -30,7 +30,7 @@ from fpm.engine.layouts import Layout, compare, pairwise_covered
 
 from fixtures import prepared
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 STEPS = 8
 FP32_LOSS_RTOL = 1e-6

@@ -26,10 +26,9 @@ import torch
 
 from fpm.data.synthetic import write_corpus, write_qqp, write_tnews
 
-from conftest import ROOT, run_fpm
+from conftest import ROOT, run_fpm, run_main
 from fixtures import prepared
 
-pytestmark = pytest.mark.slow
 
 PRETRAIN = ["pretrain", "bert-e-l", "--preset", "tiny"]
 SHORT = ["--max-steps", "6", "--save-every", "2", "--set", "train.log_every=1"]
@@ -262,6 +261,7 @@ def assert_clean(proc: subprocess.CompletedProcess, code: int, says: str) -> Non
     assert says in errors[0], (says, errors[0])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(ROWS))
 def test_fault(name, ctx, tmp_path):
     if name in NEEDS_ROOT and os.geteuid() != 0:
@@ -286,23 +286,29 @@ def test_fault(name, ctx, tmp_path):
 
 @pytest.mark.parametrize("argv, says", USAGE, ids=[" ".join(a) for a, _ in USAGE])
 def test_usage_error_is_one_line_and_the_usage(argv, says):
-    proc = run_fpm(*argv, timeout=120)
+    proc = run_main(*argv)
     assert_clean(proc, 2, says)
     usage = [line for line in proc.stderr.splitlines() if line.startswith("usage: fpm")]
     assert len(usage) == 1 and "--help" in usage[0], proc.stderr
 
 
-def test_bare_fpm_prints_the_help_and_exits_2():
+@pytest.mark.cli
+def test_bare_fpm_prints_the_help_and_exits_2_and_a_usage_error_too():
+    """The real entry point, in a fresh process (the usage errors above run its main() in this one)."""
+    usage = run_fpm("pretrain", "bert-e-l", "--max-step", "5", timeout=120)
+    assert_clean(usage, 2, "No such option: --max-step")
     proc = run_fpm(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert "pretrain" in proc.stdout and "finetune" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_verify_passes_an_intact_folder(ctx):
     proc = run_fpm("data", "verify", str(ctx["data"]), timeout=120)
     assert proc.returncode == 0 and "intact" in proc.stdout, proc.stderr
 
 
+@pytest.mark.e2e
 def test_the_quiet_things(ctx, tmp_path):
     """A resumed run counts its progress from the resume step to max_steps; no library build
     chatter; exported files get the mode the umask gives."""

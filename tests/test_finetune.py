@@ -100,7 +100,7 @@ def test_tnews_loader_fields_and_faults(tmp_path):
     assert load_split(both, tmp_path, "train").examples[0].texts == ("标题0", "甲,乙")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tnews_tiny_finetune_writes_clue_submission(tmp_path):
     pre = tmp_path / "pre"
     run_fpm("pretrain", "bert-c", "--preset", "tiny", "--out", str(pre), "--max-steps", "30", check=True)
@@ -183,7 +183,7 @@ def test_prediction_in_length_order_returns_the_full_padding_probabilities_in_in
     assert np.allclose(got, full, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_length_grouped_fine_tuning_resumes_exactly_after_sigkill(tmp_path):
     """A fine-tuning run killed after its step-8 checkpoint and rerun logs the same losses, bit for bit,
     as an uninterrupted one, across epoch boundaries of the length-grouped order (200 examples,

@@ -85,14 +85,14 @@ def test_tfidf_floor_equals_scikit_learn_directly(tmp_path, fields):
     assert f["tfidf"]["accuracy"] > f["majority"]["accuracy"] + 0.2
 
 
-def test_cli_baseline_and_audit(tmp_path, fpm):
+def test_cli_baseline_and_audit(tmp_path, cli):
     data = write_tnews(tmp_path / "tnews", n_train=300, n_dev=100, n_test=20)
-    proc = fpm("baseline", "tnews", "--data-dir", str(data), "--out", str(tmp_path / "b"), "--set",
+    proc = cli("baseline", "tnews", "--data-dir", str(data), "--out", str(tmp_path / "b"), "--set",
                "task.fields=[sentence,keywords]", check=True)
     assert "input sentence + keywords" in proc.stdout
     res = json.loads((tmp_path / "b" / "tfidf" / "results.json").read_text())
     assert res["fields"] == ["sentence", "keywords"] and res["f1_is"] == "macro-F1"
     assert (tmp_path / "b" / "tfidf" / "tnews_predict.json").is_file()
-    proc = fpm("data", "audit", "tnews", "--data-dir", str(data), "--out", str(tmp_path / "a"), check=True)
+    proc = cli("data", "audit", "tnews", "--data-dir", str(data), "--out", str(tmp_path / "a"), check=True)
     rep = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert sum(rep["splits"]["dev"]["labels"].values()) == 100 and "also in train" in proc.stdout

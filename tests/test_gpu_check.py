@@ -19,7 +19,7 @@ def statuses(r: dict) -> dict[str, str]:
     return {name: stage["status"] for name, stage in r["stages"].items()}
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--out", str(out), "--work", str(tmp_path / "work"),
@@ -58,6 +58,7 @@ def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
     assert not (ROOT / "gpu_check_work").exists()
 
 
+@pytest.mark.cli
 def test_gpu_check_fails_on_an_error_a_timeout_and_a_skip_and_keeps_the_other_cells(tmp_path):
     """No training: the self-test stages. ``selftest``'s cells pass, raise, run a process past a 1 s
     budget, hang in the stage's own process past one, and pass again; ``selfhang`` records a cell and

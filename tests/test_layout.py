@@ -101,7 +101,7 @@ LAYERS = [
     ("data", ["fpm.data"]),
     ("kernels", ["fpm.cpu.build", "fpm.cpu.kernels", "fpm.cpu.adam", "fpm.cpu.allocator", "fpm.cpu.prebuild"]),
     ("models", ["fpm.models"]),
-    ("cpu speed-ups", ["fpm.cpu", "fpm.cpu.bert_attention", "fpm.cpu.bert_unpadded", "fpm.cpu.master"]),
+    ("cpu speed-ups", ["fpm.cpu", "fpm.cpu.speed", "fpm.cpu.bert_attention", "fpm.cpu.bert_unpadded", "fpm.cpu.master"]),
     ("engine", ["fpm.engine"]),
     ("trained runs", ["fpm.runs", "fpm.classifier"]),
     ("eval", ["fpm.eval"]),
@@ -177,7 +177,7 @@ def test_the_study_package_imports_only_its_plan():
 
 
 def test_the_models_know_nothing_of_the_cpu_speed_ups():
-    """fpm.cpu is applied to a built model from outside (fpm.cpu.speed_up, from the engine's set-up);
+    """fpm.cpu is applied to a built model from outside (fpm.cpu.speed.speed_up, from the engine's set-up);
     the one model module that calls its kernels is the fused vocabulary loss, for its CPU bf16
     branches (each guarded by device and dtype there)."""
     graph = import_graph()

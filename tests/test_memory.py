@@ -51,9 +51,9 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_estimate_and_a_fi
         launch_check(big, 2, 2, 64, "cpu", available=need - 0.1)
 
 
-def test_fpm_pretrain_refuses_a_10b_model_on_this_machine_within_seconds(fpm, tmp_path):
+def test_fpm_pretrain_refuses_a_10b_model_on_this_machine_within_seconds(cli, tmp_path):
     t0 = time.monotonic()
-    proc = fpm("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), timeout=120)
+    proc = cli("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), timeout=120)
     took = time.monotonic() - t0
     assert proc.returncode == 2 and took < 30, (took, proc.stderr[-2000:])
     lines = proc.stderr.strip().splitlines()
@@ -61,7 +61,7 @@ def test_fpm_pretrain_refuses_a_10b_model_on_this_machine_within_seconds(fpm, tm
     need = float(lines[0].split("about ")[1].split(" GB")[0])
     assert need > 10.3e9 * 16 / GB  # ZeRO-1 on one rank: every state of 10.3B parameters
     assert not (tmp_path / "run").exists()  # nothing built, nothing written
-    anyway = fpm("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), "--no-memory-check", timeout=120)
+    anyway = cli("pretrain", "cpm-x-l", "--out", str(tmp_path / "run"), "--no-memory-check", timeout=120)
     assert "will not fit" not in anyway.stderr and anyway.returncode == 2  # it went on (and wants data)
 
 
@@ -88,11 +88,11 @@ def _hf_folder(path, layers: int, hidden: int):
     return path
 
 
-def test_fpm_finetune_refuses_a_model_that_cannot_fit_before_loading_it(fpm, tmp_path):
+def test_fpm_finetune_refuses_a_model_that_cannot_fit_before_loading_it(cli, tmp_path):
     # a configuration without weights: the check reads the shape only, so it refuses before any load
     big = _hf_folder(tmp_path / "big", 48, 4096)  # ~9.7B parameters: ~155 GB of fp32 Adam states
     t0 = time.monotonic()
-    proc = fpm("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run"), timeout=120)
+    proc = cli("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run"), timeout=120)
     took = time.monotonic() - t0
     assert proc.returncode == 2 and took < 30, (took, proc.stderr[-2000:])
     lines = proc.stderr.strip().splitlines()
@@ -101,8 +101,8 @@ def test_fpm_finetune_refuses_a_model_that_cannot_fit_before_loading_it(fpm, tmp
     assert not (tmp_path / "run").exists()
     # a small model passes the check and fails where it really fails: there are no weights to load
     small = _hf_folder(tmp_path / "small", 2, 128)
-    proc = fpm("finetune", "qqp", "--init", str(small), "--out", str(tmp_path / "run2"), timeout=120)
+    proc = cli("finetune", "qqp", "--init", str(small), "--out", str(tmp_path / "run2"), timeout=120)
     assert "will not fit" not in proc.stderr and proc.returncode == 2, proc.stderr[-2000:]
-    anyway = fpm("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run3"), "--no-memory-check",
+    anyway = cli("finetune", "qqp", "--init", str(big), "--out", str(tmp_path / "run3"), "--no-memory-check",
                  timeout=120)
     assert "will not fit" not in anyway.stderr and anyway.returncode == 2, anyway.stderr[-2000:]

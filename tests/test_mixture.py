@@ -103,7 +103,7 @@ def test_a_mixture_reads_each_folders_own_samples_and_refuses_two_vocabularies(t
         build_mixture(recipe, [(first2, 1.0), (second2, 1.0)])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_3_to_1_mixture_trains_at_its_shares_and_resumes_exactly_after_sigkill(tmp_path):
     _, first, second = two_sources(tmp_path)
     args = ["pretrain", "cpm-x-s", "--preset", "tiny", "--data", f"{first}:3", "--data", f"{second}:1",

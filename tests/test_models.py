@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fpm.config import load_recipe
-from fpm.cpu import kernels, speed_up
+from fpm.cpu import kernels
+from fpm.cpu.speed import speed_up
 from fpm.models import build_model, objective, residual_projections
 from fpm.models.bert import use_sdpa
 
@@ -156,6 +157,7 @@ def test_bert_is_pre_layernorm():
     assert hasattr(model.bert.encoder, "ln")  # final LayerNorm after the last layer
 
 
+@pytest.mark.e2e
 def test_zero3_initial_weights_equal_zero0s_when_the_parameters_draw_from_another_generator():
     """Under zero.Init on a GPU the parameters live on cuda:LOCAL_RANK in bf16: a draw made on them
     comes from CUDA's generator. Simulated on the CPU (tests/zero3_init_worker.py): every family

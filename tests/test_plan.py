@@ -95,9 +95,9 @@ def test_paper_table4_flops_column_is_gpu_hours_times_peak():
         assert r["implied_mfu"] == pytest.approx(r["fpm_eflops"] / r["gpu_hours_x_peak_eflops"])
 
 
-def test_cli_plan_json_and_paper(fpm):
-    data = json.loads(fpm("plan", "bert-e-l", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "40", "--json",
+def test_cli_plan_json_and_paper(cli):
+    data = json.loads(cli("plan", "bert-e-l", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "40", "--json",
                           check=True).stdout)
     assert data["recommendation"]["zero_stage"] in (0, 1, 2, 3) and len(data["options"]) == 8
-    text = fpm("plan", "--paper", check=True).stdout
+    text = cli("plan", "--paper", check=True).stdout
     assert "GPU-h x 312T" in text and "BERT-E-L" in text and "implied MFU" in text

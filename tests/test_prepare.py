@@ -187,14 +187,14 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
         prepare(recipe, PrepareOptions(inputs=[tmp_path / "nothere.txt"], out=tmp_path / "o3", workers=0, quiet=True))
 
 
-def test_cli_prepare_reports_bad_records(tmp_path, fpm):
+def test_cli_prepare_reports_bad_records(tmp_path, cli):
     raw, n_good = _planted_jsonl()
     (tmp_path / "pile.jsonl").write_bytes(raw)
     corpus = write_corpus(tmp_path / "clean.txt", "en", 100)
-    proc = fpm("data", "prepare", "epm-x-s", "--preset", "tiny", "--input", str(corpus), "--input",
+    proc = cli("data", "prepare", "epm-x-s", "--preset", "tiny", "--input", str(corpus), "--input",
                str(tmp_path / "pile.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1", check=True)
     assert "9 bad records skipped" in proc.stdout
     assert "undecodable 2" in proc.stdout and "bad_json 3" in proc.stdout
-    proc = fpm("data", "prepare", "epm-x-s", "--preset", "tiny", "--input", str(tmp_path / "missing.jsonl"),
+    proc = cli("data", "prepare", "epm-x-s", "--preset", "tiny", "--input", str(tmp_path / "missing.jsonl"),
                "--out", str(tmp_path / "out2"))
     assert proc.returncode == 2 and "missing.jsonl: input file not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -39,7 +39,7 @@ def fresh_folder_with_the_venv(folder: Path) -> None:
         (folder / ".venv" / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_the_first_run_runs_as_written_in_a_fresh_folder(tmp_path):
     fresh_folder_with_the_venv(tmp_path)
     script = "set -e\n" + "\n".join(first_run_block()) + "\n"

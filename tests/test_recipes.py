@@ -212,8 +212,8 @@ def test_task_and_sweep_recipes():
 # ------------------------------------------------------------------ CLI
 
 
-def test_cli_recipes_list_json(fpm):
-    proc = fpm("recipes", "list", "--json", check=True)
+def test_cli_recipes_list_json(cli):
+    proc = cli("recipes", "list", "--json", check=True)
     rows = json.loads(proc.stdout)
     assert len(rows) == 20
     keys = {"name", "family", "language", "n_layers", "d_model", "n_heads", "d_head", "params", "paper_params"}
@@ -223,18 +223,18 @@ def test_cli_recipes_list_json(fpm):
     assert by_name["cpm-x-l"]["n_layers"] == 128 and by_name["cpm-2-x-s"]["n_layers"] == 12
 
 
-def test_cli_recipes_list_table_and_show(fpm):
-    table = fpm("recipes", "list", check=True).stdout
+def test_cli_recipes_list_table_and_show(cli):
+    table = cli("recipes", "list", check=True).stdout
     assert "bert-e-l" in table and "962.5M" in table and "12 (6+6)" in table
-    shown = fpm("recipes", "show", "bert-e-l", "--preset", "tiny", "--set", "train.lr=0.002", check=True).stdout
+    shown = cli("recipes", "show", "bert-e-l", "--preset", "tiny", "--set", "train.lr=0.002", check=True).stdout
     import yaml
 
     data = yaml.safe_load(shown)
     assert data["model"]["n_layers"] == 7 and data["train"]["lr"] == 0.002
 
 
-def test_cli_errors_are_one_line_without_traceback(fpm):
-    proc = fpm("recipes", "show", "bert-e-l", "--set", "model.n_haeds=8")
+def test_cli_errors_are_one_line_without_traceback(cli):
+    proc = cli("recipes", "show", "bert-e-l", "--set", "model.n_haeds=8")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

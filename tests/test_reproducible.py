@@ -44,7 +44,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_same_command_in_two_fresh_folders_and_a_killed_resumed_run_agree_bit_for_bit(tmp_path):
     # b validates every 10 steps (issue 19), a never: evaluation must not change what trains
     a, b = tmp_path / "a", tmp_path / "b"

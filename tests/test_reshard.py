@@ -60,7 +60,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_two_ranks_zero2_resume_on_one_rank_zero1_and_back(tmp_path):
     _, data, _ = prepared(tmp_path, "gpt", 300)
     two, one = tmp_path / "two-z2", tmp_path / "one-z1"  # uninterrupted runs on each shape

@@ -20,7 +20,7 @@ from fpm.rundir import RunDir
 from conftest import run_fpm
 from fixtures import prepared
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def test_a_killed_and_moved_run_exports_and_finetunes_from_elsewhere(tmp_path):

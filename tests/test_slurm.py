@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.system]
 HARNESS = ROOT / "scripts" / "local-slurm.sh"
 
 

@@ -94,7 +94,7 @@ def poison(recipe, data, steps, global_batch: int = 16):
     tokens.flush()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_poisoned_batches_are_skipped_then_rolled_back_and_the_run_ends_near_a_clean_one(tmp_path):
     recipe, data, _ = prepared(tmp_path, "gpt", 2000)
     args = ["pretrain", "cpm-x-s", "--preset", "tiny", "--max-steps", "56", "--save-every", "8", "--set",

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_fpm
+from conftest import run_fpm, run_main
 
 FAST = ["--set", "train.max_steps=30", "--set", "train.save_every=30", "--task-set", "train.max_steps=30",
         "--task-set", "train.eval_every=15"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     out = tmp_path / "sweep"
     proc = run_fpm("sweep-depth", "bert-e-depth", "--preset", "tiny", "--out", str(out), *FAST, check=True,
@@ -76,7 +76,7 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     assert json.loads((out / "results.json").read_text())["summary"] == before
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90", "--seeds", "1", "--preset", "tiny",
@@ -101,7 +101,7 @@ def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
 
 
 def test_dry_run_prints_plan_commands_and_slurm_scripts(tmp_path):
-    proc = run_fpm("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--out", str(tmp_path / "s"),
+    proc = run_main("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--out", str(tmp_path / "s"),
                    "--executor", "slurm", "--dry-run", "--gpus-per-node", "1", check=True)
     text = proc.stdout
     assert "depths [50, 60, 70, 80, 90]" in text and "5 cells" in text
@@ -115,11 +115,11 @@ def test_dry_run_prints_plan_commands_and_slurm_scripts(tmp_path):
 
 
 def test_sweep_rejects_depths_that_collapse_under_the_preset(tmp_path):
-    proc = run_fpm("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--depths", "50,52",
+    proc = run_main("sweep-depth", "bert-e-l", "--task", "qqp", "--preset", "tiny", "--depths", "50,52",
                    "--out", str(tmp_path / "s"), "--dry-run")
     assert proc.returncode == 2 and "collapse to the same number of layers" in proc.stderr
 
 
 def test_report_on_a_directory_that_is_not_a_sweep(tmp_path):
-    proc = run_fpm("report", str(tmp_path))
+    proc = run_main("report", str(tmp_path))
     assert proc.returncode == 2 and "not a sweep directory" in proc.stderr

@@ -34,16 +34,16 @@ def test_the_watchdog_limit_never_exceeds_its_timeout_whatever_the_step_times():
         assert dog.limit() <= 100
 
 
-def test_a_recipe_whose_watchdog_would_fire_after_the_collective_timeout_is_refused(fpm):
+def test_a_recipe_whose_watchdog_would_fire_after_the_collective_timeout_is_refused(cli):
     assert check_order(1800, 3600) is None and check_order(0, 10) is None  # 0: the watchdog is off
     assert "at least 60 s below train.collective_timeout_s=1800" in check_order(1800, 1800)
     assert check_order(2, 4) is None and "at least 1 s below" in check_order(3.5, 4)  # a quarter of a short one
-    proc = fpm("plan", "cpm-x-l", "--set", "train.hang_timeout_s=3600", "--set", "train.collective_timeout_s=600")
+    proc = cli("plan", "cpm-x-l", "--set", "train.hang_timeout_s=3600", "--set", "train.collective_timeout_s=600")
     assert proc.returncode == 2 and "train.hang_timeout_s=3600 must be at least 60 s below" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_slow_rank0_task_aborts_its_peer_in_a_barrier_but_not_on_the_store():
     barrier, _ = _run("barrier-slow-rank0")  # the old way: the reference that shows the timeout is real
     assert barrier.returncode != 0 and "survived" not in barrier.stdout
@@ -53,7 +53,7 @@ def test_a_slow_rank0_task_aborts_its_peer_in_a_barrier_but_not_on_the_store():
     assert took > 12  # rank 0 worked 3 x the 4 s collective timeout
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_the_watchdog_fires_before_the_collective_timeout_at_step_1():
     plain, _ = _run("hang-no-watchdog")  # without the watchdog the collective times out after 4 s
     assert "rank 0: collective failed after" in plain.stdout, plain.stdout + plain.stderr[-2000:]

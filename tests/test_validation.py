@@ -110,7 +110,7 @@ def test_validation_loss_equals_the_training_loss_of_the_same_batch_in_eval_mode
     assert got["val_loss"] == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_rank_without_a_validation_sample_does_not_hang(tmp_path):
     # a validation part of one sample (one short document) on two processes: rank 1 scores none
     short = tmp_path / "held.txt"
@@ -147,6 +147,7 @@ def _validate_worker(rank: int, world: int, port: int, recipe_name: str, data: s
         td.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family, recipe_name", [("gpt", "cpm-x-s"), ("bert", "bert-e-l")])
 def test_the_same_weights_give_the_same_validation_loss_on_one_process_and_two(tmp_path, family, recipe_name):
     import torch.multiprocessing as mp

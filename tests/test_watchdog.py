@@ -53,7 +53,7 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_blocked_rank_makes_its_peer_dump_stacks_and_exit_with_the_hang_code(tmp_path):
     _, data, _ = prepared(tmp_path, "gpt", 300)
     out = tmp_path / "run"

@@ -13,9 +13,7 @@ summary (:mod:`fpm.eval.results`, :mod:`fpm.eval.summary`); `fpm evaluate` is :m
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +23,15 @@ from fpm.classifier import Init, load_init, save_model
 from fpm.config import dump_recipe, load_recipe
 from fpm.config.schema import FinetuneRecipe
 from fpm.console import info, warn
-from fpm.data.pairs import TaskDataset
+from fpm.data.pairs import training_set
 from fpm.data.tasks import load_split, skipped_rows, tnews_label_names
 from fpm.errors import FpmError
-from fpm.eval.metrics import classification_metrics
+from fpm.eval.metrics import task_metrics
 from fpm.eval.predict import predict
 from fpm.eval.results import write_results
 from fpm.eval.summary import summary
 from fpm.models.classification import classification_loss
 from fpm.rundir import RunDir, write_json
-from fpm.runlock import RunLock
 
 
 class DevEvaluation:
@@ -46,8 +43,6 @@ class DevEvaluation:
         self.model, self.task, self.features, self.labels = model, recipe.task, features, labels
         self.out, self.init, self.rank, self.world_size = out, init, rank, world_size
         self.best_file = RunDir(out).best_json
-        task = recipe.task
-        self.positive = task.labels.index(task.positive_label) if task.positive_label is not None else None
 
     def best(self) -> dict | None:
         return json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
@@ -57,8 +52,7 @@ class DevEvaluation:
 
         task = self.task
         probs = predict(self.model, self.features)
-        m = classification_metrics(self.labels, probs.argmax(1).tolist(), task.num_labels, self.positive)
-        value = m["macro_f1"] if task.metric == "macro_f1" else m[task.metric]
+        value, m = task_metrics(task, self.labels, probs.argmax(1).tolist())
         best = self.best()
 
         def keep_best() -> None:
@@ -75,12 +69,11 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
              overrides: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
              seed: int | None = None, resume: str = "auto", with_floors: bool = True, from_scratch: bool = False,
              memory_check: bool = True) -> int:
-    from fpm.engine.distributed import init as dist_init
-    from fpm.engine.distributed import resolve_env, teardown
-    from fpm.engine.signals import install_early, uninstall
+    from fpm.engine.distributed import resolve_env
+    from fpm.engine.precision import for_run as choose_precision
+    from fpm.engine.session import run_session, stop_signals
 
-    install_early()
-    try:
+    with stop_signals():
         recipe = load_recipe(task, preset=preset, overrides=overrides or [], kind="finetune",
                              flags={"train.epochs": ("--epochs", epochs), "train.max_steps": ("--max-steps", max_steps),
                                     "train.seed": ("--seed", seed)})
@@ -88,20 +81,12 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
         synthetic = data_dir is None and preset == "tiny"  # as the sweep does: a synthetic task of its own
         data_dir = out / "task" if synthetic else data_dir
         dist = resolve_env()
-        from fpm.engine.precision import for_run as choose_precision
-
         recipe, precision = choose_precision(recipe, out, dist)
         if memory_check:
             check_memory(recipe, Path(init), dist)
-        with RunLock(out, "fpm finetune " + task) if dist.rank == 0 else contextlib.nullcontext():
-            dist_init(dist)
-            try:
-                return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch,
-                                 precision.as_dict())
-            finally:
-                teardown()
-    finally:
-        uninstall()  # from here on the process only exits: SIGTERM kills it again
+        with run_session(out, "fpm finetune " + task, dist):  # the default collective timeout (3600 s)
+            return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch,
+                             precision.as_dict())
 
 
 def check_memory(recipe: FinetuneRecipe, init: Path, dist) -> None:
@@ -151,18 +136,16 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     feats = {name: init.encoder.encode(s.examples) for name, s in splits.items() if s is not None}
     train = splits["train"]
     labels = np.asarray([e.label for e in train.examples], dtype=np.int64)
-    dataset = TaskDataset(feats["train"], labels, t.seed, group_by=t.batch_size if t.group_by_length else None)
-    steps = t.max_steps or max(1, math.ceil(t.epochs * len(train.examples) / t.batch_size))
-    if t.batch_size % dist.world_size:
-        raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {dist.world_size} processes")
-    spec = finetuning_spec(recipe, dist.world_size, steps)
+    dataset = training_set(feats["train"], labels, t)
+    spec = finetuning_spec(recipe, dist.world_size, len(train.examples))
+    steps = spec.max_steps
     task = recipe.task
     dev = splits["dev"]
     # the model the trainer trains, in place (moved to its device, cast to its dtype by the engine)
     evaluate = DevEvaluation(init.model, recipe, feats["dev"], [e.label for e in dev.examples], out, init,
                              dist.rank, dist.world_size)
     trainer = Trainer(spec, Objective(init.model, classification_loss), dataset, out, dist,
-                      resume=resume == "auto", on_step=evaluate, on_step_every=t.eval_every)
+                      resume=resume == "auto", on_step=evaluate, on_step_every=spec.eval_every)
     if rank0:
         info(f"fine-tuning {init.source} on {task.name} ({len(train.examples):,} train, {len(dev.examples):,} dev"
              f"{', ' + format(len(splits['test'].examples), ',') + ' test' if splits['test'] else ''}): {steps} steps "
@@ -171,7 +154,7 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
     if result.reason != "done":
         return result.exit_code
     best = evaluate.best()
-    if best is None or best["step"] != result.step and result.step % t.eval_every:
+    if best is None or best["step"] != result.step and result.step % spec.eval_every:
         evaluate(result.step)  # the last step is a candidate too
         best = evaluate.best()
     from transformers import AutoModelForSequenceClassification

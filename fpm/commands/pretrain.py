@@ -23,12 +23,12 @@ from fpm.config.schema import Recipe
 from fpm.console import info, warn
 from fpm.data.shards import MANIFEST
 from fpm.data.tiny import tiny_data
-from fpm.engine.distributed import barrier, init, resolve_env, teardown
+from fpm.engine.distributed import barrier, resolve_env
 from fpm.errors import FpmError, one_line
 from fpm.engine.precision import for_run as choose_precision
+from fpm.engine.session import run_session, stop_signals
 from fpm.engine.spec import pretraining_spec
 from fpm.rundir import PEAK, RunDir
-from fpm.runlock import RunLock
 
 # recipe keys that may change between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = {("train", "max_steps"), ("train", "save_every"), ("train", "log_every"),
@@ -98,13 +98,8 @@ def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str
     """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
     flags = {"train.max_steps": ("--max-steps", max_steps), "train.save_every": ("--save-every", save_every),
              "train.seed": ("--seed", seed)}
-    from fpm.engine.signals import install_early, uninstall
-
-    install_early()
-    try:
+    with stop_signals():
         return _pretrain(recipe_name, preset, list(overrides or []), flags, data, out, resume, memory_check)
-    finally:
-        uninstall()  # from here on the process only exits: SIGTERM kills it again
 
 
 def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict, data, out: Path | None,
@@ -116,12 +111,8 @@ def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict
     dist = resolve_env()
     recipe, precision = choose_precision(recipe, out, dist)
     memory = check_memory(recipe, dist) if memory_check else None
-    with RunLock(out, "fpm pretrain " + recipe_name) if dist.rank == 0 else contextlib.nullcontext():
-        init(dist, recipe.train.collective_timeout_s)  # rank 0 holds the run directory's lock before any rank starts
-        try:
-            return _run(recipe, dist, out, data, resume, memory, precision)
-        finally:
-            teardown()
+    with run_session(out, "fpm pretrain " + recipe_name, dist, recipe.train.collective_timeout_s):
+        return _run(recipe, dist, out, data, resume, memory, precision)
 
 
 def data_sources(data, recipe: Recipe) -> list[tuple[Path, float]]:
@@ -209,7 +200,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
     with model_init_context(spec):  # ZeRO-3: partitioned as it is built
         model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,
                             seed=recipe.train.seed)
-    peak = resolve_peak(recipe.train.precision, given=recipe.train.peak_tflops, cache=rd / PEAK)
+    peak = resolve_peak(spec.precision, given=spec.peak_tflops, cache=rd / PEAK)
     trainer = Trainer(spec, objective(recipe.model, model), dataset, out, dist, peak_tflops=peak.tflops,
                       resume=resume == "auto", validation=validation_for(recipe, spec, sources, dist))
     if rank0:  # the trainer writes ds_config.json when it builds the engine

@@ -1,7 +1,7 @@
 """BERT's SDPA self-attention (:mod:`fpm.models.bert_attention`) with fpm's CPU kernels: the
 projection's backward from contiguous operands, q/k/v split without a stacking copy, and
 attention as matmuls + fused softmax/dropout when gradients are needed (:mod:`fpm.cpu.kernels`).
-Same parameters, same results up to float rounding; swapped in by :func:`fpm.cpu.speed_up`."""
+Same parameters, same results up to float rounding; swapped in by :func:`fpm.cpu.speed.speed_up`."""
 
 from __future__ import annotations
 

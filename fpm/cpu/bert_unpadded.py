@@ -20,7 +20,7 @@ normalised output only.
 :func:`pretraining_loss` is BERT's pretraining loss on this forward where it applies
 (:func:`applies`), else the stock one; :func:`classification_loss` the same for sequence
 classification (fine-tuning, whose batches are padded to their longest row only: the rest of the
-padding goes here). :func:`fpm.cpu.speed_up` installs them (on any device: fewer positions are
+padding goes here). :func:`fpm.cpu.speed.speed_up` installs them (on any device: fewer positions are
 fewer FLOPs on a GPU too, where the kernels below fall back to PyTorch's).
 """
 

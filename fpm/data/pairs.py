@@ -136,3 +136,10 @@ class TaskDataset(torch.utils.data.Dataset):
     @staticmethod
     def collate(rows: list[dict]) -> dict:
         return trim(torch.utils.data.default_collate(rows))
+
+
+def training_set(features: dict[str, np.ndarray], labels: np.ndarray, train) -> TaskDataset:
+    """The training split as fine-tuning reads it (``train``: the recipe's ``train:`` section):
+    shuffled by ``train.seed``, in batches of similar lengths of ``train.batch_size`` rows when
+    ``train.group_by_length``."""
+    return TaskDataset(features, labels, train.seed, group_by=train.batch_size if train.group_by_length else None)

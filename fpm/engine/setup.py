@@ -3,7 +3,7 @@ configuration and engine, and the helpers a workflow calls before building the m
 ZeRO-3's partitioned construction, the precision check).
 
 :func:`build_engine` runs in this order, each decision made once before anything reads it:
-the CPU speed-ups (:func:`fpm.cpu.speed_up`), activation checkpointing and compilation; which
+the CPU speed-ups (:func:`fpm.cpu.speed.speed_up`), activation checkpointing and compilation; which
 optimizer (DeepSpeed's CPU Adam where states live in host memory; fpm's flat bf16 master weights
 on a CPU without ZeRO; else torch's AdamW) and, for the master weights, the model cast to bf16;
 the LR schedule; DeepSpeed's configuration (written to the run directory) and engine; then the
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fpm.console import library_chatter, warn
-from fpm.cpu import speed_up
+from fpm.cpu.speed import speed_up
 from fpm.engine.distributed import Dist
 from fpm.engine.ds_config import deepspeed_config
 from fpm.engine.grad_accum import Fp32Accumulation
@@ -44,7 +44,7 @@ class Engine:
     scale_loss: bool  # fp16 without ZeRO: fpm applies the loss scale itself (see build_engine)
     flat_master: bool
     client_optimizer: object  # the optimizer fpm built, inside DeepSpeed's wrappers
-    speed_ups: list = field(default_factory=list)  # what fpm.cpu.speed_up applied (the run summary says)
+    speed_ups: list = field(default_factory=list)  # what fpm.cpu.speed.speed_up applied (the run summary says)
 
 
 def cpu_adam(spec: TrainSpec, quiet: bool = False):

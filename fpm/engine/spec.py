@@ -5,6 +5,7 @@ functions that make it from a pretraining and a fine-tuning recipe. Every ``trai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fpm.config.schema import DeepSpeedCfg, LossScaleCfg, derive_batch
@@ -51,6 +52,7 @@ class TrainSpec:
     hang_timeout_s: float = 1800.0  # the hang watchdog (fpm.engine.watchdog); 0: off
     hang_factor: float = 50.0
     async_save: bool | None = None  # checkpoints written in the background (fpm.engine.async_save); None: on a GPU
+    peak_tflops: float | None = None  # the device's peak for MFU, given (train.peak_tflops); None: measured
 
 
 def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSpec:
@@ -71,15 +73,20 @@ def pretraining_spec(recipe, world_size: int, flops_per_token: float) -> TrainSp
         spike_factor=t.spike_factor, spike_window=t.spike_window, spike_rollback=t.spike_rollback,
         hang_timeout_s=t.hang_timeout_s, hang_factor=t.hang_factor, async_save=t.async_save,
         flops_per_token=flops_per_token, num_workers=recipe.data.num_workers,
-        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+        activation_checkpointing=t.activation_checkpointing, compile=t.compile, peak_tflops=t.peak_tflops)
 
 
-def finetuning_spec(recipe, world_size: int, steps: int) -> TrainSpec:
-    """The engine's settings for fine-tuning ``recipe`` for ``steps`` optimizer steps."""
+def finetuning_spec(recipe, world_size: int, n_train: int) -> TrainSpec:
+    """The engine's settings for fine-tuning ``recipe`` on ``n_train`` training examples:
+    ``train.max_steps`` optimizer steps, else ``train.epochs`` over the examples; the dev
+    evaluation every ``train.eval_every`` steps."""
     t = recipe.train
+    if t.batch_size % world_size:
+        raise FpmError(f"train.batch_size={t.batch_size} is not divisible by {world_size} processes")
+    steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.batch_size))
     return TrainSpec(max_steps=steps, global_batch=t.batch_size, micro_batch=t.batch_size // world_size,
                      grad_accum=1, lr=t.lr, min_lr=0.0, warmup_steps=int(t.warmup_ratio * steps),
                      schedule=FINETUNE_SCHEDULE, weight_decay=t.weight_decay, betas=FINETUNE_BETAS, eps=FINETUNE_EPS,
                      grad_clip=t.grad_clip, precision=t.precision, deepspeed=recipe.deepspeed,
                      log_every=t.log_every, save_every=t.save_every, keep_last=t.keep_last, seed=t.seed,
-                     num_workers=0, activation_checkpointing=False)
+                     num_workers=0, activation_checkpointing=False, eval_every=t.eval_every)

@@ -52,3 +52,12 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_class
     out["per_class"] = rows
     out["confusion"] = m.tolist()
     return out
+
+
+def task_metrics(task, y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[float, dict]:
+    """The metrics of predictions on ``task`` (precision/recall/F1 of ``task.positive_label`` for a
+    binary task, macro-averaged otherwise), and the value of ``task.metric``: the one that picks
+    the best checkpoint."""
+    positive = task.labels.index(task.positive_label) if task.positive_label is not None else None
+    m = classification_metrics(y_true, y_pred, task.num_labels, positive)
+    return m[task.metric], m

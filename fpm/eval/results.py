@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fpm.data.tasks import Split
-from fpm.eval.metrics import classification_metrics
+from fpm.eval.metrics import task_metrics
 from fpm.rundir import RunDir, write_json
 
 
@@ -40,7 +40,7 @@ def write_results(out: Path, recipe, split: Split, probs: np.ndarray, extra: dic
         return None
     y = [ex.label for ex in split.examples]
     positive = labels.index(task.positive_label) if task.positive_label is not None else None
-    m = classification_metrics(y, pred.tolist(), task.num_labels, positive)
+    _, m = task_metrics(task, y, pred.tolist())
     results = {"task": task.name, "split": split.split, "n_examples": m["n_examples"], "accuracy": m["accuracy"],
                "f1": m["f1"], "precision": m["precision"], "recall": m["recall"], "macro_f1": m["macro_f1"],
                "fields": list(task.fields), "metric_for_best": task.metric,

@@ -28,7 +28,7 @@ def residual_projections(model: nn.Module, cfg: ModelCfg) -> dict[int, list[nn.M
 def build_model(cfg: ModelCfg, vocab_size: int, *, init: bool = True, pad_id: int = 0,
                 eos_id: int | None = None, seed: int | None = None) -> nn.Module:
     """The family's pretraining model, initialised as in §4.1 unless ``init=False``. A workflow
-    that trains it applies :func:`fpm.cpu.speed_up` after.
+    that trains it applies :func:`fpm.cpu.speed.speed_up` after.
 
     The modules are constructed without ``transformers``' (and torch's) own initialisation: fpm's
     covers every parameter, and under ``deepspeed.zero.Init`` (ZeRO-3) transformers' would index

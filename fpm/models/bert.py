@@ -4,7 +4,7 @@ Megatron-BERT moves the LayerNorm in front of each sub-layer, which is what lets
 train; its 2-way ``seq_relationship`` head is used for sentence order prediction instead of NSP.
 Attention is one fused q/k/v projection and PyTorch's SDPA (:mod:`fpm.models.bert_attention`); the
 parameters are untouched, so saved weights load in plain ``transformers`` and give the same outputs.
-The padding-free encoder and the CPU kernels are applied from outside (:func:`fpm.cpu.speed_up`).
+The padding-free encoder and the CPU kernels are applied from outside (:func:`fpm.cpu.speed.speed_up`).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_gpu_check_cpu_mode_runs_every_stage(tmp_path):
     assert not (ROOT / "gpu_check_work").exists()
 
 
-@pytest.mark.cli
+@pytest.mark.e2e  # its cells train tiny models, one waits out a 14 s budget
 def test_gpu_check_fails_on_an_error_a_timeout_and_a_skip_and_keeps_the_other_cells(tmp_path):
     """No training: the self-test stages. ``selftest``'s cells pass, raise, run a process past a 1 s
     budget, hang in the stage's own process past one, and pass again; ``selfhang`` records a cell and

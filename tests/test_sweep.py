@@ -19,7 +19,7 @@ FAST = ["--set", "train.max_steps=30", "--set", "train.save_every=30", "--task-s
         "--task-set", "train.eval_every=15"]
 
 
-@pytest.mark.e2e
+@pytest.mark.system  # the whole depth study (the demo), cells two at a time
 def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     out = tmp_path / "sweep"
     proc = run_fpm("sweep-depth", "bert-e-depth", "--preset", "tiny", "--out", str(out), *FAST, check=True,
@@ -76,7 +76,7 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     assert json.loads((out / "results.json").read_text())["summary"] == before
 
 
-@pytest.mark.e2e
+@pytest.mark.system  # the whole depth study (the demo), cells two at a time
 def test_killed_sweep_finishes_only_the_remaining_cells(tmp_path):
     out = tmp_path / "sweep"
     argv = ["sweep-depth", "bert-e-l", "--task", "qqp", "--depths", "50,90", "--seeds", "1", "--preset", "tiny",

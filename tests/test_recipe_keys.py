@@ -238,8 +238,8 @@ DS_BASE = {"offload_optimizer": ["deepspeed.zero_stage=2"], "offload_params": ["
            "reduce_bucket_size": ["deepspeed.zero_stage=2"], "allgather_bucket_size": ["deepspeed.zero_stage=2"]}
 
 
-def _spec_keys(kind: str, name: str) -> dict:
-    return {f"deepspeed.{k}": ("spec", name, v, DS_BASE.get(k, [])) for k, v in DS.items()}
+def _deepspeed_keys(reader: str, name: str) -> dict:
+    return {f"deepspeed.{k}": (reader, name, v, DS_BASE.get(k, [])) for k, v in DS.items()}
 
 
 PRETRAIN = {
@@ -297,7 +297,7 @@ PRETRAIN = {
     "train.collective_timeout_s": ("pretrain_command", GPT, 7777.0, []),
     **{f"train.loss_scale.{k}": ("spec", BERT, v, ["train.precision=fp16"]) for k, v in {
         "initial_scale_power": 7, "loss_scale_window": 7, "hysteresis": 7, "min_loss_scale": 0.5}.items()},
-    **_spec_keys("pretrain", BERT),
+    **_deepspeed_keys("spec", BERT),
     **{f"cluster.{k}": ("plan_json", "cpm-x-l", v, []) for k, v in {
         "nodes": 3, "gpus_per_node": 4, "gpu_memory_gb": 24.0, "gpu_peak_tflops": 100.0}.items()},
     **{f"paper.{k}": (INFO, "the paper's Table 2/4 figure, compared by `fpm recipes list` and `fpm plan --paper`")
@@ -324,9 +324,7 @@ FINETUNE = {
     "train.group_by_length": ("training_order", "qqp", False, []),
     "train.max_seq_len": ("classifier", "qqp", 64, []),
     "train.dropout": ("classifier", "qqp", 0.3, []),
-    **{f"deepspeed.{k}": ("spec_finetune", "qqp", v, DS_BASE.get(k, [])) for k, v in DS.items()
-       if k != "offload_params"},
-    "deepspeed.offload_params": ("spec_finetune", "qqp", True, ["deepspeed.zero_stage=3"]),
+    **_deepspeed_keys("spec_finetune", "qqp"),
     "paper": (INFO, "the paper's fine-tuning figures (Table 3, §4.3), shown beside the results"),
 }
 SWEEP = {

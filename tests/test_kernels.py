@@ -151,8 +151,10 @@ def test_transpose_kernel_equals_torch(shape, dtype):
     assert torch.equal(with_ones[:-1], x.t()) and torch.equal(with_ones[-1], torch.ones(shape[0], dtype=dtype))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
 @pytest.mark.parametrize("in_f, out_f, fast", [(32, 128, True), (128, 32, True), (64, 64, False)])
-def test_linear_gradients_match_autograd(in_f, out_f, fast):
+def test_linear_gradients_match_autograd(in_f, out_f, fast, native, monkeypatch):
+    monkeypatch.setattr(kernels, "native_bf16", lambda: native)  # both paths, whatever this CPU has
     torch.manual_seed(0)
     lin = kernels.Linear(in_f, out_f).to(torch.bfloat16)
     x = torch.randn(3, 40, in_f, dtype=torch.bfloat16, requires_grad=True)
@@ -166,7 +168,35 @@ def test_linear_gradients_match_autograd(in_f, out_f, fast):
     for have, ref in zip(got, want):
         assert have.dtype == torch.bfloat16 and have.shape == ref.shape
         assert torch.allclose(have.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))  # the forward pass is F.linear's
+    if native:  # the forward pass is F.linear's
+        assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    else:  # F.linear's arithmetic in fp32, rounded once
+        assert torch.equal(y, F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16))
+
+
+def test_where_bf16_is_emulated_every_matmul_is_fp32_rounded_once_and_fp32_is_untouched(monkeypatch):
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(*s).to(torch.bfloat16) for s in ((40, 24), (24, 56), (40, 56)))
+    r16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    assert torch.equal(kernels.mm(a, b), r16(a.float() @ b.float()))
+    out = torch.empty(40, 56, dtype=torch.bfloat16)
+    assert kernels.mm(a, b, out=out) is out and torch.equal(out, r16(a.float() @ b.float()))
+    acc = c.clone()
+    assert torch.equal(kernels.addmm_(acc, a, b), r16(torch.addmm(c.float(), a.float(), b.float())))
+    q, k = torch.randn(2, 3, 40, 8).to(torch.bfloat16), torch.randn(2, 3, 40, 8).to(torch.bfloat16)
+    assert torch.equal(kernels.mm(q, k.transpose(-1, -2)), r16(q.float() @ k.float().transpose(-1, -2)))
+    conv = kernels.Conv1D(56, 24).to(torch.bfloat16)  # GPT-2's layout: weight (in, out); square-ish: stock path
+    x = a.reshape(5, 8, 24).requires_grad_()
+    y = conv(x)
+    assert torch.equal(y, r16(torch.addmm(conv.bias.float(), a.float(), conv.weight.float())).view(5, 8, 56))
+    y.sum().backward()  # the gradients reach the bf16 parameters in bf16
+    assert x.grad.dtype == conv.weight.grad.dtype == torch.bfloat16
+    a32, b32 = a.float(), b.float()  # fp32 operands: torch's own matmul, bit for bit
+    assert torch.equal(kernels.mm(a32, b32), a32 @ b32)
+    assert torch.equal(kernels.f_linear(a32, b32.t()), F.linear(a32, b32.t()))
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)  # a CPU with bf16 instructions: torch's bf16 matmul
+    assert torch.equal(kernels.mm(a, b), a @ b)
 
 
 def test_linear_is_stock_in_float32_and_without_grad():

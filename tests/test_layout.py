@@ -99,7 +99,7 @@ LAYERS = [
     ("config", ["fpm.config"]),
     ("run directories", ["fpm.rundir"]),
     ("data", ["fpm.data"]),
-    ("kernels", ["fpm.cpu.build", "fpm.cpu.kernels", "fpm.cpu.adam", "fpm.cpu.allocator", "fpm.cpu.prebuild"]),
+    ("kernels", ["fpm.cpu.features", "fpm.cpu.build", "fpm.cpu.kernels", "fpm.cpu.adam", "fpm.cpu.allocator", "fpm.cpu.prebuild"]),
     ("models", ["fpm.models"]),
     ("cpu speed-ups", ["fpm.cpu", "fpm.cpu.speed", "fpm.cpu.bert_attention", "fpm.cpu.bert_unpadded", "fpm.cpu.master"]),
     ("engine", ["fpm.engine"]),

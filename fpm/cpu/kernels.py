@@ -23,6 +23,11 @@ references before use (``FPM_NO_CPP_KERNELS=1`` or no compiler: stock PyTorch):
   one reaches oneDNN's bf16 matmul transposed and runs at about half speed. :class:`Linear` (and
   :class:`Conv1D` for GPT-2) transpose the smaller operand first with a 16-bit AVX2 transpose
   (2.5x ``x.t().contiguous()``): -19 ms a step on the BERT shape.
+* On a CPU without bf16 instructions (AVX2: no AMX, no AVX-512 BF16) PyTorch's bf16 matmul runs at
+  about 1 GFLOP/s: 14 ms against 1.2 ms for 1024x64 @ 64x256, 9.2 s against 50 ms for
+  2048x512 @ 512x2048 (2-core AVX2 EPYC). There every matmul here (:func:`mm`, :func:`f_linear`)
+  computes in fp32 from the bf16 operands and rounds the result once to bf16 — the arithmetic the
+  bf16 matmul specifies (fp32 products and sums, one rounding), in another summation order.
 
 Longer than 400 lines: the C++ kernels' loading, their self-check and the autograd functions
 that call them are one unit (each kernel is a few lines of Python around one C++ entry point).
@@ -42,6 +47,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D as _HFConv1D
 
 from fpm import splitmix
+from fpm.cpu.features import native_bf16
 from fpm.splitmix import signed64
 
 _GAMMA, _MIX1, _MIX2 = (signed64(c) for c in (splitmix.GAMMA, splitmix.MIX1, splitmix.MIX2))  # torch: int64
@@ -414,14 +420,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.device.type != "cpu" or not torch.is_grad_enabled() or not q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = mm(q, k.transpose(-1, -2))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if scale != 1.0:  # callers may fold the scale into q's projection
         scores = scores.mul_(scale)
     key_mask = _key_mask(mask, scores) if scores.dtype == torch.bfloat16 and not is_causal else False
     if key_mask is not False and extension() is not None:
         probs = _SoftmaxDropout.apply(scores, key_mask, *_hash_dropout_args(dropout_p, True))
-        return torch.matmul(probs, v)
+        return mm(probs, v)
     if is_causal:
         t, s = scores.shape[-2:]
         causal = torch.ones(t, s, dtype=torch.bool, device=q.device).triu_(s - t + 1)
@@ -429,7 +435,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.add_(mask)  # in place: neither matmul nor masked_fill saves its output
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(dropout(probs, dropout_p), v)
+    return mm(dropout(probs, dropout_p), v)
+
+
+def emulated_bf16(t: torch.Tensor) -> bool:
+    """``t`` is bf16 on a CPU that emulates bf16 arithmetic (see the module's notes)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not native_bf16()
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.matmul(a, b)`` (into ``out``); in fp32, rounded once, where bf16 is emulated."""
+    if emulated_bf16(a):
+        r = torch.matmul(a.float(), b.float())
+        return r.to(a.dtype) if out is None else out.copy_(r)
+    return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+
+
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc.addmm_(a, b)``: one rounding of acc + a·b; in fp32 where bf16 is emulated."""
+    if emulated_bf16(a):
+        return acc.copy_(torch.addmm(acc.float(), a.float(), b.float()))
+    return acc.addmm_(a, b)
+
+
+def f_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; in fp32, rounded once, where bf16 is emulated (differentiable either way)."""
+    if emulated_bf16(x):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 class _LinearTransposedGrad(torch.autograd.Function):
@@ -447,7 +480,7 @@ class _LinearTransposedGrad(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        return f_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -467,15 +500,15 @@ def _linear_grads(x, weight, grad, want_dx: bool, want_dw: bool, want_db: bool):
     g = grad.reshape(-1, out_f)
     dx = dw = db = None
     if want_dx:
-        dx = (g @ weight).view(x.shape)
+        dx = mm(g, weight).view(x.shape)
     if want_dw:
         x2 = x.reshape(-1, in_f)
         if not _rectangular(weight):
-            dw = g.t() @ x2
+            dw = mm(g.t(), x2)
         elif out_f <= in_f:
-            dw = transpose(g) @ x2
+            dw = mm(transpose(g), x2)
         else:  # dWᵀ = xᵀg; a row of ones under xᵀ gives the bias gradient (g's column sums) as well
-            dwt = transpose(x2, ones_row=want_db) @ g
+            dwt = mm(transpose(x2, ones_row=want_db), g)
             dw = transpose(dwt[:in_f])
             if want_db:
                 db = dwt[in_f].clone()
@@ -493,7 +526,7 @@ class _LinearBiasLater(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight)
+        return f_linear(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -519,7 +552,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with :class:`Linear`'s backward pass where it applies."""
     if _fast_linear(x, weight):
         return _LinearTransposedGrad.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return f_linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -529,7 +562,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_linear(x, self.weight):
             return _LinearTransposedGrad.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return f_linear(x, self.weight, self.bias)
 
 
 class _Conv1DTransposedGrad(torch.autograd.Function):
@@ -540,25 +573,24 @@ class _Conv1DTransposedGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-        return out.view(*x.shape[:-1], weight.shape[1])
+        return _conv1d(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         in_f, out_f = weight.shape
         g = grad.reshape(-1, out_f)
-        dx = (g @ weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
+        dx = mm(g, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
         dw = db = None
         want_db = ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, in_f)
             if in_f <= out_f:  # dW = (xᵀ; 1) g: the weight gradient and, in its last row, the bias gradient
-                r = transpose(x2, ones_row=want_db) @ g
+                r = mm(transpose(x2, ones_row=want_db), g)
                 dw = r[:in_f]  # contiguous rows of r
                 db = r[in_f].clone() if want_db else None
             else:
-                dw = transpose(transpose(g) @ x2)
+                dw = transpose(mm(transpose(g), x2))
         if want_db and db is None:
             db = g.sum(0)
         return dx, dw, db
@@ -571,7 +603,19 @@ class Conv1D(_HFConv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_linear(x, self.weight):
             return _Conv1DTransposedGrad.apply(x, self.weight, self.bias)
+        if emulated_bf16(x):
+            return _conv1d(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ W + b`` as transformers' ``Conv1D`` computes it; in fp32, rounded once, where bf16 is emulated."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if emulated_bf16(x):
+        out = torch.addmm(bias.float(), x2.float(), weight.float()).to(x.dtype)
+    else:
+        out = torch.addmm(bias, x2, weight)
+    return out.view(*x.shape[:-1], weight.shape[1])
 
 
 def use_fast_conv1d(model: nn.Module) -> int:

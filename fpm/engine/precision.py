@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+from fpm.cpu.features import NATIVE_BF16_CPU_FLAGS, cpu_info  # noqa: F401 - cpu_info: the benches read it here
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,6 @@ def cpu_kind(flags) -> str:
     if "avx2" in flags:
         return "AVX2"
     return "no AVX2"
-
-
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of this machine's CPU from /proc/cpuinfo (empty off Linux)."""
-    name, flags = "", frozenset()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = frozenset(value.split())
-    except OSError:
-        pass
-    return name, flags
 
 
 def detect(device: str | None = None) -> Hardware:

@@ -158,21 +158,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[s:s + chunk], labels[s:s + chunk]
             ok = ok_all[s:s + chunk]
             g = logits_buf[:h.shape[0]]
-            torch.mm(h, wt if transposed else weight.t(), out=g)
+            kernels.mm(h, wt if transposed else weight.t(), out=g)
             total += fn(g, y.clamp(min=0), ok.float() * inv_valid, bias)  # g: logits -> their gradient
             if small_t:  # gᵀ once, then both products from contiguous operands (BERT: -6 ms a step)
                 gt = kernels.transpose(g)
-                grad_h[s:s + chunk] = kernels.transpose(weight.t() @ gt)
-                grad_w = gt @ h if grad_w is None else grad_w.addmm_(gt, h)
+                grad_h[s:s + chunk] = kernels.transpose(kernels.mm(weight.t(), gt))
+                grad_w = kernels.mm(gt, h) if grad_w is None else kernels.addmm_(grad_w, gt, h)
                 if grad_b is not None:
                     grad_b.add_(g.sum(0))
                 continue
-            torch.mm(g, weight, out=grad_h[s:s + chunk])
+            kernels.mm(g, weight, out=grad_h[s:s + chunk])
             if transposed:  # [d (+1), V]: Wᵀ's gradient (and the bias gradient in the last row)
                 ht = kernels.transpose(h, ones_row=bias is not None)
-                grad_w = ht @ g if grad_w is None else grad_w.addmm_(ht, g)
+                grad_w = kernels.mm(ht, g) if grad_w is None else kernels.addmm_(grad_w, ht, g)
             else:
-                grad_w = g.t() @ h if grad_w is None else grad_w.addmm_(g.t(), h)
+                grad_w = kernels.mm(g.t(), h) if grad_w is None else kernels.addmm_(grad_w, g.t(), h)
                 if grad_b is not None:
                     grad_b.add_(g.sum(0))  # accumulates in fp32 inside; sum(dtype=float32) converts g first (14x slower)
         if transposed and grad_w is not None:

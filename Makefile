@@ -37,10 +37,10 @@ demo: install
 	$(BIN)/fpm sweep-depth bert-e-depth --preset tiny --out runs/demo-sweep
 
 # the test tiers (tests/conftest.py): unit + cli (the logic), + e2e (tiny trainings), system (CI).
-# make test and test-fast run a test file per core (pytest-xdist); the system tier one test at a
+# make test and test-fast spread the tests over the cores (pytest-xdist, work-stealing); the system tier one test at a
 # time (its torchrun matrices, SLURM cluster and timing checks use every core themselves).
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 
 test: install
 	$(BIN)/python -m pytest -m "not system" $(XDIST) $(PYTEST_ARGS)

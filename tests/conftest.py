@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the ops JIT-built once by `make install` (fpm.cpu.prebuild), also for a test that reaches DeepSpeed's
+# op builder before fpm does (else it builds CPU Adam again into ~/.cache: minutes)
+from fpm.cpu.build import extensions_dir  # noqa: E402
+
+extensions_dir()
 
 
 def run_fpm(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,

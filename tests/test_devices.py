@@ -181,9 +181,9 @@ def test_every_deepspeed_key_reaches_deepspeeds_configuration():
 
 
 @pytest.mark.e2e
-def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, fpm):
+def test_the_run_writes_every_deepspeed_key_into_ds_config_json(tmp_path, cli):
     out = tmp_path / "run"
-    fpm("pretrain", "cpm-x-s", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "2",
+    cli("pretrain", "cpm-x-s", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--save-every", "2",
         "--set", "deepspeed.zero_stage=2", "--set", "deepspeed.offload_optimizer=true",
         "--set", "deepspeed.overlap_comm=false",
         "--set", "deepspeed.contiguous_gradients=false", "--set", "deepspeed.reduce_bucket_size=12345",

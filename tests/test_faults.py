@@ -246,7 +246,7 @@ def ctx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     _, data, _ = prepared(tmp, "bert", 600)
     run = tmp / "reference"
-    run_fpm(*PRETRAIN, "--data", str(data), "--out", str(run), *SHORT, check=True)
+    run_main(*PRETRAIN, "--data", str(data), "--out", str(run), *SHORT, check=True)
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     return {"data": data, "run": run, "ckpt_bytes": size}

@@ -16,7 +16,7 @@ from fpm.data.tasks import load_split
 from fpm.errors import FpmError
 from fpm.eval.metrics import classification_metrics
 
-from conftest import run_fpm
+from conftest import run_main
 
 
 def test_binary_metrics_by_hand():
@@ -103,10 +103,10 @@ def test_tnews_loader_fields_and_faults(tmp_path):
 @pytest.mark.e2e
 def test_tnews_tiny_finetune_writes_clue_submission(tmp_path):
     pre = tmp_path / "pre"
-    run_fpm("pretrain", "bert-c", "--preset", "tiny", "--out", str(pre), "--max-steps", "30", check=True)
+    run_main("pretrain", "bert-c", "--preset", "tiny", "--out", str(pre), "--max-steps", "30", check=True)
     data = write_tnews(tmp_path / "tnews", n_train=300, n_dev=100, n_test=20)
     out = tmp_path / "ft"
-    run_fpm("finetune", "tnews", "--init", str(pre), "--data-dir", str(data), "--preset", "tiny", "--out", str(out),
+    run_main("finetune", "tnews", "--init", str(pre), "--data-dir", str(data), "--preset", "tiny", "--out", str(out),
             "--max-steps", "20", "--set", "train.eval_every=10", check=True)
     results = json.loads((out / "results.json").read_text())
     assert results["f1_is"] == "macro-F1" and len(results["per_class"]) == 15
@@ -197,16 +197,16 @@ def test_length_grouped_fine_tuning_resumes_exactly_after_sigkill(tmp_path):
     from conftest import sigkill_after_checkpoint
 
     pre = tmp_path / "pre"
-    run_fpm("pretrain", "bert-e-s", "--preset", "tiny", "--out", str(pre), "--max-steps", "2", check=True)
+    run_main("pretrain", "bert-e-s", "--preset", "tiny", "--out", str(pre), "--max-steps", "2", check=True)
     data = write_qqp(tmp_path / "task", n_train=200, n_dev=40, n_test=5)
     args = ["finetune", "qqp", "--init", str(pre), "--data-dir", str(data), "--preset", "tiny", "--max-steps", "24",
             "--no-floors", "--set", "train.save_every=8", "--set", "train.log_every=1", "--set", "train.eval_every=1000"]
     a, b = tmp_path / "a", tmp_path / "b"
-    run_fpm(*args, "--out", str(a), check=True)
+    run_main(*args, "--out", str(a), check=True)
     proc = subprocess.Popen([sys.executable, "-m", "fpm", *args, "--out", str(b)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     sigkill_after_checkpoint(proc, b, "step-00000008")
-    assert "resumed from" in run_fpm(*args, "--out", str(b), check=True).stdout
+    assert "resumed from" in run_main(*args, "--out", str(b), check=True).stdout
     la = [m["loss"] for m in read_metrics(a) if "loss" in m]
     lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
     assert len(la) == 24 and la == lb

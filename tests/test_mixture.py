@@ -19,7 +19,7 @@ from fpm.data.synthetic import write_corpus
 from fpm.engine.metrics import read_metrics
 from fpm.errors import FpmError
 
-from conftest import run_fpm, sigkill_after_checkpoint
+from conftest import run_main, sigkill_after_checkpoint
 from fixtures import prepared
 
 
@@ -109,11 +109,11 @@ def test_a_3_to_1_mixture_trains_at_its_shares_and_resumes_exactly_after_sigkill
     args = ["pretrain", "cpm-x-s", "--preset", "tiny", "--data", f"{first}:3", "--data", f"{second}:1",
             "--max-steps", "24", "--save-every", "8", "--set", "train.log_every=1", "--set", "train.eval_every=12"]
     a, b = tmp_path / "a", tmp_path / "b"
-    run_fpm(*args, "--out", str(a), check=True, timeout=900)
+    run_main(*args, "--out", str(a), check=True)
     proc = subprocess.Popen([sys.executable, "-m", "fpm", *args, "--out", str(b)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     sigkill_after_checkpoint(proc, b, "step-00000016")
-    assert "resumed from" in run_fpm(*args, "--out", str(b), check=True, timeout=900).stdout
+    assert "resumed from" in run_main(*args, "--out", str(b), check=True).stdout
     ma, mb = read_metrics(a), read_metrics(b)
     assert [m["loss"] for m in ma if "loss" in m] == [m["loss"] for m in mb if "loss" in m]  # bit for bit
     assert [m["val_loss"] for m in ma if "val_loss" in m] == [m["val_loss"] for m in mb if "val_loss" in m]
@@ -124,7 +124,7 @@ def test_a_3_to_1_mixture_trains_at_its_shares_and_resumes_exactly_after_sigkill
     # 24 steps x 16 samples = 384 draws; the binomial standard deviation of a 75% share is 2.2 points
     assert abs(shares[:, 0].mean() - 0.75) < 3 * (0.75 * 0.25 / 384) ** 0.5
     # fpm evaluate lm on the run validates as training did: the mixture of both validation parts
-    run_fpm("evaluate", "lm", "--model", str(a), "--out", str(tmp_path / "lm.json"), check=True)
+    run_main("evaluate", "lm", "--model", str(a), "--out", str(tmp_path / "lm.json"), check=True)
     lm = json.loads((tmp_path / "lm.json").read_text())
     logged = [m for m in ma if m.get("split") == "validation"][-1]
     assert lm["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and lm["val_samples"] == logged["val_samples"]

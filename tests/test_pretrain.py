@@ -20,7 +20,7 @@ from fpm.engine.checkpoint import complete_tags
 from fpm.engine.metrics import read_metrics
 from fpm.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 
-from conftest import run_fpm
+from conftest import run_fpm, run_main
 from fixtures import prepared
 
 pytestmark = pytest.mark.e2e
@@ -32,10 +32,10 @@ def bert_data(tmp_path_factory):
     return data
 
 
-def pretrain(out: Path, *args: str, recipe: str = "bert-e-l", data: Path | None = None, check=True, timeout=900):
+def pretrain(out: Path, *args: str, recipe: str = "bert-e-l", data: Path | None = None, check=True):
+    """`fpm pretrain` in this process (:func:`run_main`); the runs killed mid-way are processes (:func:`start`)."""
     extra = ["--data", str(data)] if data else []
-    return run_fpm("pretrain", recipe, "--preset", "tiny", "--out", str(out), *extra, *args, check=check,
-                   timeout=timeout)
+    return run_main("pretrain", recipe, "--preset", "tiny", "--out", str(out), *extra, *args, check=check)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -323,7 +323,7 @@ assert "fpm" not in sys.modules
 def export_and_compare(run: Path, hf: Path, cls: str) -> None:
     from fpm.runs import load_run_model
 
-    run_fpm("export", str(run), "--out", str(hf), check=True)
+    run_main("export", str(run), "--out", str(hf), check=True)
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
     recipe, model, tok, _ = load_run_model(run)
     g = torch.Generator().manual_seed(0)
@@ -369,7 +369,7 @@ def generate_like_transformers(run: Path, exported: Path, recipe: str) -> None:
     for flags, kwargs in (([], {"do_sample": False}),
                           (["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"],
                            {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9})):
-        proc = run_fpm("generate", str(run), "--prompt", prompt, "--max-new-tokens", "12", *flags, check=True)
+        proc = run_main("generate", str(run), "--prompt", prompt, "--max-new-tokens", "12", *flags, check=True)
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         ids = torch.tensor([encode_prompt(tok, family, prompt)])
         torch.manual_seed(3 if kwargs["do_sample"] else 0)

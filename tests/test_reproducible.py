@@ -14,7 +14,7 @@ import torch
 
 from fpm.engine.metrics import read_metrics
 
-from conftest import run_fpm, sigkill_after_checkpoint
+from conftest import run_fpm, run_main, sigkill_after_checkpoint
 
 # the CLI's environment: no TOKENIZERS_PARALLELISM=false (the test suite's default; the CLI sets true)
 CLI_ENV = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
@@ -53,7 +53,7 @@ def test_the_same_command_in_two_fresh_folders_and_a_killed_resumed_run_agree_bi
     proc = subprocess.Popen([sys.executable, "-m", "fpm", *ARGS, *with_val, "--out", str(b)], env={**CLI_ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sigkill_after_checkpoint(proc, b, "step-00000020")
-    resumed = run_fpm(*ARGS, *with_val, "--out", str(b), env=CLI_ENV, check=True, timeout=900)
+    resumed = run_main(*ARGS, *with_val, "--out", str(b), check=True)  # the resume in this process
     assert "resumed from" in resumed.stdout
     # two fresh folders, each with its own corpus, vocabulary and shards
     fa, fb = _files(a / "data"), _files(b / "data")
@@ -73,7 +73,7 @@ def test_the_same_command_in_two_fresh_folders_and_a_killed_resumed_run_agree_bi
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] and 0 <= rows[-1]["val_mlm_acc"] <= 1
     assert json.loads((b / "run.json").read_text())["validation"]["step"] == 30
     assert list((b / "tb").glob("events.*"))
-    run_fpm("evaluate", "lm", "--model", str(b), "--out", str(tmp_path / "lm.json"), env=CLI_ENV, check=True)
+    run_main("evaluate", "lm", "--model", str(b), "--out", str(tmp_path / "lm.json"), check=True)
     lm = json.loads((tmp_path / "lm.json").read_text())
     assert lm["checkpoint"] == "step-00000030" and lm["val_samples"] == rows[-1]["val_samples"]
     assert lm["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-6)

@@ -17,7 +17,7 @@ import pytest
 from fpm.data.synthetic import write_qqp
 from fpm.rundir import RunDir
 
-from conftest import run_fpm
+from conftest import run_main
 from fixtures import prepared
 
 pytestmark = pytest.mark.e2e
@@ -50,11 +50,11 @@ def test_a_killed_and_moved_run_exports_and_finetunes_from_elsewhere(tmp_path):
     (other / data.name / "tokenizer" / "vocab.txt").write_text("\n".join(reversed(vocab.splitlines())) + "\n")
 
     hf = tmp_path / "hf"
-    proc = run_fpm("export", str(moved), "--out", str(hf), cwd=other, check=True)
+    proc = run_main("export", str(moved), "--out", str(hf), cwd=other, check=True)
     assert (hf / "fpm_tokenizer" / "vocab.txt").read_text() == vocab
     task = write_qqp(tmp_path / "qqp", 64, 32, 8)
     ft = tmp_path / "ft"
-    run_fpm("finetune", "qqp", "--preset", "tiny", "--init", str(moved), "--data-dir", str(task), "--out", str(ft),
+    run_main("finetune", "qqp", "--preset", "tiny", "--init", str(moved), "--data-dir", str(task), "--out", str(ft),
             "--max-steps", "2", "--no-floors", cwd=other, check=True)
     results = json.loads(RunDir(ft).results.read_text())
     assert results["n_examples"] == 32

@@ -14,7 +14,7 @@ from fpm.data.datasets import build_dataset
 from fpm.engine.metrics import read_metrics
 from fpm.engine.spikes import MIN_HISTORY, SpikeGuard, StepGate
 
-from conftest import run_fpm
+from conftest import run_main
 from fixtures import prepared
 
 
@@ -100,9 +100,9 @@ def test_poisoned_batches_are_skipped_then_rolled_back_and_the_run_ends_near_a_c
     args = ["pretrain", "cpm-x-s", "--preset", "tiny", "--max-steps", "56", "--save-every", "8", "--set",
             "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.spike_factor=1.25", "--set",
             "train.spike_window=10", "--set", "train.spike_rollback=3"]
-    run_fpm(*args, "--data", str(data), "--out", str(tmp_path / "clean"), check=True, timeout=900)
+    run_main(*args, "--data", str(data), "--out", str(tmp_path / "clean"), check=True)
     poison(recipe, data, [30, 44, 45, 46])  # one alone, then three in a row (0-based data steps)
-    proc = run_fpm(*args, "--data", str(data), "--out", str(tmp_path / "guarded"), check=True, timeout=900)
+    proc = run_main(*args, "--data", str(data), "--out", str(tmp_path / "guarded"), check=True)
     assert "rolled back to step-00000040" in proc.stdout + proc.stderr
     clean, guarded = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "guarded")
     assert clean[-1]["spikes_skipped"] == 0 and clean[-1]["rollbacks"] == 0

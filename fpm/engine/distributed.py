@@ -185,6 +185,31 @@ def teardown() -> None:
             td.destroy_process_group()
         except Exception:  # pragma: no cover - teardown must never mask the real error
             pass
+    _forget_deepspeed_groups()
+
+
+# DeepSpeed keeps the groups it made (the world's clone, ZeRO's, the data-parallel one) in module
+# globals; once the process group is destroyed they name groups that no longer exist, and the next
+# engine built in this process (a notebook, a driver training run after run, the test suite's
+# in-process runs) fails on them ("Group ... is not registered")
+_DEEPSPEED_GROUP_DICTS = ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                          "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
+_DEEPSPEED_GROUPS = ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mesh_device", "_TENSOR_MODEL_PARALLEL_GROUP",
+                     "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP")
+
+
+def _forget_deepspeed_groups() -> None:
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in _DEEPSPEED_GROUP_DICTS:
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
+    for name in _DEEPSPEED_GROUPS:
+        if hasattr(groups, name):
+            setattr(groups, name, None)
 
 
 def barrier() -> None:

@@ -32,6 +32,22 @@ from fpm.cpu.build import extensions_dir  # noqa: E402
 extensions_dir()
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist every worker trains: each gets its share of the cores (``FPM_THREADS``, read
+    by :func:`fpm.engine.distributed.cpu_threads`; its subprocesses inherit it) instead of every
+    worker's runs taking all of them (two 2-thread trainings on 2 cores ran 3-5x slower each)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "FPM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["FPM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
+
 def run_fpm(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
             check: bool = False) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (as a user would) and capture its output."""

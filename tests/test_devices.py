@@ -248,3 +248,18 @@ def test_fp16_deepspeed_config_has_dynamic_loss_scaling():
                            "hysteresis": 3, "min_loss_scale": 0.5}
     assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
     assert cfg["train_batch_size"] == 1024 and cfg["gradient_accumulation_steps"] == 8
+
+
+def test_threads_per_rank_are_fpm_threads_then_slurms_cpus_per_task_then_a_share_of_the_cores(monkeypatch):
+    from fpm.engine.distributed import cpu_threads
+
+    for name in ("FPM_THREADS", "SLURM_CPUS_PER_TASK", "FPM_CPUS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [cpu_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert cpu_threads(2) == 6
+    monkeypatch.setenv("FPM_THREADS", "3")
+    assert cpu_threads(2) == 3
+    monkeypatch.setenv("FPM_THREADS", "zero")  # not a count: the next rule
+    assert cpu_threads(2) == 6

@@ -32,10 +32,10 @@ def bert_data(tmp_path_factory):
     return data
 
 
-def pretrain(out: Path, *args: str, recipe: str = "bert-e-l", data: Path | None = None, check=True):
+def pretrain(out: Path, *args: str, recipe: str = "bert-e-l", data: Path | None = None, check=True, env=None):
     """`fpm pretrain` in this process (:func:`run_main`); the runs killed mid-way are processes (:func:`start`)."""
     extra = ["--data", str(data)] if data else []
-    return run_main("pretrain", recipe, "--preset", "tiny", "--out", str(out), *extra, *args, check=check)
+    return run_main("pretrain", recipe, "--preset", "tiny", "--out", str(out), *extra, *args, check=check, env=env)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -69,12 +69,12 @@ GOLDEN = Path(__file__).parent / "golden_losses.json"
 GOLDEN_ARGS = ["--max-steps", "200", "--save-every", "200", "--set", "train.log_every=1"]
 
 
-def machine() -> str:
+def machine(threads: int) -> str:
     """What decides the last bits of a CPU run: the CPU, its vector extensions, threads, torch."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
     return (f"{model} | {torch.backends.cpu.get_cpu_capability()} | amx={'amx_bf16' in flags} | "
-            f"threads={torch.get_num_threads()} | torch {torch.__version__}")
+            f"threads={threads} | torch {torch.__version__}")
 
 
 @pytest.mark.parametrize("recipe", ["bert-e-l", "cpm-x-s", "cpm-2-x-s"])
@@ -83,19 +83,20 @@ def test_tiny_loss_falls_within_200_steps_and_starts_on_the_golden_losses(tmp_pa
     recorded before the package was reorganised (issue 18): on the machine kind that recorded them
     they must come out bit for bit; elsewhere (another CPU's kernels round differently) within 1e-4."""
     out = tmp_path / "run"
-    pretrain(out, *GOLDEN_ARGS, recipe=recipe)
-    l = losses(out)
     golden = json.loads(GOLDEN.read_text())
+    recorded = golden["machine"].split("threads=")[1].split(" ")[0]  # as many threads as the recording
+    pretrain(out, *GOLDEN_ARGS, recipe=recipe, env={"FPM_THREADS": recorded})
+    l = losses(out)
     first20 = [l[s] for s in range(1, 21)]
     want = golden["losses"][recipe]
-    if golden["machine"] == machine():
+    run = json.loads((out / "run.json").read_text())
+    if golden["machine"] == machine(run["threads"]):
         assert first20 == want, (recipe, first20, want)
     else:
-        assert np.allclose(first20, want, rtol=1e-4, atol=0), (recipe, golden["machine"], machine())
+        assert np.allclose(first20, want, rtol=1e-4, atol=0), (recipe, golden["machine"], machine(run["threads"]))
     first = np.mean([l[s] for s in range(1, 21)])
     last = np.mean([l[s] for s in range(181, 201)])
     assert last < first - 1.0, (recipe, first, last)  # at least one nat better
-    run = json.loads((out / "run.json").read_text())
     assert run["exit_code"] == 0 and run["step"] == 200
     assert run["train_precision"] == {"requested": "fp32", "precision": "fp32", "tf32": False,
                                       "reason": "given: fp32", "warning": None}
@@ -391,7 +392,7 @@ def generate_like_transformers(run: Path, exported: Path, recipe: str) -> None:
 if __name__ == "__main__":  # python tests/test_pretrain.py: record the golden losses on this machine
     import tempfile
 
-    record = {"machine": machine(), "args": GOLDEN_ARGS, "losses": {}}
+    record = {"machine": machine(torch.get_num_threads()), "args": GOLDEN_ARGS, "losses": {}}
     for name in ("bert-e-l", "cpm-x-s", "cpm-2-x-s"):
         with tempfile.TemporaryDirectory() as tmp:
             pretrain(Path(tmp) / "run", *GOLDEN_ARGS, recipe=name)

@@ -128,19 +128,20 @@ def device_for(local_rank: int, local_world_size: int | None = None):
 
 
 def cpu_threads(local_world_size: int) -> int:
-    """Threads per rank: SLURM's --cpus-per-task when given, else this machine's cores shared out
-    among the ranks on it (ranks must not fight over cores). ``FPM_CPUS`` (a comma-separated list,
-    set by a sweep running several cells at once: :mod:`fpm.study.local`) first pins the process
-    to those cores."""
+    """Threads per rank: ``FPM_THREADS`` when set (e.g. by a test runner that runs several processes
+    at once), else SLURM's --cpus-per-task when given, else this machine's cores shared out among
+    the ranks on it (ranks must not fight over cores). ``FPM_CPUS`` (a comma-separated list, set by
+    a sweep running several cells at once: :mod:`fpm.study.local`) first pins the process to those
+    cores."""
     pinned = os.environ.get("FPM_CPUS")
     if pinned:
         try:
             os.sched_setaffinity(0, {int(c) for c in pinned.split(",")})
         except (AttributeError, OSError, ValueError):  # not Linux, or cores this machine lacks: unpinned
             pass
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
-    if per_task and per_task.isdigit() and int(per_task) > 0:
-        return int(per_task)
+    for given in (os.environ.get("FPM_THREADS"), os.environ.get("SLURM_CPUS_PER_TASK")):
+        if given and given.isdigit() and int(given) > 0:
+            return int(given)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

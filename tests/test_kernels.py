@@ -174,6 +174,35 @@ def test_linear_gradients_match_autograd(in_f, out_f, fast, native, monkeypatch)
         assert torch.equal(y, F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16))
 
 
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtypes every matrix product below it ran in."""
+
+    OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.dtypes.add(args[1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_bf16_training_matmuls_run_in_bf16_only_where_the_cpu_has_bf16_instructions(native, monkeypatch):
+    monkeypatch.setattr(kernels, "native_bf16", lambda: native)
+    torch.manual_seed(0)
+    layers = [kernels.Linear(24, 96), kernels.Linear(24, 24), kernels.Conv1D(96, 24), kernels.Conv1D(24, 24)]
+    x = torch.randn(3, 8, 24).to(torch.bfloat16).requires_grad_()
+    with _MatmulDtypes() as seen:
+        for layer in layers:  # forward and backward: the fast (rectangular) and the plain paths
+            layer.to(torch.bfloat16)(x).float().sum().backward()
+        q, k, v = (torch.randn(2, 4, 8, 6).to(torch.bfloat16).requires_grad_() for _ in range(3))
+        kernels.attention(q, k, v, dropout_p=0.1).float().sum().backward()
+    assert seen.dtypes == ({torch.bfloat16} if native else {torch.float32})
+
+
 def test_where_bf16_is_emulated_every_matmul_is_fp32_rounded_once_and_fp32_is_untouched(monkeypatch):
     monkeypatch.setattr(kernels, "native_bf16", lambda: False)
     torch.manual_seed(0)

@@ -603,13 +603,12 @@ class Conv1D(_HFConv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_linear(x, self.weight):
             return _Conv1DTransposedGrad.apply(x, self.weight, self.bias)
-        if emulated_bf16(x):
-            return _conv1d(x, self.weight, self.bias)
-        return super().forward(x)
+        return _conv1d(x, self.weight, self.bias)
 
 
 def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x @ W + b`` as transformers' ``Conv1D`` computes it; in fp32, rounded once, where bf16 is emulated."""
+    """``x @ W + b`` as transformers' ``Conv1D.forward`` computes it (one addmm); in fp32, rounded once,
+    where bf16 is emulated."""
     x2 = x.reshape(-1, x.shape[-1])
     if emulated_bf16(x):
         out = torch.addmm(bias.float(), x2.float(), weight.float()).to(x.dtype)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fpm.cpu.features import NATIVE_BF16_CPU_FLAGS, cpu_info  # noqa: F401 - cpu_info: the benches read it here
+from fpm.cpu.features import NATIVE_BF16_CPU_FLAGS, cpu_info
 
 
 @dataclass(frozen=True)

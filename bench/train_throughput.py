@@ -123,7 +123,6 @@ def sample_stats(recipe, data: Path, n: int = 2000) -> tuple[float, float]:
 
 def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.distributed import resolve_env
-    from fpm.engine.setup import seed_everything
     from fpm.engine.trainer import Trainer
     from fpm.cpu.speed import speed_up
     from fpm.models import build_model, objective
@@ -131,22 +130,23 @@ def run_fpm(recipe, data: Path, out: Path, steps: int) -> list[float]:
     from fpm.engine.spec import pretraining_spec
 
     ds = build_dataset(recipe, data)
-    seed_everything(0)
-    model = build_model(recipe.model, recipe.tokenizer.vocab_size)
     spec = pretraining_spec(recipe, 1, 0.0)
     times = StepTimes()
-    fast = objective(recipe.model, model)
-    speed_up(fast)  # as the trainer would (it applies it again below: a no-op)
-    loss = fast.loss
 
-    def timed_loss(model, batch):
-        if not times.t:
-            times.mark()
-        return loss(model, batch)
+    def timed_model() -> Objective:  # the family's loss (after fpm's speed-ups), the clock started at the first
+        fast = objective(recipe.model, build_model(recipe.model, recipe.tokenizer.vocab_size))
+        speed_up(fast)  # as the trainer would (it applies it again: a no-op)
+        loss = fast.loss
 
-    trainer = Trainer(spec, Objective(model, timed_loss), ds, out, resolve_env(), resume=False, quiet=True,
-                      on_step=lambda step: times.mark(), on_step_every=1)
-    trainer.fit()
+        def timed_loss(model, batch):
+            if not times.t:
+                times.mark()
+            return loss(model, batch)
+
+        return Objective(fast.model, timed_loss)
+
+    trainer = Trainer(spec, timed_model, out, resolve_env(), resume=False, quiet=True)
+    trainer.fit(ds, on_step=lambda step: times.mark(), on_step_every=1)
     return times.t
 
 

@@ -68,14 +68,14 @@ def test_shares_are_the_weights_and_every_source_position_is_read_once_in_order(
 def test_shares_far_from_their_weights_are_reported(monkeypatch):
     import torch
 
-    from fpm.engine import trainer
+    from fpm.engine import metrics
 
     said = []
-    monkeypatch.setattr(trainer, "warn", said.append)
-    got = trainer.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([760.0, 240.0]), warn_if_off=True)
+    monkeypatch.setattr(metrics, "warn", said.append)
+    got = metrics.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([760.0, 240.0]), warn_if_off=True)
     assert got == {"a": {"weight": 0.75, "share": 0.76, "samples": 760},
                    "b": {"weight": 0.25, "share": 0.24, "samples": 240}} and said == []
-    trainer.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([900.0, 100.0]), warn_if_off=True)
+    metrics.mixture_shares(["a", "b"], [0.75, 0.25], torch.tensor([900.0, 100.0]), warn_if_off=True)
     assert len(said) == 2 and "90.0% of the samples, its weight says 75.0%" in said[0]
 
 

@@ -105,14 +105,12 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
               precision: dict | None = None) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
-    from fpm.engine.setup import check_precision, seed_everything
     from fpm.engine.timeouts import while_rank0
     from fpm.engine.trainer import Trainer
     from fpm.models.objective import Objective
 
     t = recipe.train
     rank0 = dist.rank == 0
-    check_precision(t.precision)
     if recipe.deepspeed.zero_stage == 3:
         raise FpmError("fine-tuning supports ZeRO stages 0-2 (the best model is saved from whole weights)")
     if synthetic and rank0 and not (data_dir / "dev.tsv").is_file() and not (data_dir / "dev.json").is_file():
@@ -131,26 +129,27 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
                 warn(skipped)
         RunDir(out).recipe.write_text(dump_recipe(recipe))
     barrier()
-    seed_everything(t.seed)
-    init = load_init(init_path, recipe, from_scratch=from_scratch)
-    feats = {name: init.encoder.encode(s.examples) for name, s in splits.items() if s is not None}
-    train = splits["train"]
-    labels = np.asarray([e.label for e in train.examples], dtype=np.int64)
-    dataset = training_set(feats["train"], labels, t)
+    train, dev, task = splits["train"], splits["dev"], recipe.task
     spec = finetuning_spec(recipe, dist.world_size, len(train.examples))
     steps = spec.max_steps
-    task = recipe.task
-    dev = splits["dev"]
+    init: Init | None = None
+
+    def classifier() -> Objective:  # called by the trainer, after seeding: the new head's weights follow the seed
+        nonlocal init
+        init = load_init(init_path, recipe, from_scratch=from_scratch)
+        return Objective(init.model, classification_loss)
+
+    trainer = Trainer(spec, classifier, out, dist, resume=resume == "auto")
+    feats = {name: init.encoder.encode(s.examples) for name, s in splits.items() if s is not None}
+    labels = np.asarray([e.label for e in train.examples], dtype=np.int64)
     # the model the trainer trains, in place (moved to its device, cast to its dtype by the engine)
     evaluate = DevEvaluation(init.model, recipe, feats["dev"], [e.label for e in dev.examples], out, init,
                              dist.rank, dist.world_size)
-    trainer = Trainer(spec, Objective(init.model, classification_loss), dataset, out, dist,
-                      resume=resume == "auto", on_step=evaluate, on_step_every=spec.eval_every)
     if rank0:
         info(f"fine-tuning {init.source} on {task.name} ({len(train.examples):,} train, {len(dev.examples):,} dev"
              f"{', ' + format(len(splits['test'].examples), ',') + ' test' if splits['test'] else ''}): {steps} steps "
              f"of {t.batch_size}, input {' + '.join(task.fields)}")
-    result = trainer.fit()
+    result = trainer.fit(training_set(feats["train"], labels, t), on_step=evaluate, on_step_every=spec.eval_every)
     if result.reason != "done":
         return result.exit_code
     best = evaluate.best()

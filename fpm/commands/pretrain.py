@@ -159,11 +159,9 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
     from fpm.data.mixture import build_mixture
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.peak import resolve as resolve_peak
-    from fpm.engine.setup import check_precision, model_init_context, seed_everything
     from fpm.engine.trainer import Trainer
-    from fpm.models import build_model, objective
+    from fpm.models import pretraining_objective
 
-    check_precision(recipe.train.precision)
     rank0 = dist.rank == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -192,19 +190,16 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
                         started=time.time(), torch=torch.__version__, python=platform.python_version(),
                         host=platform.node(), device=_device_name(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                         train_precision=precision.as_dict() if precision else None)
-    seed_everything(recipe.train.seed)
     seq = recipe.data.seq_len
     target = getattr(dataset, "target_len", None)
     spec = pretraining_spec(recipe, dist.world_size,
-                      train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
-    with model_init_context(spec):  # ZeRO-3: partitioned as it is built
-        model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,
-                            seed=recipe.train.seed)
+                            train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
     peak = resolve_peak(spec.precision, given=spec.peak_tflops, cache=rd / PEAK)
-    trainer = Trainer(spec, objective(recipe.model, model), dataset, out, dist, peak_tflops=peak.tflops,
-                      resume=resume == "auto", validation=validation_for(recipe, spec, sources, dist))
+    trainer = Trainer(spec, lambda: pretraining_objective(recipe, sp), out, dist, peak_tflops=peak.tflops,
+                      resume=resume == "auto")
+    validation = validation_for(recipe, spec, sources, dist)
     if rank0:  # the trainer writes ds_config.json when it builds the engine
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
         info(f"{recipe.name}: {n_params:,} parameters, {dist.world_size} "
              f"process(es) ({dist.backend}), global batch {spec.global_batch} = {spec.micro_batch} x "
              f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.deepspeed.zero_stage}, "
@@ -212,7 +207,7 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
              f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
     t0 = time.time()
     try:
-        result = trainer.fit()
+        result = trainer.fit(dataset, validation=validation)
     except BaseException as exc:
         if rank0:
             with contextlib.suppress(OSError):  # a full disk may refuse this too

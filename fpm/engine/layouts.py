@@ -82,25 +82,20 @@ def train(layout: Layout, data: Path, out: Path, steps: int, dist, recipe_name: 
     from fpm.engine.distributed import barrier
     from fpm.engine.flops import train_flops_per_token
     from fpm.engine.metrics import read_metrics
-    from fpm.engine.setup import model_init_context, seed_everything
     from fpm.engine.trainer import Trainer
     from fpm.engine.consolidate import consolidated_state_dict
-    from fpm.models import build_model, objective
+    from fpm.models import pretraining_objective
     from fpm.engine.spec import pretraining_spec
 
     recipe = load_recipe(recipe_name or FAMILY_RECIPE[layout.family], preset="tiny",
                          overrides=layout.overrides(steps))
     run = out / layout.name
     dataset = build_dataset(recipe, data)
-    sp = dataset.tok.specials
-    seed_everything(recipe.train.seed)
     spec = pretraining_spec(recipe, dist.world_size, train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size,
-                                                                     recipe.data.seq_len))
-    with model_init_context(spec):
-        model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=sp.pad, eos_id=sp.eos or sp.eod,
-                            seed=recipe.train.seed)
-    trainer = Trainer(spec, objective(recipe.model, model), dataset, run, dist, resume=False, quiet=True)
-    result = trainer.fit()
+                                                                           recipe.data.seq_len))
+    trainer = Trainer(spec, lambda: pretraining_objective(recipe, dataset.tok.specials), run, dist, resume=False,
+                      quiet=True)
+    result = trainer.fit(dataset)
     barrier()
     if dist.rank == 0:
         losses = [m["loss"] for m in read_metrics(run) if "loss" in m]

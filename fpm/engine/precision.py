@@ -145,9 +145,21 @@ def resolve(recipe, device: str | None = None, started_with: str | None = None):
     return recipe, choice
 
 
+def check_supported(precision: str) -> None:
+    """A one-line error, before any work, for a precision DeepSpeed refuses on this device."""
+    from deepspeed.accelerator import get_accelerator
+
+    from fpm.errors import FpmError
+
+    if precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on this device. Use "
+                       "--set train.precision=bf16 (or fp32) on this machine")
+
+
 def for_run(recipe, out, dist):
     """:func:`resolve` for a training command writing to run directory ``out``: the precision this
-    run started with when ``out`` holds one, said once on rank 0 (with the warning, if any)."""
+    run started with when ``out`` holds one, said once on rank 0 (with the warning, if any); a
+    precision the device does not train in is refused here, before any work."""
     import yaml
 
     from fpm.console import info, warn
@@ -162,6 +174,7 @@ def for_run(recipe, out, dist):
         except (OSError, yaml.YAMLError, AttributeError):
             pass  # the run directory's own checks report a damaged recipe
     recipe, choice = resolve(recipe, select_accelerator(), started_with)
+    check_supported(choice.precision)
     if dist.rank == 0:
         info(choice.line())
         if choice.warning:

@@ -57,6 +57,24 @@ def universal_folder(ckpt_dir: Path, tag: str) -> Path:
     return ckpt_dir / UNIVERSAL / tag
 
 
+def universal_for(folder: Path, seal: dict, ckpt_dir: Path, stage: int, rank: int, world_size: int,
+                  quiet: bool = False) -> Path | None:
+    """Where a checkpoint written by another number of ranks or ZeRO stage is loaded from: its
+    conversion to DeepSpeed's universal format (made by rank 0, minutes at the paper's size: the
+    other ranks wait on the store, not in a barrier); None when it loads as it is."""
+    from fpm.console import info
+    from fpm.engine.timeouts import while_rank0
+
+    if not needs_reshard(folder, seal, world_size, stage):
+        return None
+    universal = universal_folder(ckpt_dir, folder.name)
+    if rank == 0 and not quiet:
+        info(f"{folder} was written by {seal['world_size']} rank(s) at ZeRO stage {saved_stage(folder, seal)}; "
+             f"converting it to DeepSpeed's universal format in {universal}")
+    while_rank0(lambda: convert(folder, universal), f"converting {folder}", rank, world_size)
+    return universal
+
+
 def default_workers() -> int:
     """Worker processes for a conversion: the cores this process may use (the other ranks wait on
     the store meanwhile), at most 8 (each holds slices of the optimizer state in memory)."""

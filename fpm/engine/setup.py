@@ -1,6 +1,6 @@
 """Everything before the first step: the model's set-up for its device, the optimizer, DeepSpeed's
-configuration and engine, and the helpers a workflow calls before building the model (seeding,
-ZeRO-3's partitioned construction, the precision check).
+configuration and engine, and what :class:`fpm.engine.trainer.Trainer` does before it builds the
+model (seeding, ZeRO-3's partitioned construction).
 
 :func:`build_engine` runs in this order, each decision made once before anything reads it:
 the CPU speed-ups (:func:`fpm.cpu.speed.speed_up`), activation checkpointing and compilation; which
@@ -95,7 +95,6 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
     import deepspeed
 
     s, model = spec, objective.model
-    check_precision(s.precision)
     applied = speed_up(objective)  # fpm.cpu: padding-free BERT; kernels when training on a CPU
     if s.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -142,15 +141,6 @@ def build_engine(spec: TrainSpec, objective: Objective, dist: Dist, run_dir: Pat
 def fp32_accumulation(spec: TrainSpec) -> bool:
     """bf16 without ZeRO and with accumulation: fpm sums the micro-batches' gradients in fp32."""
     return spec.precision == "bf16" and spec.deepspeed.zero_stage == 0 and spec.grad_accum > 1
-
-
-def check_precision(kind: str) -> None:
-    """A one-line error, before any work, for a precision DeepSpeed refuses on this device."""
-    from deepspeed.accelerator import get_accelerator
-
-    if kind == "fp16" and not get_accelerator().is_fp16_supported():
-        raise FpmError("fp16 training needs a GPU: DeepSpeed refuses fp16 on this device. Use "
-                       "--set train.precision=bf16 (or fp32) on this machine")
 
 
 def _undo_init_step(optimizer) -> None:

@@ -61,6 +61,14 @@ def objective(cfg: ModelCfg, model: nn.Module) -> Objective:
     return Objective(model, family.pretraining_loss, family.validation_sums)
 
 
+def pretraining_objective(recipe: Recipe, specials) -> Objective:
+    """The recipe's pretraining model, initialised from ``train.seed``, with its family's loss
+    (``specials``: the tokenizer's special ids)."""
+    model = build_model(recipe.model, recipe.tokenizer.vocab_size, pad_id=specials.pad,
+                        eos_id=specials.eos or specials.eod, seed=recipe.train.seed)
+    return objective(recipe.model, model)
+
+
 def count_params(recipe: Recipe) -> int:
     """Parameters of the recipe's pretraining model (shared/tied tensors counted once), on meta."""
     with torch.device("meta"):

@@ -124,6 +124,39 @@ def pretrain_command(name: str, sets: list[str], tmp: Path, monkeypatch):
     return seen
 
 
+def downstream_jobs(name: str, sets: list[str], tmp: Path, monkeypatch):
+    """What `fpm pretrain` starts as its checkpoints are sealed (fpm.eval.downstream): the processes
+    it spawns or the SLURM jobs it submits (captured, not run), and the `fpm finetune` command line
+    each job builds from the run's saved recipe."""
+    from fpm.config import dump_recipe, load_resolved
+    from fpm.eval import downstream
+    from fpm.rundir import RunDir
+
+    def build():
+        r = load_recipe(name, preset="tiny", overrides=sets)
+        downstream.check(r)
+        if not downstream.enabled(r):
+            return "off"
+        run = RunDir(tmp / f"r{len(list(tmp.iterdir()))}")
+        ckpt = run.checkpoints / "step-x"
+        ckpt.mkdir(parents=True)
+        (ckpt / "weights").write_text("w")
+        run.recipe.write_text(dump_recipe(r))
+        launched = []
+        monkeypatch.setattr(downstream.subprocess, "Popen", lambda argv, **kw: launched.append(("process", argv[2:])))
+        monkeypatch.setattr(downstream.subprocess, "run", lambda argv, **kw: launched.append(("sbatch", argv[:-1])))
+        launcher = downstream.Launcher(run.path, r)
+        for step in range(r.train.save_every, r.train.max_steps + 1, r.train.save_every):
+            launcher(step, ckpt)
+        saved = load_resolved(run.recipe).downstream
+        argv = [downstream.finetune_argv(run.path, step, saved) for step in launcher.started]
+
+        def plain(args):
+            return [str(a).replace(str(run.path), "RUN") for a in args]
+        return [(how, plain(args)) for how, args in launched], [plain(line) for line in argv]
+    return built(build)
+
+
 def data_sources(name: str, sets: list[str]):
     from fpm.commands.pretrain import data_sources as sources
 
@@ -300,6 +333,12 @@ PRETRAIN = {
     **_deepspeed_keys("spec", BERT),
     **{f"cluster.{k}": ("plan_json", "cpm-x-l", v, []) for k, v in {
         "nodes": 3, "gpus_per_node": 4, "gpu_memory_gb": 24.0, "gpu_peak_tflops": 100.0}.items()},
+    "downstream.task": ("downstream_jobs", BERT, "qqp", []),
+    **{f"downstream.{k}": ("downstream_jobs", BERT, v, ["downstream.task=qqp"]) for k, v in {
+        "every": 200, "data_dir": "QQPDIR", "max_steps": 7, "overrides": ["train.lr=0.5"], "launcher": "slurm"}.items()},
+    "downstream.slurm_args": ("downstream_jobs", BERT, ["--partition=gpu"], ["downstream.task=qqp",
+                                                                             "downstream.launcher=slurm"]),
+    "downstream.preset": ("downstream_jobs", BERT, "null", ["downstream.task=qqp", "downstream.data_dir=QQPDIR"]),
     **{f"paper.{k}": (INFO, "the paper's Table 2/4 figure, compared by `fpm recipes list` and `fpm plan --paper`")
        for k in ("name", "params", "time_hours", "steps", "gpus", "flops_eflops")},
 }
@@ -383,7 +422,7 @@ def _tiny_classifier(tmp: Path) -> Path:
 
 def read(kind: str, reader: str, name: str, sets: list[str], world: dict, monkeypatch):
     w = world
-    sets = [s.replace("VOCAB", str(w["vocab"])) for s in sets]
+    sets = [s.replace("VOCAB", str(w["vocab"])).replace("QQPDIR", str(w["qqp"])) for s in sets]
     call = {
         "spec": lambda: spec(name, sets), "spec_finetune": lambda: spec(name, sets, "finetune"),
         "model": lambda: model(name, sets),
@@ -391,6 +430,7 @@ def read(kind: str, reader: str, name: str, sets: list[str], world: dict, monkey
         "prepared": lambda: prepared(name, sets, _fresh(w["tmp"] / "prepared"), w["corpus"]),
         "pretrain_command": lambda: pretrain_command(name, sets, _fresh(w["tmp"] / "cmd"), monkeypatch),
         "data_sources": lambda: data_sources(name, sets),
+        "downstream_jobs": lambda: downstream_jobs(name, sets, _fresh(w["tmp"] / "downstream"), monkeypatch),
         "plan_json": lambda: plan_json(name, sets),
         "sweep": lambda: sweep_dry_run(name, sets, _fresh(w["tmp"] / "sweep")),
         "task_split": lambda: task_split(name, sets, w["qqp"]),

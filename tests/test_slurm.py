@@ -163,6 +163,35 @@ def test_a_two_node_run_continues_as_a_one_node_job(cluster, two_node_run, tmp_p
     assert [m["samples"] for m in trained[40:]] == [16 * s for s in range(41, 57)]  # global batch 16 throughout
 
 
+def test_downstream_scores_are_slurm_jobs_submitted_as_checkpoints_are_sealed(cluster, two_node_run, tmp_path):
+    """Downstream evaluation on a cluster (fpm.eval.downstream, ``launcher: slurm``): rank 0 of the
+    2-node pretraining submits one SLURM job per chosen checkpoint once it is sealed; each scores its
+    checkpoint in a job of its own; the pretraining's losses are the uninterrupted run's without it."""
+    run = tmp_path / "run"
+    sets = [a for s in ("downstream.task=qqp", "downstream.every=20", "downstream.max_steps=5",
+                        "downstream.launcher=slurm", "downstream.slurm_args=[--cpus-per-task=1, --time=20]")
+            for a in ("--set", s)]
+    job = sbatch(cluster, tmp_path, *CPU_SHAPE, str(ROOT / "slurm" / "pretrain.sbatch"), "bert-e-l", "--preset",
+                 "tiny", "--out", str(run), *STEPS, "--save-every", "20", *sets)
+    assert wait_done(cluster, job) == "COMPLETED"
+    files = [run / "downstream" / f"step-{s:08d}" / "result.json" for s in (20, 40)]
+    t0 = time.time()
+    while not all(f.is_file() for f in files):
+        assert time.time() - t0 < 600, [f.parent / "job.log" for f in files]
+        time.sleep(1)
+    results = [json.loads(f.read_text()) for f in files]
+    assert all("error" not in r and r["metric"] == "accuracy" for r in results), results
+    jobs = {r["slurm_job_id"] for r in results}
+    assert len(jobs) == 2 and job not in jobs and None not in jobs  # a SLURM job each, not the pretraining's
+    reference = two_node_run[1]
+
+    def losses(folder):
+        return [m["loss"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert losses(run) == losses(reference)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if r.get("split") == "downstream") == [20, 40]
+
+
 def test_sweep_with_the_slurm_executor_runs_one_job_per_cell(cluster, tmp_path):
     """Pretraining, fine-tuning and from-scratch control jobs per cell, the last two after the
     pretraining (afterok)."""

@@ -28,6 +28,7 @@ from fpm.errors import FpmError, one_line
 from fpm.engine.precision import for_run as choose_precision
 from fpm.engine.session import run_session, stop_signals
 from fpm.engine.spec import pretraining_spec
+from fpm.eval import downstream
 from fpm.rundir import PEAK, RunDir
 
 # recipe keys that may change between a run and its resumption (everything else must match)
@@ -110,6 +111,7 @@ def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict
     out = Path(out) if out else default_out(recipe, preset)
     dist = resolve_env()
     recipe, precision = choose_precision(recipe, out, dist)
+    downstream.check(recipe)
     memory = check_memory(recipe, dist) if memory_check else None
     with run_session(out, "fpm pretrain " + recipe_name, dist, recipe.train.collective_timeout_s):
         return _run(recipe, dist, out, data, resume, memory, precision)
@@ -195,8 +197,9 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
     spec = pretraining_spec(recipe, dist.world_size,
                             train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
     peak = resolve_peak(spec.precision, given=spec.peak_tflops, cache=rd / PEAK)
+    scored = downstream.enabled(recipe)  # chosen checkpoints fine-tuned and scored beside the training
     trainer = Trainer(spec, lambda: pretraining_objective(recipe, sp), out, dist, peak_tflops=peak.tflops,
-                      resume=resume == "auto")
+                      resume=resume == "auto", on_sealed=downstream.Launcher(out, recipe) if scored and rank0 else None)
     validation = validation_for(recipe, spec, sources, dist)
     if rank0:  # the trainer writes ds_config.json when it builds the engine
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
@@ -207,7 +210,8 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
              f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
     t0 = time.time()
     try:
-        result = trainer.fit(dataset, validation=validation)
+        result = trainer.fit(dataset, validation=validation, on_step=downstream.Watch(out, dist.rank) if scored else None,
+                             on_step_every=spec.log_every)
     except BaseException as exc:
         if rank0:
             with contextlib.suppress(OSError):  # a full disk may refuse this too
@@ -222,4 +226,6 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
                         memory={"estimate": asdict(memory) if memory else None, "host_peak_gb": used})
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
+        if scored:
+            downstream.say_summary(out)
     return result.exit_code

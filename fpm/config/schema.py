@@ -206,6 +206,19 @@ class ClusterCfg(Section):
     gpu_peak_tflops: float = Field(312.0, gt=0)  # A100 dense bf16/fp16
 
 
+class DownstreamCfg(Section):
+    """Chosen checkpoints fine-tuned and scored on a task while pretraining goes on (fpm.eval.downstream)."""
+
+    task: Literal["qqp", "tnews"] | None = None  # None: off
+    every: int = Field(0, ge=0)  # the checkpoints whose step is a multiple of this (a multiple of save_every), and the last
+    data_dir: str | None = None  # the task's folder (GLUE/CLUE layout); None: a synthetic task (preset tiny)
+    preset: str | None = None  # the fine-tuning recipe's preset
+    max_steps: int = Field(200, ge=1)  # fine-tuning steps per checkpoint
+    overrides: list[str] = Field(default_factory=list)  # --set for the fine-tuning recipe
+    launcher: Literal["local", "slurm"] = "local"  # a process on this machine, or a SLURM job
+    slurm_args: list[str] = Field(default_factory=list)  # sbatch options of the SLURM job (partition, GPUs, time)
+
+
 class PaperCfg(Section):
     """What the paper reports for this model (Tables 2 and 4), for comparison only."""
 
@@ -228,6 +241,7 @@ class Recipe(Section):
     train: TrainCfg
     deepspeed: DeepSpeedCfg = DeepSpeedCfg()
     cluster: ClusterCfg = ClusterCfg()
+    downstream: DownstreamCfg = DownstreamCfg()
     paper: PaperCfg | None = None
 
     @model_validator(mode="after")

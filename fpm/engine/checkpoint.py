@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +113,11 @@ class Checkpointer:
     calls :meth:`start`, :meth:`ready` and :meth:`finish` at the same steps (they are collective)."""
 
     def __init__(self, engine, ckpt_dir: Path, rank: int, world_size: int, keep_last: int, zero_stage: int = 0,
-                 background: bool = False):
+                 background: bool = False, on_sealed: Callable[[int, Path], None] | None = None):
+        """``on_sealed(step, folder)``: called on rank 0 once a checkpoint is sealed, before older ones
+        are pruned (the other ranks wait on the store meanwhile: it must be quick)."""
         self.engine, self.ckpt_dir, self.rank, self.world_size = engine, Path(ckpt_dir), rank, world_size
-        self.keep_last, self.zero_stage = keep_last, zero_stage
+        self.keep_last, self.zero_stage, self.on_sealed = keep_last, zero_stage, on_sealed
         self.writer = None
         if background:
             from fpm.engine.async_save import BackgroundWriter
@@ -191,6 +194,8 @@ class Checkpointer:
             latest_tmp = self.ckpt_dir / (LATEST + ".tmp")
             latest_tmp.write_text(p.folder.name)
             os.replace(latest_tmp, self.ckpt_dir / LATEST)
+            if self.on_sealed is not None:
+                self.on_sealed(p.step, p.folder)
             for old in sorted(complete_tags(self.ckpt_dir))[:-self.keep_last]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
                 shutil.rmtree(self.ckpt_dir / "universal" / old, ignore_errors=True)  # its conversion (reshard)

@@ -3,6 +3,7 @@ training line averages over (:class:`Window`)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import time
@@ -34,15 +35,19 @@ class MetricsLogger:
         """On resume: drop lines logged after the checkpoint (they will be logged again)."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(k + "\n" for k in keep))
+        with open(self.path, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # another process may append (fpm.eval.downstream's jobs)
+            keep = [line for line in fh.read().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+            fh.seek(0)
+            fh.truncate()
+            fh.write("".join(k + "\n" for k in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         try:
             with open(self.path, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
                 fh.write(json.dumps(record) + "\n")
         except OSError as exc:  # a full disk reports no file name: name it
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None

@@ -85,16 +85,18 @@ class Trainer:
     """``Trainer(spec, model_factory, run_dir, dist).fit(dataset, ...)`` (see the module's docstring)."""
 
     def __init__(self, spec: TrainSpec, model: Callable[[], Objective], run_dir: Path, dist: Dist, *,
-                 peak_tflops: float | None = None, resume: bool = True, quiet: bool = False):
+                 peak_tflops: float | None = None, resume: bool = True, quiet: bool = False,
+                 on_sealed: Callable[[int, Path], None] | None = None):
         """``model()`` returns the :class:`fpm.models.objective.Objective` to train (``objective(batch)``
-        is the loss); the loop calls it through the DeepSpeed engine, ``engine(batch)``."""
+        is the loss); the loop calls it through the DeepSpeed engine, ``engine(batch)``. ``on_sealed``:
+        see :class:`fpm.engine.checkpoint.Checkpointer`."""
         check_supported(spec.precision)
         seed_everything(spec.seed)
         with model_init_context(spec):  # ZeRO-3: each parameter partitioned as it is built
             self.objective = model()
         self.spec, self.model = spec, self.objective.model
         self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
-        self.quiet = quiet
+        self.quiet, self.on_sealed = quiet, on_sealed
         self.dataset = None
         self.validation: Validation | None = None
         self.on_step, self.on_step_every = None, 0
@@ -120,7 +122,7 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
         self.saver = ckpt.Checkpointer(self.engine, self.ckpt_dir, rank, world, s.keep_last, s.deepspeed.zero_stage,
                                        background=s.async_save if s.async_save is not None
-                                       else self.engine.device.type == "cuda")
+                                       else self.engine.device.type == "cuda", on_sealed=self.on_sealed)
         self._scale_loss, self.flat_master, self.speed_ups = built.scale_loss, built.flat_master, built.speed_ups
         if self.guard.enabled:
             self.gate = StepGate(built.client_optimizer)

@@ -239,11 +239,13 @@ def sweep_depth_cmd(
 
 
 @app.command("report")
-def report_cmd(sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory (fpm sweep-depth --out).")]) -> None:
-    """Rebuild report.md, report.html, plots and results.json from a sweep's cell files."""
+def report_cmd(folder: Annotated[Path, typer.Argument(help="A sweep directory (fpm sweep-depth --out) or a "
+                                                     "pretraining run directory (fpm pretrain --out).")]) -> None:
+    """A sweep's report (report.md, report.html, plots, results.json from its cell files), or one run's:
+    losses, downstream scores, throughput and MFU, spikes and restarts."""
     from fpm.commands.report import report_command
 
-    report_command(sweep_dir)
+    report_command(folder)
 
 
 @app.command("plan")

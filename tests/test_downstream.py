@@ -146,6 +146,11 @@ def test_chosen_checkpoints_are_scored_beside_training_which_stays_bit_identical
     mine = json.loads(RunDir(direct).results.read_text())
     assert (at10["dev_accuracy"], at10["dev_f1"]) == (mine["accuracy"], mine["f1"])
     assert training_rows(downstream.folder(run, 20) / "finetune") != training_rows(job)  # another checkpoint
+    run_main("report", str(run), check=True)  # the run's page plots and lists them
+    md, seq = (run / "report.md").read_text(), recipe().data.seq_len
+    for at in (at10, at20):
+        assert f"| {at['step']} | {at['step'] * 16 * seq:,} | qqp | accuracy | {100 * at['value']:.2f} |" in md
+    assert (run / "plots" / "downstream.png").is_file()
 
 
 @pytest.mark.e2e
@@ -166,3 +171,48 @@ def test_a_crashing_downstream_job_leaves_the_pretraining_running_and_says_so(re
     assert set(failed) == {"10", "20"}
     rows = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines()]
     assert sum(1 for r in rows if r.get("split") == "downstream" and "error" in r) == 2
+
+
+# ------------------------------------------------------------------ fpm report RUN_DIR
+
+
+def test_a_runs_report_shows_its_losses_scores_spikes_and_restarts(tmp_path):
+    """The report of a run whose metrics are written here by hand: every downstream row, failure,
+    rollback and restart appears, at the tokens its step had trained on."""
+    from fpm.engine.metrics import MetricsLogger
+
+    run = tmp_path / "run"
+    r = recipe()
+    RunDir(run).path.mkdir()
+    RunDir(run).recipe.write_text(dump_recipe(r))
+    RunDir(run).write_status(status="done", world_size=2, device="cpu (test)", wall_s=7200.0)
+    log = MetricsLogger(run, enabled=True, tensorboard=False)
+    for step in range(1, 31):
+        log.log({"step": step, "loss": 8.0 - step / 10, "samples": (step + (5 if step > 20 else 0)) * 16,
+                 "tokens_per_s": 1000.0 + step, "mfu": 0.25, "elapsed_s": 60.0 * step,
+                 "spikes_skipped": 0 if step < 18 else 2})
+        if step % 10 == 0:
+            log.log({"step": step, "split": "validation", "val_loss": 7.5 - step / 100})
+    log.log({"step": 15, "event": "rollback", "from_step": 18, "skipped_data_steps": [15, 17], "spikes_skipped": 2,
+             "rollbacks": 1})
+    log.log({"step": 20, "event": "resumed", "world_size": 2, "time": 0.0})
+    log.log({"step": 10, "split": "downstream", "task": "qqp", "metric": "accuracy", "value": 0.625,
+             "dev_accuracy": 0.625, "dev_f1": 0.5})
+    log.log({"step": 30, "split": "downstream", "error": "fpm finetune exited 2: boom", "log": "x.log"})
+    log.close()
+    paths = run_main("report", str(run), check=True)
+    md = (run / "report.md").read_text()
+    seq = r.data.seq_len
+    assert f"| 10 | {10 * 16 * seq:,} | qqp | accuracy | 62.50 | 62.50 | 50.00 | |" in md
+    assert f"| 30 | {35 * 16 * seq:,} | | | | | | failed: fpm finetune exited 2: boom |" in md  # its samples
+    assert "2 update(s) skipped for loss spikes, 1 rollback(s), 0 step(s) skipped on fp16 overflow, 1 restart(s)" in md
+    assert "| 15 | rollback | from step 18, data steps 16-18 skipped |" in md and "| 20 | resumed | on 2 process(es) |" in md
+    assert "best validation loss 7.2000 at step 30" in md and "Median 1,016 tokens/s, median MFU 25.0%" in md
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,iVBOR") == 3  # loss, downstream, throughput: embedded
+    assert paths.returncode == 0
+
+
+def test_report_of_a_folder_that_is_neither_a_run_nor_a_sweep_is_one_line(tmp_path):
+    proc = run_main("report", str(tmp_path))
+    assert proc.returncode == 2 and "neither a sweep directory" in proc.stderr and "Traceback" not in proc.stderr

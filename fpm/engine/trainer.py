@@ -188,6 +188,8 @@ class Trainer:
                 info(f"already trained to step {start} (max_steps={s.max_steps})")
             metrics.close()
             return FitResult(EXIT_OK, start, "done")
+        if start:  # a restart, for the run's report
+            metrics.log({"step": start, "event": "resumed", "world_size": self.dist.world_size, "time": time.time()})
         stop = StopFlag().install()
         loader = iter(self._loader(start))
         dog = self.watchdog.start(start)

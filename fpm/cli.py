@@ -79,6 +79,9 @@ def recipes_show(
 
 
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides train.seed).")]
+Tracker = Annotated[Optional[list[str]], typer.Option(
+    "--tracker", help="wandb or mlflow (repeatable): the metrics, recipe and summary also go there (pip install "
+                      "'fpm[track]'; WANDB_MODE=offline and MLflow's store in the run directory need no server).")]
 
 
 @app.command("pretrain")
@@ -95,6 +98,7 @@ def pretrain_cmd(
     resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest intact checkpoint; never.")] = "auto",
     memory_check: Annotated[bool, typer.Option("--memory-check/--no-memory-check", help="Refuse at launch a run "
                                                "whose estimated memory exceeds what the device has (default on).")] = True,
+    tracker: Tracker = None,
 ) -> None:
     """Pretrain a recipe with DeepSpeed (one process, torchrun, srun or the deepspeed launcher).
 
@@ -104,7 +108,7 @@ def pretrain_cmd(
     from fpm.commands.pretrain import pretrain
 
     code = pretrain(recipe, preset=preset, overrides=sets or [], data=data, out=out, max_steps=max_steps,
-                    save_every=save_every, seed=seed, resume=resume, memory_check=memory_check)
+                    save_every=save_every, seed=seed, resume=resume, memory_check=memory_check, trackers=tracker or [])
     raise typer.Exit(code)
 
 
@@ -129,13 +133,14 @@ def finetune_cmd(
                                                "tokenizer with freshly initialised weights (what pretraining adds).")] = False,
     memory_check: Annotated[bool, typer.Option("--memory-check/--no-memory-check", help="Refuse at launch a run "
                                                "that will not fit in memory (the estimate and the cheapest fix).")] = True,
+    tracker: Tracker = None,
 ) -> None:
     """Fine-tune an encoder on QQP or TNEWS; evaluate on dev, keep the best, write submission files for test."""
     from fpm.commands.finetune import finetune
 
     raise typer.Exit(finetune(task, init=init, data_dir=data_dir, out=out, preset=preset, overrides=sets or [],
                               max_steps=max_steps, epochs=epochs, seed=seed, resume=resume, with_floors=floors,
-                              from_scratch=from_scratch, memory_check=memory_check))
+                              from_scratch=from_scratch, memory_check=memory_check, trackers=tracker or []))
 
 
 @app.command("baseline")

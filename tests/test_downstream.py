@@ -211,8 +211,3 @@ def test_a_runs_report_shows_its_losses_scores_spikes_and_restarts(tmp_path):
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,iVBOR") == 3  # loss, downstream, throughput: embedded
     assert paths.returncode == 0
-
-
-def test_report_of_a_folder_that_is_neither_a_run_nor_a_sweep_is_one_line(tmp_path):
-    proc = run_main("report", str(tmp_path))
-    assert proc.returncode == 2 and "neither a sweep directory" in proc.stderr and "Traceback" not in proc.stderr

@@ -120,6 +120,7 @@ def test_sweep_rejects_depths_that_collapse_under_the_preset(tmp_path):
     assert proc.returncode == 2 and "collapse to the same number of layers" in proc.stderr
 
 
-def test_report_on_a_directory_that_is_not_a_sweep(tmp_path):
+def test_report_on_a_directory_that_is_neither_a_sweep_nor_a_run(tmp_path):
     proc = run_main("report", str(tmp_path))
-    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
+    assert proc.returncode == 2 and "neither a sweep directory (sweep.json) nor a pretraining run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -25,6 +25,7 @@ from fpm.config.schema import FinetuneRecipe
 from fpm.console import info, warn
 from fpm.data.pairs import training_set
 from fpm.data.tasks import load_split, skipped_rows, tnews_label_names
+from fpm.engine.trackers import Trackers, check_installed
 from fpm.errors import FpmError
 from fpm.eval.metrics import task_metrics
 from fpm.eval.predict import predict
@@ -68,12 +69,13 @@ class DevEvaluation:
 def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None = None, preset: str | None = None,
              overrides: list[str] | None = None, max_steps: int | None = None, epochs: float | None = None,
              seed: int | None = None, resume: str = "auto", with_floors: bool = True, from_scratch: bool = False,
-             memory_check: bool = True) -> int:
+             memory_check: bool = True, trackers: list[str] | None = None) -> int:
     from fpm.engine.distributed import resolve_env
     from fpm.engine.precision import for_run as choose_precision
     from fpm.engine.session import run_session, stop_signals
 
     with stop_signals():
+        check_installed(trackers or [])
         recipe = load_recipe(task, preset=preset, overrides=overrides or [], kind="finetune",
                              flags={"train.epochs": ("--epochs", epochs), "train.max_steps": ("--max-steps", max_steps),
                                     "train.seed": ("--seed", seed)})
@@ -86,7 +88,7 @@ def finetune(task: str, *, init: Path, data_dir: Path | None, out: Path | None =
             check_memory(recipe, Path(init), dist)
         with run_session(out, "fpm finetune " + task, dist):  # the default collective timeout (3600 s)
             return _finetune(recipe, Path(init), data_dir, out, dist, resume, with_floors, synthetic, from_scratch,
-                             precision.as_dict())
+                             precision.as_dict(), trackers or [])
 
 
 def check_memory(recipe: FinetuneRecipe, init: Path, dist) -> None:
@@ -102,7 +104,7 @@ def check_memory(recipe: FinetuneRecipe, init: Path, dist) -> None:
 
 def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, out: Path, dist, resume: str,
               with_floors: bool = True, synthetic: bool = False, from_scratch: bool = False,
-              precision: dict | None = None) -> int:
+              precision: dict | None = None, trackers: list[str] | None = None) -> int:
     from fpm.engine.distributed import barrier
     from fpm.engine.spec import finetuning_spec
     from fpm.engine.timeouts import while_rank0
@@ -139,7 +141,8 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         init = load_init(init_path, recipe, from_scratch=from_scratch)
         return Objective(init.model, classification_loss)
 
-    trainer = Trainer(spec, classifier, out, dist, resume=resume == "auto")
+    track = Trackers(trackers or [], out, out.name, recipe.model_dump(mode="json"), enabled=rank0)
+    trainer = Trainer(spec, classifier, out, dist, resume=resume == "auto", trackers=track)
     feats = {name: init.encoder.encode(s.examples) for name, s in splits.items() if s is not None}
     labels = np.asarray([e.label for e in train.examples], dtype=np.int64)
     # the model the trainer trains, in place (moved to its device, cast to its dtype by the engine)
@@ -149,8 +152,13 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
         info(f"fine-tuning {init.source} on {task.name} ({len(train.examples):,} train, {len(dev.examples):,} dev"
              f"{', ' + format(len(splits['test'].examples), ',') + ' test' if splits['test'] else ''}): {steps} steps "
              f"of {t.batch_size}, input {' + '.join(task.fields)}")
-    result = trainer.fit(training_set(feats["train"], labels, t), on_step=evaluate, on_step_every=spec.eval_every)
+    try:
+        result = trainer.fit(training_set(feats["train"], labels, t), on_step=evaluate, on_step_every=spec.eval_every)
+    except BaseException:
+        track.close()
+        raise
     if result.reason != "done":
+        track.close()
         return result.exit_code
     best = evaluate.best()
     if best is None or best["step"] != result.step and result.step % spec.eval_every:
@@ -186,7 +194,9 @@ def _finetune(recipe: FinetuneRecipe, init_path: Path, data_dir: Path | None, ou
                             "dev_also_in_train_exact": aud["splits"]["dev"]["also_in_train_exact"]["count"],
                             "dev_majority_share": aud["splits"]["dev"]["majority_share"]}
         write_json(RunDir(out).results, results)
+        track.summary(results)
         summary(results, recipe, Path(data_dir), floor, aud)
 
     while_rank0(report, "the results, audit and floors", dist.rank, dist.world_size)
+    track.close()
     return 0

@@ -28,6 +28,7 @@ from fpm.errors import FpmError, one_line
 from fpm.engine.precision import for_run as choose_precision
 from fpm.engine.session import run_session, stop_signals
 from fpm.engine.spec import pretraining_spec
+from fpm.engine.trackers import Trackers, check_installed
 from fpm.eval import downstream
 from fpm.rundir import PEAK, RunDir
 
@@ -95,16 +96,18 @@ def _device_name() -> str:
 def pretrain(recipe_name: str, *, preset: str | None = None, overrides: list[str] | None = None,
              data: Path | str | list | None = None, out: Path | None = None, max_steps: int | None = None,
              save_every: int | None = None, seed: int | None = None, resume: str = "auto",
-             memory_check: bool = True) -> int:
+             memory_check: bool = True, trackers: list[str] | None = None) -> int:
     """Returns the process exit code (see :mod:`fpm.engine.signals`)."""
     flags = {"train.max_steps": ("--max-steps", max_steps), "train.save_every": ("--save-every", save_every),
              "train.seed": ("--seed", seed)}
     with stop_signals():
-        return _pretrain(recipe_name, preset, list(overrides or []), flags, data, out, resume, memory_check)
+        return _pretrain(recipe_name, preset, list(overrides or []), flags, data, out, resume, memory_check,
+                         list(trackers or []))
 
 
 def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict, data, out: Path | None,
-              resume: str, memory_check: bool = True) -> int:
+              resume: str, memory_check: bool = True, trackers: list[str] | None = None) -> int:
+    check_installed(trackers or [])
     recipe = load_recipe(recipe_name, preset=preset, overrides=sets, flags=flags, kind="pretrain")
     if resume not in ("auto", "never"):
         raise FpmError(f"--resume must be auto or never, not {resume!r}")
@@ -114,7 +117,7 @@ def _pretrain(recipe_name: str, preset: str | None, sets: list[str], flags: dict
     downstream.check(recipe)
     memory = check_memory(recipe, dist) if memory_check else None
     with run_session(out, "fpm pretrain " + recipe_name, dist, recipe.train.collective_timeout_s):
-        return _run(recipe, dist, out, data, resume, memory, precision)
+        return _run(recipe, dist, out, data, resume, memory, precision, trackers or [])
 
 
 def data_sources(data, recipe: Recipe) -> list[tuple[Path, float]]:
@@ -155,7 +158,8 @@ def host_peak_gb(dist, device) -> dict:
             "sum_ranks": float(all_sum(torch.tensor(mine, device=device), dist.world_size))}
 
 
-def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precision=None) -> int:
+def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precision=None,
+         trackers: list[str] | None = None) -> int:
     import torch
 
     from fpm.data.mixture import build_mixture
@@ -198,8 +202,10 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
                             train_flops_per_token(recipe.model, recipe.tokenizer.vocab_size, seq, target))
     peak = resolve_peak(spec.precision, given=spec.peak_tflops, cache=rd / PEAK)
     scored = downstream.enabled(recipe)  # chosen checkpoints fine-tuned and scored beside the training
+    track = Trackers(trackers or [], out, out.name, recipe.model_dump(mode="json"), enabled=rank0)
     trainer = Trainer(spec, lambda: pretraining_objective(recipe, sp), out, dist, peak_tflops=peak.tflops,
-                      resume=resume == "auto", on_sealed=downstream.Launcher(out, recipe) if scored and rank0 else None)
+                      resume=resume == "auto", on_sealed=downstream.Launcher(out, recipe) if scored and rank0 else None,
+                      trackers=track)
     validation = validation_for(recipe, spec, sources, dist)
     if rank0:  # the trainer writes ds_config.json when it builds the engine
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
@@ -208,14 +214,16 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
              f"{spec.grad_accum} x {dist.world_size}, {recipe.train.precision}, ZeRO {spec.deepspeed.zero_stage}, "
              f"{torch.get_num_threads()} threads, {allocator.in_use()} malloc, MFU against {peak.tflops:,.1f} "
              f"TFLOP/s ({peak.source}: {peak.detail}); run dir {out}")
+    watch = downstream.Watch(out, dist.rank, track) if scored else None  # failures said, scores to the trackers
     t0 = time.time()
     try:
-        result = trainer.fit(dataset, validation=validation, on_step=downstream.Watch(out, dist.rank) if scored else None,
-                             on_step_every=spec.log_every)
+        result = trainer.fit(dataset, validation=validation, on_step=watch, on_step_every=spec.log_every)
     except BaseException as exc:
         if rank0:
             with contextlib.suppress(OSError):  # a full disk may refuse this too
                 rd.write_status(status="failed", error=one_line(exc)[:500], wall_s=time.time() - t0)
+            track.summary(rd.status())
+            track.close()
         raise
     used = host_peak_gb(dist, trainer.engine.device)
     if rank0:
@@ -227,5 +235,8 @@ def _run(recipe: Recipe, dist, out: Path, data, resume: str, memory=None, precis
         if result.reason == "done":
             info(f"done: step {result.step}; checkpoints in {rd.checkpoints}")
         if scored:
+            watch(result.step)
             downstream.say_summary(out)
+        track.summary(rd.status())
+        track.close()
     return result.exit_code

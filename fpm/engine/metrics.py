@@ -19,8 +19,10 @@ from fpm.rundir import RunDir
 class MetricsLogger:
     """Appends to ``metrics.jsonl`` and TensorBoard (rank 0 only; other ranks keep nothing)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, trackers=None):
+        """``trackers``: :class:`fpm.engine.trackers.Trackers` receiving every row too (their
+        lifetime is the caller's)."""
+        self.enabled, self.trackers = enabled, trackers
         self.path = RunDir(run_dir).metrics
         self._tb = None
         if enabled and tensorboard:
@@ -51,6 +53,8 @@ class MetricsLogger:
                 fh.write(json.dumps(record) + "\n")
         except OSError as exc:  # a full disk reports no file name: name it
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        if self.trackers is not None:
+            self.trackers.log(record)
         if self._tb is not None:
             step, split = record["step"], record.get("split", "train")
             for k, v in record.items():

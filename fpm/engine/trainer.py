@@ -86,17 +86,18 @@ class Trainer:
 
     def __init__(self, spec: TrainSpec, model: Callable[[], Objective], run_dir: Path, dist: Dist, *,
                  peak_tflops: float | None = None, resume: bool = True, quiet: bool = False,
-                 on_sealed: Callable[[int, Path], None] | None = None):
+                 on_sealed: Callable[[int, Path], None] | None = None, trackers=None):
         """``model()`` returns the :class:`fpm.models.objective.Objective` to train (``objective(batch)``
         is the loss); the loop calls it through the DeepSpeed engine, ``engine(batch)``. ``on_sealed``:
-        see :class:`fpm.engine.checkpoint.Checkpointer`."""
+        see :class:`fpm.engine.checkpoint.Checkpointer`; ``trackers``: :class:`fpm.engine.trackers.Trackers`
+        (rank 0), given every metrics row."""
         check_supported(spec.precision)
         seed_everything(spec.seed)
         with model_init_context(spec):  # ZeRO-3: each parameter partitioned as it is built
             self.objective = model()
         self.spec, self.model = spec, self.objective.model
         self.run_dir, self.dist, self.peak_tflops, self.resume = Path(run_dir), dist, peak_tflops, resume
-        self.quiet, self.on_sealed = quiet, on_sealed
+        self.quiet, self.on_sealed, self.trackers = quiet, on_sealed, trackers
         self.dataset = None
         self.validation: Validation | None = None
         self.on_step, self.on_step_every = None, 0
@@ -181,7 +182,7 @@ class Trainer:
         start = self.setup()
         if start == 0:  # a fresh run: one dropout stream per rank (a resumed run restored its own)
             torch.manual_seed(s.seed + 1 + self.dist.rank)
-        metrics = MetricsLogger(self.run_dir, enabled=rank0)
+        metrics = MetricsLogger(self.run_dir, enabled=rank0, trackers=self.trackers)
         metrics.truncate_after(start)
         if start >= s.max_steps:
             if not self.quiet:

@@ -173,8 +173,8 @@ class Launcher:
 class Watch:
     """The pretraining's look at its downstream jobs (rank 0, at log steps): each failure said once."""
 
-    def __init__(self, run_dir: Path, rank: int):
-        self.run_dir, self.rank, self.said = Path(run_dir), rank, set()
+    def __init__(self, run_dir: Path, rank: int, trackers=None):
+        self.run_dir, self.rank, self.trackers, self.said = Path(run_dir), rank, trackers, set()
 
     def __call__(self, step: int) -> None:
         if self.rank != 0:
@@ -182,8 +182,12 @@ class Watch:
         from fpm.console import warn
 
         for r in results(self.run_dir):
-            if "error" in r and r["step"] not in self.said:
-                self.said.add(r["step"])
+            if r["step"] in self.said:
+                continue
+            self.said.add(r["step"])
+            if self.trackers is not None:  # the experiment trackers get the scores that arrive while training runs
+                self.trackers.log(r)
+            if "error" in r:
                 warn(f"downstream evaluation of step {r['step']} failed (pretraining goes on): {r['error']}")
         return None
 

@@ -158,23 +158,42 @@ def baseline_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    task: Annotated[str, typer.Argument(help="qqp or tnews (a fine-tuned classifier), a task recipe path, or lm "
-                                             "(a pretraining run's loss on held-out text).")],
+    task: Annotated[str, typer.Argument(help="qqp or tnews (a fine-tuned classifier), a task recipe path, lm "
+                                             "(a pretraining run's loss on held-out text), or harness "
+                                             "(lm-evaluation-harness tasks on a GPT or T5 run or export).")],
     model: Annotated[Path, typer.Option("--model", help="qqp/tnews: a fine-tuned classifier (fpm finetune OUT dir or "
-                                        "a HF folder); lm: a pretraining run directory.")],
+                                        "a HF folder); lm: a pretraining run directory; harness: a GPT/T5 run "
+                                        "directory or exported folder.")],
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="qqp/tnews: the task folder (official "
                                                      "layout); lm: a prepared folder with a validation part "
                                                      "(default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="qqp/tnews: dev (scored) or test (submission file only).")] = "dev",
     out: Annotated[Optional[Path], typer.Option("--out", help="Where results (and predictions) go.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="lm: a checkpoint tag (step-00000100); "
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="lm, harness: a checkpoint tag (step-00000100); "
                                                       "default the newest intact one.")] = None,
     batches: Annotated[Optional[int], typer.Option("--batches", help="lm: global batches of the validation part "
                                                    "to score (default: the run's train.eval_batches).")] = None,
     preset: Preset = None,
     sets: Sets = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="harness: comma-separated lm-evaluation-harness "
+                                                 "tasks (its registry, or local task files with --include-path).")] = None,
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="harness: a folder of local task "
+                                                         "YAML files.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="harness: examples in context.")] = None,
+    limit: Annotated[Optional[float], typer.Option("--limit", help="harness: documents per task (or a fraction).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="harness: the batch size.")] = 8,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="harness: keep every request's response in "
+                                              "the results file.")] = False,
 ) -> None:
-    """Evaluate a fine-tuned classifier, or a pretrained language model on held-out text, without training."""
+    """Evaluate a fine-tuned classifier, a pretrained language model on held-out text (lm), or a GPT/T5
+    model on lm-evaluation-harness tasks (harness), without training."""
+    if task == "harness":
+        from fpm.commands.evaluate import evaluate_harness
+
+        evaluate_harness(model, tasks=[t.strip() for t in (tasks or "").split(",") if t.strip()],
+                         include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                         tag=checkpoint, out=out, log_samples=log_samples)
+        return
     if task == "lm":
         from fpm.commands.evaluate import evaluate_lm
 

@@ -1,17 +1,19 @@
 """A trained run → its recipe, weights, model and tokenizer.
 
 What `fpm export`, `fpm generate`, `fpm evaluate` and `fpm finetune --init` read from a pretraining
-run directory: the resolved ``recipe.yaml``, the newest intact checkpoint (or a named one)
+run directory (and the export itself, :func:`export_run`): the resolved ``recipe.yaml``, the newest intact checkpoint (or a named one)
 consolidated into full fp32 weights (:mod:`fpm.engine.consolidate`), the model those weights fit,
 and the run's own copy of its vocabulary (and that vocabulary written as a Hugging Face tokenizer).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from fpm.config import load_resolved
-from fpm.console import info
+from fpm.console import info, warn
 from fpm.engine import checkpoint as ckpt
 from fpm.engine.consolidate import consolidated_state_dict
 from fpm.errors import FpmError
@@ -104,3 +106,30 @@ def export_tokenizer(tok, out: Path) -> None:
         fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.save_pretrained(str(out))
+
+
+def usual_modes(folder: Path) -> None:
+    """Give every exported file the mode a new file gets under the user's umask (0644 under the
+    usual 022): some writers create theirs with mkstemp, i.e. 0600, which other users cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def export_run(run_dir: Path, out: Path, tag: str | None = None):
+    """A run's checkpoint (``tag``, default the newest intact one) as a Hugging Face folder ``out``
+    (see `fpm export`); (recipe, checkpoint folder, parameter count)."""
+    recipe, model, tok, folder = load_run_model(run_dir, tag)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FpmError(f"{out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    try:
+        export_tokenizer(tok, out)
+    except Exception as exc:  # the weights are the export; a tokenizer problem must not lose them
+        warn(f"tokenizer export failed ({type(exc).__name__}: {exc}); fpm's tokenizer folder is in {out / 'fpm_tokenizer'}")
+    shutil.copyfile(RunDir(run_dir).recipe, out / "fpm_recipe.yaml")
+    usual_modes(out)
+    return recipe, folder, sum(p.numel() for p in model.parameters())

@@ -99,3 +99,19 @@ def evaluate_lm(run_dir: Path, *, data_dir: Path | None = None, tag: str | None 
     info(f"{run_dir} {folder.name} on {data_dir} (validation part, {metrics['val_samples']} of {len(part)} samples): "
          f"{shown}; written to {out}")
     return result
+
+
+def evaluate_harness(model: Path, *, tasks: list[str], include_path: Path | None = None,
+                     num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
+                     tag: str | None = None, out: Path | None = None, log_samples: bool = False) -> dict:
+    """EleutherAI's lm-evaluation-harness on a GPT or T5 run or exported folder (:mod:`fpm.eval.harness`)."""
+    from fpm.eval.harness import evaluate
+
+    res = evaluate(model, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                   batch_size=batch_size, tag=tag, out=out, log_samples=log_samples)
+    for task, metrics in res["results"].items():
+        shown = [f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                 if isinstance(v, float) and "stderr" not in k]
+        info(f"{task}: {', '.join(shown)}")
+    info(f"harness results in {res['out']}")
+    return res

@@ -250,13 +250,16 @@ def sweep_depth_cmd(
                         "architecture from scratch (first seed): what pretraining adds (default: the sweep recipe's, on).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="local: cells at once, each on its share of the "
                     "cores (default: one per core for --preset tiny without a GPU, else 1).")] = None,
+    equal_compute: Annotated[Optional[bool], typer.Option("--equal-compute/--no-equal-compute", help="Also fine-tune "
+                             "each deeper cell's checkpoint at the shallowest depth's compute: the report compares "
+                             "depths at equal compute too (default: the sweep recipe's, on).")] = None,
 ) -> None:
     """The paper's depth study: pretrain at each depth, fine-tune, evaluate on dev, report with error bars."""
     from fpm.commands.sweep import sweep_depth
 
     code = sweep_depth(recipe, task=task, depths=_ints(depths), seeds=seeds, preset=preset, out=out, data=data,
                        data_dir=data_dir, executor=executor, dry_run=dry_run, pretrain_sets=sets or [],
-                       task_sets=task_sets or [], controls=controls, jobs=jobs,
+                       task_sets=task_sets or [], controls=controls, jobs=jobs, equal_compute=equal_compute,
                        slurm_options={"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition,
                                       "time": time_limit, "account": account, "cpus_per_task": cpus_per_task})
     raise typer.Exit(code)

@@ -43,9 +43,15 @@ def test_a_downstream_section_that_cannot_run_is_refused_before_training(name, s
     downstream.check(recipe(name))  # off: nothing to check
 
 
-def test_chosen_checkpoints_are_the_multiples_of_every_and_the_last():
-    assert [s for s in range(100, 1001, 100) if downstream.chosen(s, 300, 1000)] == [300, 600, 900, 1000]
-    assert [s for s in range(100, 1001, 100) if downstream.chosen(s, 0, 1000)] == [1000]
+def test_chosen_checkpoints_are_the_multiples_of_every_the_steps_named_and_the_last():
+    def steps(*sets):
+        cfg = recipe("bert-e-l", "downstream.task=qqp", *sets).downstream
+        return [s for s in range(100, 1001, 100) if downstream.chosen(s, cfg, 1000)]
+    assert steps("downstream.every=300") == [300, 600, 900, 1000]
+    assert steps() == [1000]
+    assert steps("downstream.steps=[200, 500]", "downstream.last=false") == [200, 500]
+    with pytest.raises(FpmError, match=r"downstream.steps: \[150\] are not checkpoints of this run"):
+        downstream.check(recipe("bert-e-l", "downstream.task=qqp", "downstream.steps=[150, 200]"))
 
 
 def test_the_snapshot_is_hard_links_that_outlive_the_pruned_checkpoint(tmp_path):

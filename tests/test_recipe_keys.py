@@ -335,7 +335,7 @@ PRETRAIN = {
         "nodes": 3, "gpus_per_node": 4, "gpu_memory_gb": 24.0, "gpu_peak_tflops": 100.0}.items()},
     "downstream.task": ("downstream_jobs", BERT, "qqp", []),
     **{f"downstream.{k}": ("downstream_jobs", BERT, v, ["downstream.task=qqp"]) for k, v in {
-        "every": 200, "data_dir": "QQPDIR", "max_steps": 7, "overrides": ["train.lr=0.5"], "launcher": "slurm"}.items()},
+        "every": 200, "steps": [100], "last": False, "data_dir": "QQPDIR", "max_steps": 7, "overrides": ["train.lr=0.5"], "launcher": "slurm"}.items()},
     "downstream.slurm_args": ("downstream_jobs", BERT, ["--partition=gpu"], ["downstream.task=qqp",
                                                                              "downstream.launcher=slurm"]),
     "downstream.preset": ("downstream_jobs", BERT, "null", ["downstream.task=qqp", "downstream.data_dir=QQPDIR"]),
@@ -373,7 +373,7 @@ SWEEP = {
     **{k: ("sweep", "bert-e-depth", v, []) for k, v in {
         "recipe": "bert-e-s", "task": "tnews", "depths": "[48,50]", "seeds": 3, "controls": False,
         "pretrain_set": "[train.lr=0.5]", "task_set": "[train.lr=0.5]", "bootstrap_samples": 150,
-        "confidence": 0.8}.items()},
+        "confidence": 0.8, "equal_compute": False}.items()},
 }
 # readers that reach the Hugging Face Hub, offline here: the request they make (named in the error) is the effect
 OFFLINE = {"tokenizer.hub", "task.hub_dataset", "task.hub_config"}

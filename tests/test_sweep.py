@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_fpm, run_main
 
-FAST = ["--set", "train.max_steps=30", "--set", "train.save_every=30", "--task-set", "train.max_steps=30",
+FAST = ["--set", "train.max_steps=30", "--set", "train.save_every=10", "--task-set", "train.max_steps=30",
         "--task-set", "train.eval_every=15"]
 
 
@@ -65,11 +65,31 @@ def test_tiny_sweep_end_to_end_and_report_matches_cells(tmp_path):
     md = (out / "report.md").read_text()
     assert "Synthetic data" in md and "Table 3" in md and summ["verdict"] in md
     assert f"**In one sentence.** {summ['takeaway']}" in md and "pretraining adds" in summ["takeaway"]
-    assert "acc. from scratch" in md and md.count("What to see:") == 3
+    assert "acc. from scratch" in md and md.count("What to see:") == 4
     d70 = summ["per_depth"]["70"]["accuracy"]
     assert f"{100 * d70['mean']:.2f} ± {100 * d70['std']:.2f}" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Synthetic data" in html
+    assert html.count("data:image/png;base64,") == 4 and "Synthetic data" in html
+    # at equal compute: depth 50's whole run against the deeper depths' checkpoints at (or just below) its FLOPs,
+    # each fine-tuned beside its pretraining with the cell's own settings
+    plan = json.loads((out / "sweep.json").read_text())
+    steps = {c["depth"]: c["compute_steps"] for c in plan["cells"]}
+    assert steps == {50: [], 70: [20], 90: [10]}, steps
+    eq = summ["equal_compute"]
+    assert {d: e["steps"] for d, e in eq["per_depth"].items()} == {"50": [30, 30], "70": [20, 20], "90": [10, 10]}
+    budget = 30 * plan["flops_per_step"]["50"]
+    assert eq["budget_flops"] == pytest.approx(budget) and all(e["flops"] <= budget for e in eq["per_depth"].values())
+    for c in cells:
+        if c["depth"] != 50:
+            s = steps[c["depth"]][0]
+            own = json.loads((out / "cells" / c["name"] / "pretrain" / "downstream" / f"step-{s:08d}" / "finetune"
+                              / "results.json").read_text())
+            assert [p for p in c["points"] if p["step"] == s][0]["accuracy"] == own["accuracy"]
+    accs = {d: np.mean([p["accuracy"] for c in cells if str(c["depth"]) == d for p in c["points"]
+                        if p["step"] == eq["per_depth"][d]["steps"][0]]) for d in ("50", "70", "90")}
+    assert all(eq["per_depth"][d]["accuracy"]["mean"] == pytest.approx(accs[d]) for d in accs)
+    assert eq["sentence"].startswith("At equal pretraining compute") and eq["sentence"] in summ["takeaway"]
+    assert "## At equal compute" in md and eq["sentence"] in md
     # the report is a function of the cell files: rebuilding it gives the same summary
     before = json.loads((out / "results.json").read_text())["summary"]
     run_fpm("report", str(out), check=True)

@@ -49,12 +49,13 @@ def prepare_shared_data(plan: SweepPlan) -> None:
 def sweep_depth(recipe: str, *, task: str | None, depths: list[int] | None, seeds: int | None, preset: str | None,
                 out: Path | None, data: Path | None, data_dir: Path | None, executor: str, dry_run: bool,
                 pretrain_sets: list[str], task_sets: list[str], slurm_options: dict | None = None,
-                controls: bool | None = None, jobs: int | None = None) -> int:
+                controls: bool | None = None, jobs: int | None = None, equal_compute: bool | None = None) -> int:
     if executor not in ("local", "slurm"):
         raise FpmError(f"--executor must be local or slurm, not {executor!r}")
     out = Path(out) if out else Path("runs") / f"sweep-{recipe}{'-' + preset if preset else ''}"
     plan = make_plan(recipe, task=task, depths=depths, seeds=seeds, preset=preset, out=out, data=data,
-                     data_dir=data_dir, pretrain_sets=pretrain_sets, task_sets=task_sets, controls=controls)
+                     data_dir=data_dir, pretrain_sets=pretrain_sets, task_sets=task_sets, controls=controls,
+                     equal_compute=equal_compute)
     plan_file = out / SWEEP_PLAN
     if plan_file.is_file():
         old = SweepPlan.from_json(json.loads(plan_file.read_text()))

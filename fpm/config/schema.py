@@ -210,10 +210,12 @@ class DownstreamCfg(Section):
     """Chosen checkpoints fine-tuned and scored on a task while pretraining goes on (fpm.eval.downstream)."""
 
     task: Literal["qqp", "tnews"] | None = None  # None: off
-    every: int = Field(0, ge=0)  # the checkpoints whose step is a multiple of this (a multiple of save_every), and the last
+    every: int = Field(0, ge=0)  # the checkpoints whose step is a multiple of this (a multiple of save_every)
+    steps: list[int] = Field(default_factory=list)  # and these checkpoints (multiples of save_every)
+    last: bool = True  # and the last checkpoint
     data_dir: str | None = None  # the task's folder (GLUE/CLUE layout); None: a synthetic task (preset tiny)
     preset: str | None = None  # the fine-tuning recipe's preset
-    max_steps: int = Field(200, ge=1)  # fine-tuning steps per checkpoint
+    max_steps: int | None = Field(200, ge=1)  # fine-tuning steps per checkpoint (null: the task recipe's own)
     overrides: list[str] = Field(default_factory=list)  # --set for the fine-tuning recipe
     launcher: Literal["local", "slurm"] = "local"  # a process on this machine, or a SLURM job
     slurm_args: list[str] = Field(default_factory=list)  # sbatch options of the SLURM job (partition, GPUs, time)
@@ -325,6 +327,7 @@ class SweepRecipe(Section):
     bootstrap_samples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     controls: bool = True  # each depth's first seed also fine-tunes its architecture from scratch
+    equal_compute: bool = True  # deeper cells also fine-tune the checkpoint at the shallowest depth's compute
     pretrain_set: list[str] = Field(default_factory=list)  # KEY=VALUE for every cell's pretraining (before --set)
     task_set: list[str] = Field(default_factory=list)  # KEY=VALUE for every cell's fine-tuning (before --task-set)
 

@@ -1,8 +1,9 @@
 """Downstream scores while pretraining runs: chosen checkpoints fine-tuned and scored on their task.
 
-A pretraining recipe's ``downstream:`` section (``task``, ``every``, ``data_dir``, ``preset``,
-``max_steps``, ``overrides``, ``launcher``, ``slurm_args``) chooses checkpoints: every one whose step is a multiple
-of ``every`` (itself a multiple of ``train.save_every``), and the last. When rank 0 seals one
+A pretraining recipe's ``downstream:`` section (``task``, ``every``, ``steps``, ``last``, ``data_dir``,
+``preset``, ``max_steps``, ``overrides``, ``launcher``, ``slurm_args``) chooses checkpoints: every
+one whose step is a multiple of ``every`` (itself a multiple of ``train.save_every``), those of
+``steps``, and the last (unless ``last: false``; the depth study scores it by its own fine-tuning). When rank 0 seals one
 (:class:`fpm.engine.checkpoint.Checkpointer`'s ``on_sealed``), :class:`Launcher`
 
 1. snapshots it in ``RUN/downstream/step-N/init/`` by hard links (no copy, milliseconds at any
@@ -55,9 +56,10 @@ def enabled(recipe) -> bool:
     return recipe.downstream.task is not None
 
 
-def chosen(step: int, every: int, max_steps: int) -> bool:
-    """Whether the checkpoint of ``step`` is scored: a multiple of ``every`` (0: none), and the last."""
-    return step == max_steps or (every > 0 and step % every == 0)
+def chosen(step: int, cfg, max_steps: int) -> bool:
+    """Whether the checkpoint of ``step`` is scored: a multiple of ``every`` (0: none), one of
+    ``steps``, or the last (with ``last``)."""
+    return (cfg.last and step == max_steps) or (cfg.every > 0 and step % cfg.every == 0) or step in cfg.steps
 
 
 def folder(run_dir: Path, step: int) -> Path:
@@ -77,6 +79,10 @@ def check(recipe) -> None:
     if d.every and d.every % recipe.train.save_every:
         raise FpmError(f"downstream.every={d.every} is not a multiple of train.save_every="
                        f"{recipe.train.save_every} (downstream evaluation scores checkpoints)")
+    off = [s for s in d.steps if s % recipe.train.save_every or not 0 < s <= recipe.train.max_steps]
+    if off:
+        raise FpmError(f"downstream.steps: {off} are not checkpoints of this run (multiples of train.save_every="
+                       f"{recipe.train.save_every} up to train.max_steps={recipe.train.max_steps})")
     if d.data_dir is None and d.preset != "tiny":
         raise FpmError("downstream.data_dir is not set: give the task's folder (GLUE/CLUE layout), or "
                        "downstream.preset=tiny for a synthetic task")
@@ -91,7 +97,9 @@ def finetune_argv(run_dir: Path, step: int, cfg) -> list[str]:
     """The ``fpm finetune`` command line that scores the checkpoint of ``step`` (its snapshot)."""
     here = folder(run_dir, step)
     argv = ["finetune", cfg.task, "--init", str(here / "init" / "checkpoints" / f"step-{step:08d}"),
-            "--out", str(here / "finetune"), "--max-steps", str(cfg.max_steps), "--no-floors"]
+            "--out", str(here / "finetune"), "--no-floors"]
+    if cfg.max_steps is not None:
+        argv += ["--max-steps", str(cfg.max_steps)]
     if cfg.data_dir is not None:
         argv += ["--data-dir", str(cfg.data_dir)]
     if cfg.preset is not None:
@@ -144,7 +152,7 @@ class Launcher:
         self.started: list[int] = []
 
     def __call__(self, step: int, ckpt: Path) -> None:
-        if not chosen(step, self.cfg.every, self.max_steps):
+        if not chosen(step, self.cfg, self.max_steps):
             return
         try:
             here = snapshot(self.run_dir, step, ckpt)
@@ -220,7 +228,7 @@ def run_job(run_dir: Path, step: int) -> int:
     else:
         row = {"task": cfg.task, "metric": results["metric_for_best"], "value": results[results["metric_for_best"]],
                "dev_accuracy": results["accuracy"], "dev_f1": results.get("f1"), "dev_examples": results["n_examples"],
-               "finetune_steps": cfg.max_steps, "best_step": results.get("best_step"), "wall_s": round(time.time() - t0, 1),
+               "finetune_steps": results.get("steps"), "best_step": results.get("best_step"), "wall_s": round(time.time() - t0, 1),
                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     record(run_dir, step, row)
     shutil.rmtree(here / "init", ignore_errors=True)  # the hard links kept a pruned checkpoint alive

@@ -89,3 +89,16 @@ def neighbour_tests(correct: np.ndarray, depths: list[int], alpha: float = 0.05,
 def mean_std(values: list[float]) -> tuple[float, float]:
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def at_budget(points: dict[int, list[list[dict]]], budget: float) -> dict[int, list[dict]]:
+    """The depth study at equal compute: for every depth, each seed's fine-tuned checkpoint with the
+    most pretraining FLOPs not above ``budget`` (``points[depth][seed]``: dicts with ``flops`` and
+    ``step``, in any order). Depths where some seed has no such checkpoint are left out."""
+    out = {}
+    for d, seeds in points.items():
+        chosen = [max((p for p in pts if p["flops"] <= budget * (1 + 1e-9)), key=lambda p: p["flops"], default=None)
+                  for pts in seeds]
+        if chosen and all(c is not None for c in chosen):
+            out[d] = chosen
+    return out

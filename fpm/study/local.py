@@ -133,6 +133,22 @@ def _run_cells(plan: SweepPlan, fwd: _Forward, jobs: int) -> dict:
     return counts
 
 
+def wait_for_downstream(run: Path, steps: list[int], fwd: _Forward, timeout_s: float = 6 * 3600) -> dict:
+    """Wait for the fine-tunings of ``steps`` that the pretraining in ``run`` started (their
+    ``result.json``); what each says, or ``pending`` when the sweep is stopped or they take longer
+    than ``timeout_s`` (the report lists them as missing)."""
+    from fpm.eval.downstream import folder
+    from fpm.rundir import read_json
+
+    t0 = time.time()
+    while fwd.signal is None and time.time() - t0 < timeout_s:
+        found = {s: read_json(folder(run, s) / "result.json") for s in steps}
+        if all(found.values()):
+            return {str(s): ("failed: " + r["error"]) if "error" in r else "done" for s, r in found.items()}
+        time.sleep(1.0)
+    return {str(s): "pending" for s in steps}
+
+
 def _run_cell(plan: SweepPlan, out: Path, i: int, cell, fwd: _Forward, cpus: list[int] | None) -> str:
     """One cell's steps in order; ``done``, ``failed`` or ``preempted``."""
     from fpm.engine.signals import EXIT_PREEMPTED
@@ -153,6 +169,8 @@ def _run_cell(plan: SweepPlan, out: Path, i: int, cell, fwd: _Forward, cpus: lis
     if code == 0 and fwd.signal is None and has_control(plan, cell):
         code, wall = fwd.run(finetune_argv(plan, cell, scratch=True), log, cpus)
         state["finetune_scratch"] = {"exit_code": code, "wall_s": wall}
+    if code == 0 and fwd.signal is None and cell.compute_steps:  # started by the pretraining, beside it
+        state["equal_compute"] = wait_for_downstream(cdir / "pretrain", cell.compute_steps, fwd)
     if code == EXIT_PREEMPTED or fwd.signal is not None:
         state["status"] = "preempted"
         write_cell_state(cdir, state)

@@ -15,11 +15,11 @@ import numpy as np
 from fpm.config import load_resolved
 from fpm.errors import FpmError
 from fpm.eval.page import to_html
-from fpm.eval.stats import bootstrap_best, mean_std, neighbour_tests
+from fpm.eval.study_plots import METRICS, plots
+from fpm.eval.stats import at_budget, bootstrap_best, mean_std, neighbour_tests
 from fpm.paper import TABLE3_QQP_DEV
 from fpm.rundir import AUDIT, SWEEP_PLAN, RunDir, cell_state, read_json
 
-METRICS = ("precision", "recall", "f1", "accuracy")
 
 
 def collect(out: Path) -> tuple[dict, list[dict]]:
@@ -63,10 +63,61 @@ def collect(out: Path) -> tuple[dict, list[dict]]:
                            "pretrain_flops": tokens * train_flops_per_token(r.model, r.tokenizer.vocab_size,
                                                                             r.data.seq_len),
                            "finetune_wall_s": (state.get("finetune") or {}).get("wall_s")}
+        row["points"] = _points(plan, cell, cdir, row)
         if row["status"] == "failed":
             row["failure"] = {k: state.get(k) for k in ("pretrain", "finetune")}
         cells.append(row)
     return plan_json, cells
+
+
+def _points(plan, cell, cdir: Path, row: dict) -> list[dict]:
+    """The cell's fine-tuned checkpoints — the equal-compute ones (fine-tuned beside the pretraining,
+    ``pretrain/downstream/``) and the last (its own fine-tuning) — with their pretraining FLOPs."""
+    from fpm.eval.downstream import folder
+
+    per_step = plan.flops_per_step.get(cell.depth)
+    found = [(s, folder(cdir / "pretrain", s) / "finetune") for s in cell.compute_steps]
+    if "accuracy" in row:
+        found.append((plan.max_steps, cdir / "finetune"))
+    out = []
+    for step, ft in found:
+        res = read_json(RunDir(ft).results)
+        if res is None or per_step is None:
+            continue
+        preds = [json.loads(x) for x in (ft / "predictions_dev.jsonl").read_text().splitlines()]
+        out.append({"step": step, "flops": step * per_step, **{k: res[k] for k in METRICS},
+                    "_correct": {p["id"]: bool(p["correct"]) for p in preds}})
+    return out
+
+
+def equal_compute(plan: dict, cells: list[dict]) -> dict | None:
+    """Accuracy at the cheapest depth's whole-run compute, per depth (each seed's checkpoint with the
+    most FLOPs not above it), with the bootstrap and the neighbour tests on those checkpoints."""
+    ok = [c for c in cells if c["status"] == "done" and c.get("points")]
+    depths = sorted({c["depth"] for c in ok})
+    finals = [max(p["flops"] for c in ok if c["depth"] == d for p in c["points"]) for d in depths]
+    if len(depths) < 2:
+        return None
+    budget = min(finals)
+    by_depth = {d: [c["points"] for c in sorted((c for c in ok if c["depth"] == d), key=lambda c: c["seed"])]
+                for d in depths}
+    chosen = {d: pts for d, pts in at_budget(by_depth, budget).items() if len(pts) == len(plan["seeds"])}
+    if len(chosen) < 2:
+        return {"budget_flops": budget, "per_depth": {}, "sentence": "Fewer than two depths have a checkpoint "
+                "at or below the cheapest depth's compute for every seed: no equal-compute comparison."}
+    per = {d: {"steps": [p["step"] for p in pts], "flops": float(np.mean([p["flops"] for p in pts])),
+               **{k: dict(zip(("mean", "std"), mean_std([p[k] for p in pts]))) for k in METRICS}}
+           for d, pts in chosen.items()}
+    order = sorted(chosen)
+    ids = sorted(set.intersection(*[set(p["_correct"]) for d in order for p in chosen[d]]))
+    arr = np.array([[[p["_correct"][i] for i in ids] for p in chosen[d]] for d in order], dtype=np.float64)
+    boot = bootstrap_best(arr, order, n_boot=plan.get("bootstrap_samples", 2000), confidence=plan.get("confidence", 0.95))
+    neighbours = neighbour_tests(arr, order, alpha=1 - plan.get("confidence", 0.95))
+    where = ", ".join(f"depth {d} after {per[d]['steps'][0]:,} steps" for d in order)
+    sentence = (f"At equal pretraining compute ({budget:.3g} FLOPs, the cheapest depth's whole run; {where}): "
+                + verdict(boot, neighbours)[0].lower() + verdict(boot, neighbours)[1:])
+    return {"budget_flops": budget, "per_depth": per, "bootstrap": boot, "neighbours": neighbours,
+            "n_dev_examples": len(ids), "sentence": sentence}
 
 
 def summarize(plan: dict, cells: list[dict]) -> dict:
@@ -123,6 +174,7 @@ def summarize(plan: dict, cells: list[dict]) -> dict:
              f"{', '.join(str(d) for d in per_depth if d not in beat) or 'none'}.")
             + ("" if same_inputs else f" (The floors used input {'+'.join(floors.get('fields') or [])}, the models "
                                       f"{'+'.join(summary['fields'] or [])}: not the same inputs.)"))
+    summary["equal_compute"] = equal_compute(plan, cells) if plan.get("equal_compute") else None
     summary["takeaway"] = takeaway(summary)
     audit = read_json(Path(plan["out"]) / AUDIT)
     if audit and "dev" in audit["splits"] and "also_in_train_normalised" in audit["splits"]["dev"]:
@@ -157,7 +209,9 @@ def takeaway(summary: dict) -> str:
         sentence += (f"; pretraining adds {min(gains.values()):+.1f} to {max(gains.values()):+.1f} points over the same "
                      f"models fine-tuned from scratch (above their control at {len(above)} of {len(gains)} depths)")
     sentence += "; " + summary["verdict"][0].lower() + summary["verdict"][1:] if summary.get("verdict") else ""
-    return sentence.rstrip(".") + "."
+    sentence = sentence.rstrip(".") + "."
+    eq = summary.get("equal_compute")
+    return sentence + (" " + eq["sentence"] if eq and eq.get("per_depth") else "")
 
 
 def verdict(boot: dict, neighbours: list[dict]) -> str:
@@ -177,86 +231,6 @@ def verdict(boot: dict, neighbours: list[dict]) -> str:
     text += (f" Neighbouring depths that differ significantly (paired permutation test, p<{1 - boot['confidence']:.2f}): "
              f"{', '.join(sig) if sig else 'none'}.")
     return text
-
-
-# ------------------------------------------------------------------ plots
-
-
-def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pdir = out / "plots"
-    pdir.mkdir(exist_ok=True)
-    files = {}
-    per = summary["per_depth"]
-    depths = [d for d in summary["depths"] if d in per]
-    floors = summary.get("floors") or {}
-    if depths:
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-        for ax, k in zip(axes, METRICS):
-            m = [100 * per[d][k]["mean"] for d in depths]
-            s = [100 * per[d][k]["std"] for d in depths]
-            ax.errorbar(depths, m, yerr=s, marker="o", capsize=4, label="pretrained (mean ± std over seeds)")
-            ctl = [d for d in depths if per[d].get("scratch")]
-            if ctl:
-                ax.errorbar(ctl, [100 * per[d]["scratch"][k]["mean"] for d in ctl],
-                            yerr=[100 * per[d]["scratch"][k]["std"] for d in ctl], marker="x", linestyle="--",
-                            capsize=3, color="tab:gray", label="from scratch (control)")
-            for c in cells:
-                if c.get(k) is not None:
-                    ax.plot(c["depth"], 100 * c[k], ".", color="gray", alpha=0.5)
-            if summary["task"] == "qqp" and all(d in TABLE3_QQP_DEV for d in depths) and not summary["synthetic_task"]:
-                ax.plot(depths, [TABLE3_QQP_DEV[d][k] for d in depths], "s--", label="paper Table 3")
-            for name, f in floors.items():
-                if isinstance(f, dict) and f.get(k) is not None:
-                    ax.axhline(100 * f[k], linestyle=":", color="red" if "tfidf" in name else "black",
-                               label=f"floor: {name}")
-            ax.set_xlabel("depth (layers, paper scale)")
-            ax.set_title(k)
-            ax.set_xticks(depths)
-        axes[0].legend(fontsize=7)
-        fig.suptitle("Dev metrics by depth: pretrained models (solid) against the floors (dotted) and the same "
-                     "models trained from scratch (dashed)", fontsize=9)
-        fig.tight_layout()
-        files["metrics"] = pdir / "metrics_vs_depth.png"
-        fig.savefig(files["metrics"], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, d in enumerate(depths):
-        color = f"C{i % 10}"
-        for key, style, label in (("pretrain_loss", "-", "train"), ("validation_loss", "o--", "validation")):
-            curves = [c.get(key) for c in cells if c["depth"] == d and c.get(key)]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            steps = [s for s, _ in curves[0][:n]]
-            ax.plot(steps, np.mean([[v for _, v in c[:n]] for c in curves], axis=0), style, color=color,
-                    label=f"depth {d}, {label}", markersize=3)
-    ax.set_xlabel("pretraining step")
-    ax.set_ylabel("loss (MLM + SOP); dashed: held-out validation part")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["loss"] = pdir / "pretrain_loss.png"
-    fig.savefig(files["loss"], dpi=110)
-    plt.close(fig)
-    if depths:
-        fig, ax1 = plt.subplots(figsize=(6, 4))
-        wall = [per[d]["cost"]["pretrain_wall_s"] or 0 for d in depths]
-        flops = [per[d]["cost"]["pretrain_flops"] or 0 for d in depths]
-        ax1.bar([str(d) for d in depths], wall, color="tab:blue", alpha=0.7)
-        ax1.set_ylabel("pretraining wall time (s)")
-        ax2 = ax1.twinx()
-        ax2.plot([str(d) for d in depths], flops, "o-", color="tab:red")
-        ax2.set_ylabel("pretraining FLOPs (6N + attention)")
-        ax1.set_xlabel("depth")
-        fig.tight_layout()
-        files["cost"] = pdir / "cost_vs_depth.png"
-        fig.savefig(files["cost"], dpi=110)
-        plt.close(fig)
-    return files
 
 
 # ------------------------------------------------------------------ documents
@@ -325,6 +299,17 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
             lines.append(f"| {n['deeper']} vs {n['shallower']} | {100 * n['diff']:+.2f} | {n['p_value']:.4f} | "
                          f"{'yes' if n['significant'] else 'no'} |")
         lines.append("")
+    eq = summary.get("equal_compute")
+    if eq:
+        lines += ["## At equal compute", "", eq["sentence"], ""]
+        if eq["per_depth"]:
+            lines += ["Each deeper depth's checkpoint with the most pretraining FLOPs not above the cheapest depth's "
+                      "whole run, fine-tuned with the same settings (dev, mean ± std over seeds, %):", "",
+                      "| depth | steps | FLOPs | acc. | f1 |", "|---|---|---|---|---|"]
+            for d, e in eq["per_depth"].items():
+                lines.append(f"| {d} | {', '.join(f'{x:,}' for x in sorted(set(e['steps'])))} | {e['flops']:.3g} | "
+                             f"{_pct(e['accuracy'])} | {_pct(e['f1'])} |")
+            lines.append("")
     lines += ["## Cost per depth", "", "| depth | pretraining wall (s) | tokens | FLOPs | fine-tuning wall (s) |",
               "|---|---|---|---|---|"]
     for d, e in per.items():
@@ -345,6 +330,8 @@ def markdown(summary: dict, cells: list[dict], files: dict[str, Path]) -> str:
                 "overfitting) and deeper models end lower or level.",
         "cost": "What to see: the cost of each depth, growing with the layer count; weigh it against the "
                 "accuracy differences above.",
+        "compute": "What to see: accuracy against pretraining compute; at the dotted line (the cheapest depth's "
+                   "whole run) the depths compare at equal compute.",
     }
     for key, path in files.items():
         lines += [f"![{key}](plots/{path.name})", "", captions.get(key, ""), ""]
@@ -361,7 +348,8 @@ def build_report(out: Path) -> dict[str, Path]:
     plan, cells = collect(out)
     summary = summarize(plan, cells)
     files = plots(out, cells, summary)
-    public_cells = [{k: v for k, v in c.items() if not k.startswith("_")} for c in cells]
+    public_cells = [{k: ([{pk: pv for pk, pv in p.items() if not pk.startswith("_")} for p in v] if k == "points" else v)
+                     for k, v in c.items() if not k.startswith("_")} for c in cells]
     (out / "results.json").write_text(json.dumps({"plan": plan, "cells": public_cells, "summary": summary},
                                                  indent=1, default=str))
     md = markdown(summary, public_cells, files)

@@ -1,7 +1,8 @@
 """The SLURM executor: one pretraining job per cell and a fine-tuning job that starts only if it
 succeeded (and, for each depth's first seed with controls on, the from-scratch fine-tuning after it
-too), rendered from fpm's
-scripts in ``slurm/``. Cells already finished are skipped."""
+too), rendered from fpm's scripts in ``slurm/``; a cell's equal-compute checkpoint is fine-tuned by
+a job its pretraining submits once that checkpoint is sealed (:mod:`fpm.eval.downstream`). Cells
+already finished are skipped."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def sweep_scripts(plan, options: dict) -> list[tuple[str, ...]]:
     ft_shape["gpus_per_node"] = 1 if shape.get("gpus_per_node") else 0
     out = []
     for cell in plan.cells:
-        pre = pretrain_argv(plan, cell)[1:]
+        pre = pretrain_argv(plan, cell, launcher="slurm")[1:]  # equal-compute fine-tunings: jobs of their own
         fin = finetune_argv(plan, cell)[1:]
         scripts = (render("pretrain", pre, job_name=f"fpm-{cell.name}-pre", **shape),
                    render("finetune", fin, job_name=f"fpm-{cell.name}-ft", **ft_shape))

@@ -13,7 +13,7 @@ from fpm.errors import FpmError
 from fpm.eval import harness
 from fpm.rundir import RunDir
 
-from conftest import run_fpm, run_main
+from conftest import run_main
 
 ROWS = [("the cat sat on the", ["mat", "moon", "sky"]), ("once upon a", ["time", "table", "tree"]),
         ("the dog ran to the", ["park", "sun", "idea"]), ("she opened the", ["door", "cloud", "seven"]),
@@ -43,6 +43,31 @@ metric_list:
     return folder
 
 
+def lm_eval_cli(*argv: str) -> None:
+    """`lm_eval ARGV` — the harness's own command line (its entry point, in this process: the same
+    code without a second interpreter's imports), on one thread as fpm's side runs here."""
+    import os
+
+    import torch
+    from lm_eval.__main__ import cli_evaluate
+
+    saved, threads = sys.argv, torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in THREADS}
+    os.environ.update(THREADS)
+    sys.argv = ["lm_eval", *argv]
+    torch.set_num_threads(1)
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+        torch.set_num_threads(threads)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_a_model_the_harness_cannot_score_is_refused_on_one_line(tmp_path, monkeypatch):
     with pytest.raises(FpmError, match="not found"):
         harness.model_folder(tmp_path / "none")
@@ -63,21 +88,18 @@ def test_a_model_the_harness_cannot_score_is_refused_on_one_line(tmp_path, monke
 @pytest.mark.e2e
 def test_fpm_evaluate_harness_equals_lm_eval_on_the_same_folder_to_the_last_digit(tmp_path):
     run, folder = tmp_path / "run", tmp_path / "hf"
-    run_main("pretrain", "epm-x-s", "--preset", "tiny", "--out", str(run), "--max-steps", "10", "--save-every", "10",
-             check=True)
-    run_main("export", str(run), "--out", str(folder), check=True)
     tasks = local_task(tmp_path / "tasks")
+    downstream = ["downstream.task=harness", "downstream.harness_tasks=[tiny_choice]", f"downstream.include_path={tasks}"]
+    run_main("pretrain", "epm-x-s", "--preset", "tiny", "--out", str(run), "--max-steps", "10", "--save-every", "10",
+             *[a for s in downstream for a in ("--set", s)], check=True)  # its last checkpoint scored beside it
+    run_main("export", str(run), "--out", str(folder), check=True)
     ours = tmp_path / "fpm.json"
-    run_fpm("evaluate", "harness", "--model", str(folder), "--tasks", "tiny_choice", "--include-path", str(tasks),
-            "--log-samples", "--out", str(ours), env=THREADS, check=True)
-    import subprocess
-
+    run_main("evaluate", "harness", "--model", str(folder), "--tasks", "tiny_choice", "--include-path", str(tasks),
+             "--log-samples", "--out", str(ours), env=THREADS, check=True)
     direct = tmp_path / "lm_eval"
-    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                           f"pretrained={folder},dtype=float32", "--tasks", "tiny_choice", "--include_path", str(tasks),
-                           "--device", "cpu", "--batch_size", "8", "--log_samples", "--output_path", str(direct)],
-                          env={**__import__("os").environ, **THREADS}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    lm_eval_cli("--model", "hf", "--model_args", f"pretrained={folder},dtype=float32", "--tasks", "tiny_choice",
+                "--include_path", str(tasks), "--device", "cpu", "--batch_size", "8", "--log_samples",
+                "--output_path", str(direct))
     (theirs,) = direct.rglob("results_*.json")
     (their_samples,) = direct.rglob("samples_tiny_choice_*.jsonl")
     mine = json.loads(ours.read_text())
@@ -94,6 +116,13 @@ def test_fpm_evaluate_harness_equals_lm_eval_on_the_same_folder_to_the_last_digi
     summary = RunDir(run).status()["harness"]["step-00000010"]["tiny_choice"]
     assert {k: summary[k] for k in numbers} == numbers
     assert (run / "harness" / "model-step-00000010" / "config.json").is_file()
+    # the downstream job the pretraining started on that checkpoint scored the same (its row in metrics.jsonl)
+    from test_downstream import wait_for_results
+
+    (row,) = wait_for_results(run, [10])
+    assert row["task"] == "harness" and row["metric"] == "tiny_choice/acc" and row["value"] == numbers["acc,none"]
+    assert row["tiny_choice/acc_norm"] == numbers["acc_norm,none"]
+    assert not (run / "downstream" / "step-00000010" / "init").exists()
 
 
 def _text(x):

@@ -264,7 +264,7 @@ def default_out(name: str, sets: list[str]):
 
 # ------------------------------------------------------------------ the keys: reader and poison
 
-BERT, GPT, T5, ZH_BERT = "bert-e-l", "cpm-x-s", "cpm-2-x-s", "bert-c"
+BERT, GPT, T5, ZH_BERT, GPT_EN = "bert-e-l", "cpm-x-s", "cpm-2-x-s", "bert-c", "epm-x-s"
 DS = {"zero_stage": 2, "offload_optimizer": True, "offload_params": True, "overlap_comm": False,
       "contiguous_gradients": False, "reduce_bucket_size": 12345, "allgather_bucket_size": 23456}
 DS_BASE = {"offload_optimizer": ["deepspeed.zero_stage=2"], "offload_params": ["deepspeed.zero_stage=3"],
@@ -339,6 +339,8 @@ PRETRAIN = {
     "downstream.slurm_args": ("downstream_jobs", BERT, ["--partition=gpu"], ["downstream.task=qqp",
                                                                              "downstream.launcher=slurm"]),
     "downstream.preset": ("downstream_jobs", BERT, "null", ["downstream.task=qqp", "downstream.data_dir=QQPDIR"]),
+    **{f"downstream.{k}": ("downstream_jobs", GPT_EN, v, ["downstream.task=harness", "downstream.harness_tasks=[arc_easy]"])
+       for k, v in {"harness_tasks": ["hellaswag"], "include_path": "QQPDIR", "num_fewshot": 2}.items()},
     **{f"paper.{k}": (INFO, "the paper's Table 2/4 figure, compared by `fpm recipes list` and `fpm plan --paper`")
        for k in ("name", "params", "time_hours", "steps", "gpus", "flops_eflops")},
 }

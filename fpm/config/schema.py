@@ -209,7 +209,7 @@ class ClusterCfg(Section):
 class DownstreamCfg(Section):
     """Chosen checkpoints fine-tuned and scored on a task while pretraining goes on (fpm.eval.downstream)."""
 
-    task: Literal["qqp", "tnews"] | None = None  # None: off
+    task: Literal["qqp", "tnews", "harness"] | None = None  # None: off; qqp/tnews: BERT runs; harness: GPT and T5 runs
     every: int = Field(0, ge=0)  # the checkpoints whose step is a multiple of this (a multiple of save_every)
     steps: list[int] = Field(default_factory=list)  # and these checkpoints (multiples of save_every)
     last: bool = True  # and the last checkpoint
@@ -217,6 +217,9 @@ class DownstreamCfg(Section):
     preset: str | None = None  # the fine-tuning recipe's preset
     max_steps: int | None = Field(200, ge=1)  # fine-tuning steps per checkpoint (null: the task recipe's own)
     overrides: list[str] = Field(default_factory=list)  # --set for the fine-tuning recipe
+    harness_tasks: list[str] = Field(default_factory=list)  # task: harness — lm-evaluation-harness tasks
+    include_path: str | None = None  # task: harness — a folder of local task YAML files
+    num_fewshot: int | None = Field(None, ge=0)  # task: harness — examples in context
     launcher: Literal["local", "slurm"] = "local"  # a process on this machine, or a SLURM job
     slurm_args: list[str] = Field(default_factory=list)  # sbatch options of the SLURM job (partition, GPUs, time)
 

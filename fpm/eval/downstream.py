@@ -71,9 +71,12 @@ def check(recipe) -> None:
     d = recipe.downstream
     if d.task is None:
         return
-    if recipe.model.family != "bert":
-        raise FpmError(f"downstream.task={d.task} fine-tunes a BERT encoder; this is a {recipe.model.family} recipe")
-    if LANGUAGE[d.task] != recipe.language:
+    if d.task == "harness":
+        _check_harness(recipe)
+    elif recipe.model.family != "bert":
+        raise FpmError(f"downstream.task={d.task} fine-tunes a BERT encoder; this is a {recipe.model.family} recipe "
+                       "(GPT and T5 runs: downstream.task=harness with downstream.harness_tasks)")
+    if d.task != "harness" and LANGUAGE[d.task] != recipe.language:
         raise FpmError(f"downstream.task={d.task} is a {LANGUAGE[d.task]} task; this recipe's language is "
                        f"{recipe.language}")
     if d.every and d.every % recipe.train.save_every:
@@ -83,6 +86,8 @@ def check(recipe) -> None:
     if off:
         raise FpmError(f"downstream.steps: {off} are not checkpoints of this run (multiples of train.save_every="
                        f"{recipe.train.save_every} up to train.max_steps={recipe.train.max_steps})")
+    if d.task == "harness":
+        return
     if d.data_dir is None and d.preset != "tiny":
         raise FpmError("downstream.data_dir is not set: give the task's folder (GLUE/CLUE layout), or "
                        "downstream.preset=tiny for a synthetic task")
@@ -93,9 +98,32 @@ def check(recipe) -> None:
     load_recipe(d.task, preset=d.preset, overrides=list(d.overrides), kind="finetune")  # its errors, now
 
 
+def _check_harness(recipe) -> None:
+    from fpm.eval.harness import BACKEND, check_installed
+
+    d = recipe.downstream
+    if recipe.model.family not in BACKEND:
+        raise FpmError(f"downstream.task=harness scores GPT and T5 runs; this is a {recipe.model.family} recipe "
+                       "(BERT runs: downstream.task=qqp or tnews)")
+    if not d.harness_tasks:
+        raise FpmError("downstream.task=harness needs downstream.harness_tasks (lm-evaluation-harness task names)")
+    if d.include_path is not None and not Path(d.include_path).is_dir():
+        raise FpmError(f"downstream.include_path={d.include_path}: no such folder")
+    check_installed()
+
+
 def finetune_argv(run_dir: Path, step: int, cfg) -> list[str]:
-    """The ``fpm finetune`` command line that scores the checkpoint of ``step`` (its snapshot)."""
+    """The ``fpm finetune`` (or, for ``task: harness``, ``fpm evaluate harness``) command line that
+    scores the checkpoint of ``step`` (its snapshot)."""
     here = folder(run_dir, step)
+    if cfg.task == "harness":
+        argv = ["evaluate", "harness", "--model", str(here / "init"), "--checkpoint", f"step-{step:08d}",
+                "--tasks", ",".join(cfg.harness_tasks), "--out", str(here / "harness.json")]
+        if cfg.include_path is not None:
+            argv += ["--include-path", str(cfg.include_path)]
+        if cfg.num_fewshot is not None:
+            argv += ["--num-fewshot", str(cfg.num_fewshot)]
+        return argv
     argv = ["finetune", cfg.task, "--init", str(here / "init" / "checkpoints" / f"step-{step:08d}"),
             "--out", str(here / "finetune"), "--no-floors"]
     if cfg.max_steps is not None:
@@ -138,7 +166,7 @@ def _link(src: str, dst: str) -> None:
 def job_env(threads: int | None = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     if threads:
-        env["FPM_THREADS"] = str(threads)
+        env["FPM_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -219,12 +247,17 @@ def run_job(run_dir: Path, step: int) -> int:
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "fpm", *finetune_argv(run_dir, step, cfg)],
                               capture_output=True, text=True, cwd=str(run_dir))
-    (here / "finetune.log").write_text(proc.stdout + proc.stderr)
-    results = read_json(here / "finetune" / "results.json") if proc.returncode == 0 else None
+    what = "evaluate harness" if cfg.task == "harness" else "finetune"
+    log = here / f"{what.split()[-1]}.log"
+    log.write_text(proc.stdout + proc.stderr)
+    results = read_json(here / ("harness.json" if cfg.task == "harness" else "finetune/results.json")) \
+        if proc.returncode == 0 else None
     if results is None:
         last = [line for line in proc.stderr.splitlines() if line.strip()]
-        row = {"error": f"fpm finetune exited {proc.returncode}: {last[-1][:300] if last else '(no output)'}",
-               "log": str(here / "finetune.log")}
+        row = {"error": f"fpm {what} exited {proc.returncode}: {last[-1][:300] if last else '(no output)'}",
+               "log": str(log)}
+    elif cfg.task == "harness":
+        row = harness_row(results, cfg, time.time() - t0)
     else:
         row = {"task": cfg.task, "metric": results["metric_for_best"], "value": results[results["metric_for_best"]],
                "dev_accuracy": results["accuracy"], "dev_f1": results.get("f1"), "dev_examples": results["n_examples"],
@@ -235,6 +268,16 @@ def run_job(run_dir: Path, step: int) -> int:
     return 0 if results is not None else 1
 
 
+def harness_row(results: dict, cfg, wall_s: float) -> dict:
+    """A harness job's row: every task's metrics as ``<task>/<metric>`` (the ``,none`` filter name
+    dropped), and the first task's first metric as the row's ``value``."""
+    scores = {f"{task}/{k.removesuffix(',none')}": v for task, metrics in results["results"].items()
+              for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
+    first = next(iter(scores))
+    return {"task": "harness", "metric": first, "value": scores[first], **scores, "wall_s": round(wall_s, 1),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
 def record(run_dir: Path, step: int, row: dict) -> None:
     """A job's outcome into the run: ``result.json``, a ``metrics.jsonl`` row, TensorBoard, ``run.json``."""
     from fpm.engine.metrics import MetricsLogger
@@ -242,14 +285,14 @@ def record(run_dir: Path, step: int, row: dict) -> None:
     row = {"step": step, "split": "downstream", **row}
     here = folder(run_dir, step)
     here.mkdir(parents=True, exist_ok=True)
-    write_json(here / "result.json", row)
     metrics = MetricsLogger(Path(run_dir), enabled=True)
     try:
         metrics.log(row)
     finally:
         metrics.close()
     with _locked(Path(run_dir) / ROOT / SUMMARY_LOCK):
-        RunDir(run_dir).write_status(downstream=summary(run_dir))
+        RunDir(run_dir).write_status(downstream=summary(run_dir, also=row))
+        write_json(here / "result.json", row)  # last: whoever sees it finds the row and the summary written
 
 
 def results(run_dir: Path) -> list[dict]:
@@ -258,9 +301,11 @@ def results(run_dir: Path) -> list[dict]:
     return [r for r in rows if r]
 
 
-def summary(run_dir: Path) -> dict:
-    """What ``run.json`` says of the downstream jobs: scores by step, failures, jobs not finished."""
-    done = results(run_dir)
+def summary(run_dir: Path, also: dict | None = None) -> dict:
+    """What ``run.json`` says of the downstream jobs: scores by step, failures, jobs not finished
+    (``also``: a row whose ``result.json`` is not written yet)."""
+    done = [r for r in results(run_dir) if also is None or r["step"] != also["step"]] + ([also] if also else [])
+    done.sort(key=lambda r: r["step"])
     finished = {r["step"] for r in done}
     pending = sorted(int(p.name.split("-")[1]) for p in (Path(run_dir) / ROOT).glob("step-*")
                      if p.is_dir() and int(p.name.split("-")[1]) not in finished)

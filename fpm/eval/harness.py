@@ -90,6 +90,10 @@ def evaluate(model: Path, tasks: list[str], *, include_path: Path | None = None,
     import torch
     from lm_eval.tasks import TaskManager
 
+    from fpm.engine.distributed import cpu_threads
+
+    torch.set_num_threads(cpu_threads(1))  # as a training process takes them (FPM_THREADS, SLURM, the cores)
+
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

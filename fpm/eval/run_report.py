@@ -70,11 +70,12 @@ def plots(out: Path, run: dict) -> dict[str, Path]:
     scored = [r for r in run["downstream"] if "value" in r]
     if scored:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        metric = scored[0]["metric"]
+        metric, harness = scored[0]["metric"], scored[0]["task"] == "harness"
+        scale = 1 if harness else 100
         for ax, key, label in ((axes[0], "step", "pretraining step"), (axes[1], "tokens", "pretraining tokens")):
-            ax.plot([r[key] for r in scored], [100 * r["value"] for r in scored], "o-")
+            ax.plot([r[key] for r in scored], [scale * r["value"] for r in scored], "o-")
             ax.set_xlabel(label)
-            ax.set_ylabel(f"{scored[0]['task']} dev {metric} (%)")
+            ax.set_ylabel(metric if harness else f"{scored[0]['task']} dev {metric} (%)")
         fig.suptitle("Downstream: each checkpoint fine-tuned and scored on the task's dev set", fontsize=9)
         fig.tight_layout()
         files["downstream"] = pdir / "downstream.png"
@@ -126,6 +127,8 @@ def markdown(run: dict, files: dict[str, Path]) -> str:
         for d in run["downstream"]:
             if "error" in d:
                 lines.append(f"| {d['step']:,} | {d['tokens']:,} | | | | | | failed: {d['error'][:120]} |")
+            elif d["task"] == "harness":  # lm-evaluation-harness metrics: as the harness reports them
+                lines.append(f"| {d['step']:,} | {d['tokens']:,} | harness | {d['metric']} | {d['value']:.4f} | | | |")
             else:
                 f1 = f"{100 * d['dev_f1']:.2f}" if d.get("dev_f1") is not None else ""
                 lines.append(f"| {d['step']:,} | {d['tokens']:,} | {d['task']} | {d['metric']} | "

@@ -51,10 +51,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         axes[0].legend(fontsize=7)
         fig.suptitle("Dev metrics by depth: pretrained models (solid) against the floors (dotted) and the same "
                      "models trained from scratch (dashed)", fontsize=9)
-        fig.tight_layout()
-        files["metrics"] = pdir / "metrics_vs_depth.png"
-        fig.savefig(files["metrics"], dpi=110)
-        plt.close(fig)
+        files["metrics"] = _save(fig, pdir / "metrics_vs_depth.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, d in enumerate(depths):
         color = f"C{i % 10}"
@@ -69,10 +66,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
     ax.set_xlabel("pretraining step")
     ax.set_ylabel("loss (MLM + SOP); dashed: held-out validation part")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["loss"] = pdir / "pretrain_loss.png"
-    fig.savefig(files["loss"], dpi=110)
-    plt.close(fig)
+    files["loss"] = _save(fig, pdir / "pretrain_loss.png")
     if depths:
         fig, ax1 = plt.subplots(figsize=(6, 4))
         wall = [per[d]["cost"]["pretrain_wall_s"] or 0 for d in depths]
@@ -83,10 +77,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         ax2.plot([str(d) for d in depths], flops, "o-", color="tab:red")
         ax2.set_ylabel("pretraining FLOPs (6N + attention)")
         ax1.set_xlabel("depth")
-        fig.tight_layout()
-        files["cost"] = pdir / "cost_vs_depth.png"
-        fig.savefig(files["cost"], dpi=110)
-        plt.close(fig)
+        files["cost"] = _save(fig, pdir / "cost_vs_depth.png")
     eq = summary.get("equal_compute")
     if eq and any(c.get("points") for c in cells):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -101,8 +92,14 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         ax.set_xlabel("pretraining FLOPs")
         ax.set_ylabel("dev accuracy (%), mean ± std over seeds")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        files["compute"] = pdir / "accuracy_vs_compute.png"
-        fig.savefig(files["compute"], dpi=110)
-        plt.close(fig)
+        files["compute"] = _save(fig, pdir / "accuracy_vs_compute.png")
     return files
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

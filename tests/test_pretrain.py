@@ -20,7 +20,7 @@ from fpm.engine.checkpoint import complete_tags
 from fpm.engine.metrics import read_metrics
 from fpm.engine.signals import EXIT_NONFINITE, EXIT_PREEMPTED
 
-from conftest import run_fpm, run_main
+from conftest import run_main
 from fixtures import prepared
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-import torch
-
 from fpm.config import load_recipe, recipe_files
 from fpm.config.schema import Recipe
 from fpm.console import console

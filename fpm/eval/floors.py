@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fpm.rundir import FLOORS
-from fpm.data.tasks import Split, load_split, tnews_label_names
+from fpm.data.tasks import Split
 
 
 def _texts(split: Split, i: int) -> list[str]:

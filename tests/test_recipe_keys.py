@@ -149,7 +149,7 @@ def downstream_jobs(name: str, sets: list[str], tmp: Path, monkeypatch):
         for step in range(r.train.save_every, r.train.max_steps + 1, r.train.save_every):
             launcher(step, ckpt)
         saved = load_resolved(run.recipe).downstream
-        argv = [downstream.finetune_argv(run.path, step, saved) for step in launcher.started]
+        argv = [downstream.job_argv(run.path, step, saved) for step in launcher.started]
 
         def plain(args):
             return [str(a).replace(str(run.path), "RUN") for a in args]

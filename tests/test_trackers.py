@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fpm.engine import trackers
-from fpm.engine.metrics import read_metrics
+from fpm.engine.metrics import read_metrics, scalars
 from fpm.errors import FpmError
 from fpm.rundir import RunDir
 
@@ -26,11 +26,11 @@ def test_an_unknown_or_uninstalled_tracker_is_refused_naming_the_install_command
         trackers.check_installed(["mlflow", "wandb"])
 
 
-def test_a_row_reaches_a_tracker_as_tensorboard_gets_it():
-    step, values = trackers.numeric({"step": 7, "loss": 2.5, "grad_norm": None, "mfu": 1, "source_share": {"a": 1.0},
+def test_a_row_reaches_tensorboard_and_the_trackers_as_split_slash_key_numbers_only():
+    step, values = scalars({"step": 7, "loss": 2.5, "grad_norm": None, "mfu": 1, "source_share": {"a": 1.0},
                                      "flag": True, "event": "x"})
     assert step == 7 and values == {"train/loss": 2.5, "train/mfu": 1.0}
-    assert trackers.numeric({"step": 3, "split": "validation", "val_loss": 1.0})[1] == {"validation/val_loss": 1.0}
+    assert scalars({"step": 3, "split": "validation", "val_loss": 1.0})[1] == {"validation/val_loss": 1.0}
 
 
 def test_a_tracker_that_fails_to_start_or_later_is_a_warning_and_is_dropped(tmp_path, monkeypatch, capsys):
@@ -107,7 +107,7 @@ def test_wandb_offline_and_mlflows_local_store_hold_the_numbers_of_metrics_jsonl
     rows = read_metrics(run)
     want: dict[int, dict] = {}  # step -> every value logged at it, as the trackers name them
     for r in rows:
-        step, values = trackers.numeric(r)
+        step, values = scalars(r)
         want.setdefault(step, {}).update(values)
     assert len(want) == 6 and "validation/val_loss" in want[12] and "train/loss" in want[12]
     config, history, summary = wandb_rows(run)

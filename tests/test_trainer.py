@@ -58,13 +58,18 @@ def test_the_model_is_built_after_seeding_with_the_specs_seed(tmp_path):
     assert not torch.equal(other[0].weight, want.weight)
 
 
-def test_a_precision_the_device_refuses_is_refused_before_the_model_is_built(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("fp16 trains on a GPU")
+def test_a_precision_the_device_refuses_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """What DeepSpeed's accelerator says decides (a CPU: no fp16), on any machine the test runs on."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     calls = []
     with pytest.raises(FpmError, match="fp16 training needs a GPU"):
         Trainer(_spec(precision="fp16"), lambda: calls.append(1), tmp_path, _dist(0))
     assert calls == []
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: True)
+    Trainer(_spec(precision="fp16"), lambda: calls.append(1) or Objective(nn.Linear(2, 2), _loss), tmp_path, _dist(0))
+    assert calls == [1]  # where fp16 trains, the factory runs
 
 
 def test_at_zero_3_the_model_is_partitioned_as_it_is_built(tmp_path, monkeypatch):

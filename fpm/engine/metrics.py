@@ -56,14 +56,22 @@ class MetricsLogger:
         if self.trackers is not None:
             self.trackers.log(record)
         if self._tb is not None:
-            step, split = record["step"], record.get("split", "train")
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
+            step, values = scalars(record)
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def scalars(record: dict) -> tuple[int, dict[str, float]]:
+    """A metrics row as TensorBoard and the experiment trackers receive it: its step and
+    ``<split>/<key>`` -> value, numbers only (``train`` when the row names no split)."""
+    split = record.get("split", "train")
+    values = {f"{split}/{k}": float(v) for k, v in record.items()
+              if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return int(record["step"]), values
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from fpm.console import library_chatter, warn
+from fpm.engine.metrics import scalars
 from fpm.errors import FpmError, one_line
 from fpm.rundir import read_json, write_json
 
@@ -39,15 +40,6 @@ def check_installed(names: list[str]) -> None:
             raise FpmError(f"--tracker {name}: unknown (use {' or '.join(KINDS)})")
         if importlib.util.find_spec(KINDS[name]) is None:
             raise FpmError(f"--tracker {name} needs the {KINDS[name]} package: {INSTALL}")
-
-
-def numeric(record: dict) -> tuple[int, dict[str, float]]:
-    """A metrics row as a tracker receives it: its step and ``<split>/<key>`` -> value (numbers only,
-    as TensorBoard gets them)."""
-    split = record.get("split", "train")
-    values = {f"{split}/{k}": float(v) for k, v in record.items()
-              if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return int(record["step"]), values
 
 
 class _WandB:
@@ -155,7 +147,7 @@ class Trackers:
 
     def log(self, record: dict) -> None:
         if self.live:
-            step, values = numeric(record)
+            step, values = scalars(record)
             if values:
                 self._each("log", step, values)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def _check_harness(recipe) -> None:
     check_installed()
 
 
-def finetune_argv(run_dir: Path, step: int, cfg) -> list[str]:
+def job_argv(run_dir: Path, step: int, cfg) -> list[str]:
     """The ``fpm finetune`` (or, for ``task: harness``, ``fpm evaluate harness``) command line that
     scores the checkpoint of ``step`` (its snapshot)."""
     here = folder(run_dir, step)
@@ -194,9 +195,9 @@ class Launcher:
 
     def _start(self, step: int, here: Path) -> None:
         job = [sys.executable, "-m", "fpm.eval.downstream", str(self.run_dir.resolve()), str(step)]
-        if self.cfg.launcher == "slurm":
+        if self.cfg.launcher == "slurm":  # (fpm.cluster's sbatch is the study layer's, above this one)
             script = here / "job.sbatch"
-            script.write_text("#!/bin/bash\n" + " ".join(_quote(a) for a in job) + "\n")
+            script.write_text("#!/bin/bash\n" + shlex.join(job) + "\n")
             subprocess.run(["sbatch", "--parsable", "--job-name", f"fpm-downstream-{step}",
                             "--output", str(here / "job.log"), *self.cfg.slurm_args, str(script)],
                            check=True, capture_output=True, text=True, env=job_env(None))
@@ -228,12 +229,6 @@ class Watch:
         return None
 
 
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
 # ------------------------------------------------------------------ the job (python -m fpm.eval.downstream RUN N)
 
 
@@ -245,7 +240,7 @@ def run_job(run_dir: Path, step: int) -> int:
     here = folder(run_dir, step)
     with _locked(run_dir / ROOT / QUEUE_LOCK):  # local jobs one at a time: they must not starve the training
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "fpm", *finetune_argv(run_dir, step, cfg)],
+        proc = subprocess.run([sys.executable, "-m", "fpm", *job_argv(run_dir, step, cfg)],
                               capture_output=True, text=True, cwd=str(run_dir))
     what = "evaluate harness" if cfg.task == "harness" else "finetune"
     log = here / f"{what.split()[-1]}.log"

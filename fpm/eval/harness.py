@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from fpm.errors import FpmError
-from fpm.rundir import RunDir, write_json
+from fpm.rundir import RunDir
 
 INSTALL = "pip install 'fpm[eval]'"
 BACKEND = {"gpt": "causal", "t5": "seq2seq"}
@@ -110,10 +110,9 @@ def evaluate(model: Path, tasks: list[str], *, include_path: Path | None = None,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(keep, indent=1, default=str))
     if run is not None:
-        status = RunDir(run).status()
-        harness = status.get("harness") or {}
+        harness = RunDir(run).status().get("harness") or {}
         harness[folder.name.removeprefix("model-")] = {t: _numbers(m) for t, m in keep["results"].items()}
-        write_json(RunDir(run).run_json, {**status, "harness": harness})
+        RunDir(run).write_status(harness=harness)
     return {**keep, "out": str(out)}
 
 

@@ -1,4 +1,5 @@
-"""Markdown reports as one self-contained HTML page (plots embedded), for `fpm report`."""
+"""Markdown reports as one self-contained HTML page (plots embedded), for `fpm report`, and how
+their plots are written."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def to_html(md: str, files: dict[str, Path], title: str) -> str:
     flush()
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A report's matplotlib figure as a PNG at ``path`` (laid out, 110 dpi), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

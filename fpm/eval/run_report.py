@@ -11,11 +11,12 @@ a compute budget counts).
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 
 from fpm.config import load_resolved
 from fpm.engine.metrics import read_metrics
 from fpm.errors import FpmError
-from fpm.eval.page import to_html
+from fpm.eval.page import save_figure, to_html
 from fpm.rundir import RunDir
 
 
@@ -63,10 +64,7 @@ def plots(out: Path, run: dict) -> dict[str, Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     _legend(ax)
-    fig.tight_layout()
-    files["loss"] = pdir / "loss.png"
-    fig.savefig(files["loss"], dpi=110)
-    plt.close(fig)
+    files["loss"] = save_figure(fig, pdir / "loss.png")
     scored = [r for r in run["downstream"] if "value" in r]
     if scored:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -77,10 +75,7 @@ def plots(out: Path, run: dict) -> dict[str, Path]:
             ax.set_xlabel(label)
             ax.set_ylabel(metric if harness else f"{scored[0]['task']} dev {metric} (%)")
         fig.suptitle("Downstream: each checkpoint fine-tuned and scored on the task's dev set", fontsize=9)
-        fig.tight_layout()
-        files["downstream"] = pdir / "downstream.png"
-        fig.savefig(files["downstream"], dpi=110)
-        plt.close(fig)
+        files["downstream"] = save_figure(fig, pdir / "downstream.png")
     timed = [r for r in run["train"] if r.get("tokens_per_s") is not None and r.get("elapsed_s") is not None]
     if timed:
         fig, ax1 = plt.subplots(figsize=(7, 3.8))
@@ -92,10 +87,7 @@ def plots(out: Path, run: dict) -> dict[str, Path]:
             ax2 = ax1.twinx()
             ax2.plot(hours, [100 * (r.get("mfu") or 0) for r in timed], color="tab:red")
             ax2.set_ylabel("MFU (%)", color="tab:red")
-        fig.tight_layout()
-        files["throughput"] = pdir / "throughput.png"
-        fig.savefig(files["throughput"], dpi=110)
-        plt.close(fig)
+        files["throughput"] = save_figure(fig, pdir / "throughput.png")
     return files
 
 
@@ -144,8 +136,8 @@ def markdown(run: dict, files: dict[str, Path]) -> str:
     if "throughput" in files:
         timed = [t for t in train if t.get("tokens_per_s")]
         mfus = [t["mfu"] for t in timed if t.get("mfu") is not None]
-        lines += ["## Throughput", "", f"Median {_median([t['tokens_per_s'] for t in timed]):,.0f} tokens/s"
-                  + (f", median MFU {100 * _median(mfus):.1f}%" if mfus else "") + ".", "",
+        lines += ["## Throughput", "", f"Median {median([t['tokens_per_s'] for t in timed]):,.0f} tokens/s"
+                  + (f", median MFU {100 * median(mfus):.1f}%" if mfus else "") + ".", "",
                   f"![throughput](plots/{files['throughput'].name})", ""]
     skipped = last.get("spikes_skipped", 0) or 0
     lines += ["## Spikes and restarts", "",
@@ -162,12 +154,6 @@ def markdown(run: dict, files: dict[str, Path]) -> str:
             lines.append(f"| {e['step']:,} | {e['event']} | {detail} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    n = len(values)
-    return (values[n // 2] + values[(n - 1) // 2]) / 2 if n else 0.0
 
 
 def build_run_report(run_dir: Path) -> dict[str, Path]:

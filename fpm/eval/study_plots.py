@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fpm.eval.page import save_figure
 from fpm.paper import TABLE3_QQP_DEV
 
 METRICS = ("precision", "recall", "f1", "accuracy")
@@ -51,7 +52,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         axes[0].legend(fontsize=7)
         fig.suptitle("Dev metrics by depth: pretrained models (solid) against the floors (dotted) and the same "
                      "models trained from scratch (dashed)", fontsize=9)
-        files["metrics"] = _save(fig, pdir / "metrics_vs_depth.png")
+        files["metrics"] = save_figure(fig, pdir / "metrics_vs_depth.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, d in enumerate(depths):
         color = f"C{i % 10}"
@@ -66,7 +67,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
     ax.set_xlabel("pretraining step")
     ax.set_ylabel("loss (MLM + SOP); dashed: held-out validation part")
     ax.legend(fontsize=8)
-    files["loss"] = _save(fig, pdir / "pretrain_loss.png")
+    files["loss"] = save_figure(fig, pdir / "pretrain_loss.png")
     if depths:
         fig, ax1 = plt.subplots(figsize=(6, 4))
         wall = [per[d]["cost"]["pretrain_wall_s"] or 0 for d in depths]
@@ -77,7 +78,7 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         ax2.plot([str(d) for d in depths], flops, "o-", color="tab:red")
         ax2.set_ylabel("pretraining FLOPs (6N + attention)")
         ax1.set_xlabel("depth")
-        files["cost"] = _save(fig, pdir / "cost_vs_depth.png")
+        files["cost"] = save_figure(fig, pdir / "cost_vs_depth.png")
     eq = summary.get("equal_compute")
     if eq and any(c.get("points") for c in cells):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -92,14 +93,5 @@ def plots(out: Path, cells: list[dict], summary: dict) -> dict[str, Path]:
         ax.set_xlabel("pretraining FLOPs")
         ax.set_ylabel("dev accuracy (%), mean ± std over seeds")
         ax.legend(fontsize=8)
-        files["compute"] = _save(fig, pdir / "accuracy_vs_compute.png")
+        files["compute"] = save_figure(fig, pdir / "accuracy_vs_compute.png")
     return files
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

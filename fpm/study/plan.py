@@ -120,7 +120,7 @@ def make_plan(recipe: str, *, task: str | None, depths: list[int] | None, seeds:
                      synthetic_task=data_dir is None, pretrain_sets=list(pretrain_sets), task_sets=list(task_sets),
                      cells=cells, bootstrap_samples=sweep.bootstrap_samples if sweep else 2000,
                      confidence=sweep.confidence if sweep else 0.95,
-                     controls=controls if controls is not None else (sweep.controls if sweep else True),
+                     controls=sweep_setting(sweep, "controls", controls),
                      equal_compute=bool(equal), max_steps=t.max_steps, save_every=t.save_every, flops_per_step=flops)
 
 

@@ -95,10 +95,9 @@ def equal_compute(plan: dict, cells: list[dict]) -> dict | None:
     most FLOPs not above it), with the bootstrap and the neighbour tests on those checkpoints."""
     ok = [c for c in cells if c["status"] == "done" and c.get("points")]
     depths = sorted({c["depth"] for c in ok})
-    finals = [max(p["flops"] for c in ok if c["depth"] == d for p in c["points"]) for d in depths]
     if len(depths) < 2:
         return None
-    budget = min(finals)
+    budget = min(max(p["flops"] for c in ok if c["depth"] == d for p in c["points"]) for d in depths)
     by_depth = {d: [c["points"] for c in sorted((c for c in ok if c["depth"] == d), key=lambda c: c["seed"])]
                 for d in depths}
     chosen = {d: pts for d, pts in at_budget(by_depth, budget).items() if len(pts) == len(plan["seeds"])}
@@ -114,8 +113,9 @@ def equal_compute(plan: dict, cells: list[dict]) -> dict | None:
     boot = bootstrap_best(arr, order, n_boot=plan.get("bootstrap_samples", 2000), confidence=plan.get("confidence", 0.95))
     neighbours = neighbour_tests(arr, order, alpha=1 - plan.get("confidence", 0.95))
     where = ", ".join(f"depth {d} after {per[d]['steps'][0]:,} steps" for d in order)
+    said = verdict(boot, neighbours)
     sentence = (f"At equal pretraining compute ({budget:.3g} FLOPs, the cheapest depth's whole run; {where}): "
-                + verdict(boot, neighbours)[0].lower() + verdict(boot, neighbours)[1:])
+                + said[0].lower() + said[1:])
     return {"budget_flops": budget, "per_depth": per, "bootstrap": boot, "neighbours": neighbours,
             "n_dev_examples": len(ids), "sentence": sentence}
 
